@@ -1,0 +1,243 @@
+"""PEFT LoRA adapter folders: read lazily, module by module, and write back.
+
+A PEFT LoRA folder holds `adapter_config.json` and `adapter_model.safetensors` with keys
+`base_model.model.<module>.lora_A.weight` (r x in) and `...lora_B.weight` (out x r).
+Module `m` contributes dW_m = s_m * B_m @ A_m with s_m = alpha_m / r_m, where r_m and
+alpha_m come from `rank_pattern` / `alpha_pattern` when a pattern matches the module
+(PEFT's `get_pattern_key` rule), else from `r` / `lora_alpha`.
+
+Only safetensors are read (never pickle). Variants whose dW is not s * B @ A (DoRA, rslora
+scaling, trained biases, fan-in-fan-out layouts) are refused with an error naming the
+adapter, rather than merged silently wrong.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+CONFIG_FILE = "adapter_config.json"
+WEIGHTS_FILE = "adapter_model.safetensors"
+KEY_PREFIX = "base_model.model."
+_A_SUFFIX = ".lora_A.weight"
+_B_SUFFIX = ".lora_B.weight"
+
+
+class AdapterError(ValueError):
+    """An adapter folder that cannot be read or merged; the message names adapter and module."""
+
+
+@dataclass(frozen=True)
+class LoraModule:
+    """One wrapped module's factors: A (r x in), B (out x r), scaling s = alpha / r."""
+
+    A: torch.Tensor
+    B: torch.Tensor
+    scaling: float
+
+    @property
+    def rank(self) -> int:
+        return self.A.shape[0]
+
+    def delta(self) -> torch.Tensor:
+        """Dense dW = s * B @ A, shape (out, in). Only for small modules and tests."""
+        return self.scaling * (self.B.float() @ self.A.float())
+
+
+def _pattern_value(patterns: dict, module: str, default):
+    """PEFT's rule: a pattern key matches a module name ending in `.<key>` or equal to it."""
+    for key, value in patterns.items():
+        if re.match(rf"(.*\.)?({key})$", module):
+            return value
+    return default
+
+
+@dataclass
+class LoraAdapter:
+    """A PEFT LoRA adapter folder opened lazily: tensors are read per module on demand."""
+
+    path: Path
+    config: dict
+    module_names: list[str]  # module paths without the `base_model.model.` prefix, sorted
+
+    @classmethod
+    def open(cls, path: str | Path) -> LoraAdapter:
+        path = Path(path)
+        config_file, weights_file = path / CONFIG_FILE, path / WEIGHTS_FILE
+        if not config_file.is_file():
+            raise AdapterError(f"adapter {path}: missing {CONFIG_FILE}")
+        if not weights_file.is_file():
+            if (path / "adapter_model.bin").is_file():
+                raise AdapterError(
+                    f"adapter {path}: only adapter_model.bin (pickle) found; "
+                    f"save it with safetensors ({WEIGHTS_FILE})"
+                )
+            raise AdapterError(f"adapter {path}: missing {WEIGHTS_FILE}")
+        try:
+            config = json.loads(config_file.read_text())
+        except json.JSONDecodeError as err:
+            raise AdapterError(f"adapter {path}: {CONFIG_FILE} is not valid JSON ({err})") from err
+        _check_supported(path, config)
+        with safe_open(weights_file, framework="pt") as handle:
+            keys = list(handle.keys())
+        names = _module_names(path, keys)
+        return cls(path=path, config=config, module_names=names)
+
+    @property
+    def name(self) -> str:
+        return self.path.name
+
+    @property
+    def base_model(self) -> str | None:
+        return self.config.get("base_model_name_or_path")
+
+    def rank_of(self, module: str) -> int:
+        return int(_pattern_value(self.config.get("rank_pattern") or {}, module, self.config["r"]))
+
+    def scaling_of(self, module: str) -> float:
+        rank = self.rank_of(module)
+        alpha = _pattern_value(self.config.get("alpha_pattern") or {}, module,
+                               self.config["lora_alpha"])
+        return float(alpha) / rank
+
+    def module(self, name: str) -> LoraModule:
+        """Read one module's factors (float32) and check shapes and finiteness."""
+        if name not in self.module_names:
+            raise AdapterError(f"adapter {self.path}: has no module {name}")
+        with safe_open(self.path / WEIGHTS_FILE, framework="pt") as handle:
+            a = handle.get_tensor(KEY_PREFIX + name + _A_SUFFIX).float()
+            b = handle.get_tensor(KEY_PREFIX + name + _B_SUFFIX).float()
+        rank = self.rank_of(name)
+        if a.ndim != 2 or b.ndim != 2 or a.shape[0] != rank or b.shape[1] != rank:
+            raise AdapterError(
+                f"adapter {self.path}, module {name}: factor shapes A{tuple(a.shape)} "
+                f"B{tuple(b.shape)} do not match rank {rank}"
+            )
+        if not (torch.isfinite(a).all() and torch.isfinite(b).all()):
+            raise AdapterError(f"adapter {self.path}, module {name}: NaN or Inf in the weights")
+        return LoraModule(A=a, B=b, scaling=self.scaling_of(name))
+
+    def modules(self) -> Iterator[tuple[str, LoraModule]]:
+        for name in self.module_names:
+            yield name, self.module(name)
+
+
+def _check_supported(path: Path, config: dict) -> None:
+    peft_type = config.get("peft_type", "LORA")
+    if peft_type != "LORA":
+        raise AdapterError(f"adapter {path}: peft_type {peft_type!r} is not LORA")
+    for key in ("r", "lora_alpha"):
+        if key not in config:
+            raise AdapterError(f"adapter {path}: {CONFIG_FILE} lacks {key!r}")
+    unsupported = {
+        "use_dora": "DoRA",
+        "use_rslora": "rslora scaling",
+        "fan_in_fan_out": "fan_in_fan_out layout",
+    }
+    for key, what in unsupported.items():
+        if config.get(key):
+            raise AdapterError(f"adapter {path}: {what} ({key}=true) is not supported")
+    if config.get("bias", "none") != "none":
+        raise AdapterError(f"adapter {path}: trained biases (bias={config['bias']!r}) "
+                           "are not supported")
+    if config.get("modules_to_save"):
+        raise AdapterError(f"adapter {path}: modules_to_save {config['modules_to_save']} "
+                           "(fully trained modules) cannot be merged as LoRA")
+
+
+def _module_names(path: Path, keys: list[str]) -> list[str]:
+    a_names, b_names = set(), set()
+    for key in keys:
+        if not key.startswith(KEY_PREFIX):
+            raise AdapterError(f"adapter {path}: unexpected tensor {key!r}")
+        if key.endswith(_A_SUFFIX):
+            a_names.add(key[len(KEY_PREFIX):-len(_A_SUFFIX)])
+        elif key.endswith(_B_SUFFIX):
+            b_names.add(key[len(KEY_PREFIX):-len(_B_SUFFIX)])
+        else:
+            raise AdapterError(f"adapter {path}: unsupported tensor {key!r} (only LoRA A/B)")
+    if a_names != b_names:
+        odd = sorted(a_names ^ b_names)[0]
+        raise AdapterError(f"adapter {path}, module {odd}: has only one of lora_A / lora_B")
+    if not a_names:
+        raise AdapterError(f"adapter {path}: no LoRA weights")
+    return sorted(a_names)
+
+
+def save_adapter(
+    out_dir: str | Path,
+    modules: dict[str, LoraModule] | Iterator[tuple[str, LoraModule]],
+    base_config: dict,
+    extra_config: dict | None = None,
+) -> Path:
+    """Write a PEFT LoRA folder from per-module factors.
+
+    Each module keeps its own rank and scaling through `rank_pattern` / `alpha_pattern`
+    (exact module names), so the folder loads with `PeftModel.from_pretrained`.
+    `base_config` supplies the PEFT fields (base model, task type, ...); `extra_config`
+    is recorded under `soups` (how the adapter was made).
+    """
+    out = Path(out_dir)
+    items = dict(modules)
+    if not items:
+        raise AdapterError(f"refusing to write an adapter without modules to {out}")
+    ranks = {name: m.rank for name, m in items.items()}
+    default_rank = max(set(ranks.values()), key=list(ranks.values()).count)
+    tensors, rank_pattern, alpha_pattern = {}, {}, {}
+    for name, module in items.items():
+        tensors[KEY_PREFIX + name + _A_SUFFIX] = module.A.contiguous()
+        tensors[KEY_PREFIX + name + _B_SUFFIX] = module.B.contiguous()
+        # alpha = s * r reproduces the module's scaling exactly in PEFT (s = alpha / r).
+        alpha = module.scaling * module.rank
+        if module.rank != default_rank:
+            rank_pattern[_exact(name)] = module.rank
+        alpha_pattern[_exact(name)] = alpha
+    alphas = set(alpha_pattern.values())
+    default_alpha = alphas.pop() if len(alphas) == 1 else None
+    if default_alpha is not None and math.isfinite(default_alpha):
+        alpha_pattern = {}
+    else:
+        default_alpha = float(default_rank)
+    target_modules = sorted({name.rsplit(".", 1)[-1] for name in items})
+    config = {
+        key: value for key, value in base_config.items()
+        if key not in ("r", "lora_alpha", "rank_pattern", "alpha_pattern", "target_modules",
+                       "soups")
+    }
+    config.update(
+        peft_type="LORA",
+        r=default_rank,
+        lora_alpha=default_alpha,
+        rank_pattern=rank_pattern,
+        alpha_pattern=alpha_pattern,
+        target_modules=target_modules,
+        use_rslora=False,
+        use_dora=False,
+        bias="none",
+    )
+    config.setdefault("task_type", "CAUSAL_LM")
+    config.setdefault("lora_dropout", 0.0)
+    if extra_config is not None:
+        config["soups"] = extra_config
+    out.mkdir(parents=True, exist_ok=True)
+    # Write to temporary names and rename, so a crash never leaves a half-written adapter.
+    tmp_weights, tmp_config = out / (WEIGHTS_FILE + ".tmp"), out / (CONFIG_FILE + ".tmp")
+    save_file(tensors, str(tmp_weights), metadata={"format": "pt"})
+    tmp_config.write_text(json.dumps(config, indent=2, sort_keys=True))
+    tmp_weights.replace(out / WEIGHTS_FILE)
+    tmp_config.replace(out / CONFIG_FILE)
+    return out
+
+
+def _exact(name: str) -> str:
+    """A pattern key for this module alone: PEFT matches `(.*\\.)?(key)$` against the
+    module path, and a full escaped path is a suffix of no other module's path."""
+    return re.escape(name)

@@ -1,0 +1,29 @@
+"""The `soups` command line. Each command lives in its own module and is registered here;
+heavy libraries (torch, transformers, ray) are imported inside commands so `--help` is fast."""
+
+from __future__ import annotations
+
+import typer
+
+app = typer.Typer(
+    name="soups",
+    help="Compose skills by merging LoRA adapters (LoRA Soups): fine-tune, merge, search, export.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+
+def _register() -> None:
+    """One line per command; each command module keeps its heavy imports inside functions."""
+
+
+_register()
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

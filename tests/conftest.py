@@ -1,0 +1,46 @@
+"""Shared fixtures. `tiny_model_dir` is a randomly initialised 2-layer Llama with a locally
+trained tokenizer, saved with `save_pretrained`: enough for mechanics tests (adapters,
+merges, training loops, evaluation) without the embedded model's pretraining."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+TINY_CORPUS = [
+    "### Question:\nTom has 25 apples. He gives 9 to Sam. How many apples are left?\n"
+    "### Answer:\nTom has 25 - 9 = 16 apples. The answer is 16.\n",
+    "### Question:\nWrite a Python function solution() that returns 7 times 8.\n"
+    "### Answer:\ndef solution():\n    a = 7\n    b = 8\n    result = a * b\n    return result\n",
+]
+
+
+def build_tiny_llama(out_dir, hidden: int = 32, layers: int = 2, seed: int = 0):
+    """Save a random tiny Llama + tokenizer to `out_dir`; returns the path as str."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from soups.tokenizer import train_tokenizer
+
+    tokenizer = train_tokenizer(TINY_CORPUS * 20, vocab_size=600, max_number=200)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=2 * hidden,
+        num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=4,
+        max_position_embeddings=256, bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+        tie_word_embeddings=True,
+    )
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(config)
+    model.save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)
+    return str(out_dir)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory):
+    return build_tiny_llama(tmp_path_factory.mktemp("tiny_llama"))

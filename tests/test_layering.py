@@ -1,0 +1,74 @@
+"""The import layering of design.md: `soups` (core) imports neither ray nor mlflow; ray is
+imported only in `trainables/` (and the study driver that starts Ray)."""
+
+import ast
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.unit
+
+# Packages and the first-party packages they may import (design.md: study -> trainables -> soups).
+ALLOWED_FIRST_PARTY = {
+    "soups": {"soups"},
+    "trainables": {"soups", "trainables"},
+    "study": {"soups", "trainables", "study", "search_spaces"},
+    "search_spaces": {"soups", "search_spaces"},
+    "analysis": {"analysis", "study"},
+}
+FIRST_PARTY = {"soups", "trainables", "study", "search_spaces", "analysis", "benchmarks"}
+RAY_ALLOWED = {"trainables", "study"}
+MLFLOW_ALLOWED = {"study", "analysis", "trainables"}
+
+
+def _imports(path: Path) -> set[str]:
+    tree = ast.parse(path.read_text(), filename=str(path))
+    names = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names.update(alias.name.split(".")[0] for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            names.add(node.module.split(".")[0])
+    return names
+
+
+def _package_files(package: str) -> list[Path]:
+    return sorted((ROOT / package).rglob("*.py"))
+
+
+@pytest.mark.parametrize("package", sorted(ALLOWED_FIRST_PARTY))
+def test_package_respects_layering(package):
+    files = _package_files(package)
+    assert files, f"package {package} has no modules"
+    for path in files:
+        imported = _imports(path)
+        rel = path.relative_to(ROOT)
+        bad = (imported & FIRST_PARTY) - ALLOWED_FIRST_PARTY[package]
+        assert not bad, f"{rel} imports {sorted(bad)}, against the layering"
+        if package not in RAY_ALLOWED:
+            assert "ray" not in imported, f"{rel} imports ray; ray lives in trainables/"
+        if package not in MLFLOW_ALLOWED:
+            assert "mlflow" not in imported, f"{rel} imports mlflow; the core stays pure"
+
+
+def test_core_import_does_not_load_ray_or_mlflow():
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, pkgutil, importlib, soups\n"
+        "for m in pkgutil.walk_packages(soups.__path__, 'soups.'):\n"
+        "    importlib.import_module(m.name)\n"
+        "bad = [n for n in ('ray', 'mlflow') if n in sys.modules]\n"
+        "assert not bad, bad\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True,
+                            text=True)
+    assert result.returncode == 0, result.stderr
+
+
+def test_checker_catches_a_violation(tmp_path):
+    bad = tmp_path / "bad.py"
+    bad.write_text("import ray\nfrom mlflow import log_metric\nfrom trainables import x\n")
+    assert {"ray", "mlflow", "trainables"} <= _imports(bad)
