@@ -1,0 +1,162 @@
+"""The embedded base model: a tiny Llama pretrained briefly on generated text, cached on disk.
+
+Built from `LlamaConfig` with a byte-level BPE tokenizer trained locally (`soups.tokenizer`),
+pretrained on the general question -> answer corpus of `soups.tasks.pretrain` (never the
+skills or the target), then saved with `save_pretrained`: the rest of the pipeline loads it
+with `AutoModelForCausalLM.from_pretrained(path)` exactly as a hub model. The cache folder is
+keyed by every build setting and the seed, so a build is done once and is deterministic.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import random
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from soups.data import DataSettings, generate_rows
+from soups.tasks import format_prompt
+from soups.tasks.pretrain import pretraining_example
+
+BUILD_VERSION = 1  # bump when the recipe changes so caches are rebuilt
+BUILD_FILE = "soups_build.json"
+
+
+@dataclass(frozen=True)
+class BaseModelSettings:
+    # Sizes: a few million parameters, so a 2-core laptop pretrains it in minutes.
+    hidden_size: int = 192
+    num_layers: int = 4
+    num_heads: int = 6
+    intermediate_size: int = 512
+    vocab_size: int = 2560  # ~1,000 forced number tokens (with and without a leading space)
+    max_number: int = 499  # every integer up to this is a single token
+    # Pretraining: packed blocks of generated question -> answer text.
+    steps: int = 1200
+    batch_size: int = 16
+    block_size: int = 128
+    learning_rate: float = 2e-3
+    warmup_steps: int = 60
+    corpus_examples: int = 60000
+    max_value: int = 50
+    seed: int = 0
+
+    def key(self) -> str:
+        blob = json.dumps({"version": BUILD_VERSION, **asdict(self)}, sort_keys=True)
+        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def pretraining_texts(settings: BaseModelSettings) -> list[str]:
+    rng = random.Random(settings.seed)
+    return [format_prompt(q) + a for q, a in
+            (pretraining_example(rng, settings.max_value) for _ in range(settings.corpus_examples))]
+
+
+def _tokenizer_texts(settings: BaseModelSettings, corpus: list[str]) -> list[str]:
+    """A general tokenizer sees broad text, code included: the pretraining corpus plus skill
+    training text (never the target task), as a real LLM's tokenizer would have."""
+    skills = generate_rows(DataSettings(seed=settings.seed, sizes={
+        "math": {"train": 500}, "code": {"train": 500}}))
+    extra = [r["prompt"] + r["completion"] for task in skills.values()
+             for r in task.get("train", [])]
+    return corpus[:20000] + extra
+
+
+def _packed_blocks(tokenizer, texts: list[str], block_size: int) -> torch.Tensor:
+    """Concatenate `<s> text </s>` sequences and cut them into blocks (GPT-style packing:
+    no padding is wasted on these short examples)."""
+    ids: list[int] = []
+    for encoded in tokenizer(texts, add_special_tokens=False)["input_ids"]:
+        ids += [tokenizer.bos_token_id, *encoded, tokenizer.eos_token_id]
+    n_blocks = len(ids) // block_size
+    return torch.tensor(ids[: n_blocks * block_size]).view(n_blocks, block_size)
+
+
+def count_parameters(model) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def build_base_model(
+    cache_root: str | Path,
+    settings: BaseModelSettings = BaseModelSettings(),
+    log: Callable[[str], None] = print,
+) -> Path:
+    """Return the folder of the pretrained base model, building it once if needed."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from soups.tokenizer import train_tokenizer
+
+    out = Path(cache_root) / f"tiny-llama-{settings.key()}"
+    if (out / BUILD_FILE).is_file():
+        return out
+    start = time.perf_counter()
+    torch.manual_seed(settings.seed)
+    corpus = pretraining_texts(settings)
+    tokenizer = train_tokenizer(_tokenizer_texts(settings, corpus), settings.vocab_size,
+                                settings.max_number)
+    blocks = _packed_blocks(tokenizer, corpus, settings.block_size)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=settings.hidden_size,
+        intermediate_size=settings.intermediate_size, num_hidden_layers=settings.num_layers,
+        num_attention_heads=settings.num_heads, num_key_value_heads=settings.num_heads,
+        max_position_embeddings=512, rope_theta=10000.0, tie_word_embeddings=True,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    model = LlamaForCausalLM(config)
+    n_params = count_parameters(model)
+    log(f"pretraining the embedded base model: {n_params / 1e6:.2f}M parameters, "
+        f"{len(blocks)} blocks of {settings.block_size} tokens, {settings.steps} steps")
+    loss = _pretrain(model, blocks, settings, log)
+    seconds = time.perf_counter() - start
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    (tmp / BUILD_FILE).write_text(json.dumps({
+        "settings": asdict(settings), "parameters": n_params, "final_loss": loss,
+        "build_seconds": round(seconds, 1), "torch_threads": torch.get_num_threads(),
+    }, indent=2))
+    shutil.rmtree(out, ignore_errors=True)
+    tmp.rename(out)
+    log(f"base model saved to {out} ({seconds:.0f} s, final loss {loss:.3f})")
+    return out
+
+
+def _pretrain(model, blocks: torch.Tensor, settings: BaseModelSettings,
+              log: Callable[[str], None]) -> float:
+    generator = torch.Generator().manual_seed(settings.seed)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=settings.learning_rate,
+                                  betas=(0.9, 0.95), weight_decay=0.1)
+
+    def schedule(step: int) -> float:  # linear warm-up, cosine decay to 10%
+        if step < settings.warmup_steps:
+            return (step + 1) / settings.warmup_steps
+        progress = (step - settings.warmup_steps) / max(1, settings.steps - settings.warmup_steps)
+        return 0.1 + 0.45 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+    model.train()
+    recent: list[float] = []
+    report_every = max(1, settings.steps // 10)
+    for step in range(settings.steps):
+        rows = torch.randint(len(blocks), (settings.batch_size,), generator=generator)
+        batch = blocks[rows]
+        loss = model(input_ids=batch, labels=batch).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        recent = (recent + [float(loss.detach())])[-50:]
+        if (step + 1) % report_every == 0 or step + 1 == settings.steps:
+            log(f"  pretrain step {step + 1}/{settings.steps}  loss {sum(recent) / len(recent):.3f}")
+    model.eval()
+    return sum(recent) / max(len(recent), 1)

@@ -1,0 +1,195 @@
+"""Task datasets: the generated skills and target (train / validation / test, disjoint), saved
+as Hugging Face `datasets`, and a loader that maps any HF dataset onto the same columns.
+
+Generated splits are disjoint by problem text across every split of every task (`math` and
+`math_code` draw from the same problem space, so a target test problem never appears in the
+math skill's training data either).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+import shutil
+import string
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from soups.tasks import EXAMPLE_BUILDERS, TASK_NAMES, format_prompt
+
+SPLITS = ("train", "validation", "test")
+COLUMNS = ("key", "prompt", "completion", "scorer", "function", "calls", "expected")
+DATA_VERSION = 1  # bump when generators change, so cached datasets are rebuilt
+
+
+def _default_sizes() -> dict[str, dict[str, int]]:
+    # Target training data is scarce by design (the paper's setting); skills have plenty.
+    return {
+        "math": {"train": 2000, "validation": 200, "test": 200},
+        "code": {"train": 2000, "validation": 200, "test": 200},
+        "math_code": {"train": 100, "validation": 200, "test": 300},
+    }
+
+
+@dataclass(frozen=True)
+class DataSettings:
+    seed: int = 0
+    max_value: int = 50  # bound of the additive quantities in problems and exercises
+    two_step_share: float = 0.3  # share of two-step problems / exercises (difficulty)
+    sizes: dict = field(default_factory=_default_sizes)
+
+    def __post_init__(self):
+        if self.max_value < 5:
+            raise ValueError(f"max_value must be at least 5, got {self.max_value}")
+        if not 0.0 <= self.two_step_share <= 1.0:
+            raise ValueError(f"two_step_share must be in [0, 1], got {self.two_step_share}")
+
+    def key(self) -> str:
+        blob = json.dumps({"version": DATA_VERSION, **asdict(self)}, sort_keys=True)
+        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def generate_rows(settings: DataSettings) -> dict[str, dict[str, list[dict]]]:
+    """Rows per task and split; problem texts are unique across all of them."""
+    for task, sizes in settings.sizes.items():
+        if task not in EXAMPLE_BUILDERS:
+            raise ValueError(f"unknown task {task!r} in sizes; known: {sorted(EXAMPLE_BUILDERS)}")
+        unknown = set(sizes) - set(SPLITS)
+        if unknown:
+            raise ValueError(f"unknown split {sorted(unknown)[0]!r} for task {task!r}")
+    rng = random.Random(settings.seed)
+    seen: set[str] = set()
+    out: dict[str, dict[str, list[dict]]] = {}
+    for task in TASK_NAMES:
+        build = EXAMPLE_BUILDERS[task]
+        out[task] = {}
+        for split in SPLITS:
+            wanted, rows, misses = settings.sizes.get(task, {}).get(split, 0), [], 0
+            while len(rows) < wanted:
+                row = build(rng, settings.max_value, settings.two_step_share)
+                if row["key"] in seen:
+                    misses += 1
+                    if misses > 50 * wanted + 1000:
+                        raise ValueError(
+                            f"cannot draw {wanted} distinct {task}/{split} examples with "
+                            f"max_value={settings.max_value}: raise max_value or lower sizes"
+                        )
+                    continue
+                seen.add(row["key"])
+                rows.append(row)
+            out[task][split] = rows
+    return out
+
+
+def build_task_datasets(root: str | Path, settings: DataSettings = DataSettings()) -> Path:
+    """Generate and save every task as a `DatasetDict` under `root/<settings key>/<task>`;
+    reuses what is there. Returns the directory holding the task folders."""
+    from datasets import Dataset, DatasetDict
+
+    out = Path(root) / settings.key()
+    if (out / "settings.json").is_file():
+        return out
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    for task, splits in generate_rows(settings).items():
+        DatasetDict({
+            split: Dataset.from_list(rows) if rows else Dataset.from_dict({c: [] for c in COLUMNS})
+            for split, rows in splits.items()
+        }).save_to_disk(str(tmp / task))
+    (tmp / "settings.json").write_text(json.dumps(asdict(settings), indent=2))
+    shutil.rmtree(out, ignore_errors=True)
+    tmp.rename(out)  # atomic: a crash never leaves a half-written dataset behind
+    return out
+
+
+@dataclass(frozen=True)
+class FieldMapping:
+    """How a foreign dataset's columns become ours. Each value is a column name or a
+    template with `{column}` placeholders, e.g. MetaMathQA: prompt="query",
+    completion="response"; CodeAlpaca: prompt="{instruction}\\n{input}", completion="output"."""
+
+    prompt: str = "prompt"
+    completion: str = "completion"
+    expected: str | None = None  # column with the reference answer, for scoring
+    scorer: str = "final_number"
+    wrap_prompt: bool = True  # wrap the prompt in this project's question/answer template
+
+
+def _render(spec: str, row: dict, columns: list[str], what: str, source: str) -> str:
+    if spec in columns:
+        return str(row[spec])
+    names = {name for _, name, _, _ in string.Formatter().parse(spec) if name}
+    missing = sorted(names - set(columns))
+    if not names or missing:
+        bad = missing[0] if missing else spec
+        raise ValueError(f"dataset {source}: {what} field {bad!r} is not a column "
+                         f"(columns: {columns})")
+    return spec.format(**{name: row[name] for name in names})
+
+
+def load_task_dataset(source: str | Path, split: str | None = None,
+                      mapping: FieldMapping | None = None):
+    """Load a dataset (a `save_to_disk` folder, local data files, or a hub id) as a `Dataset`
+    with this project's columns. Without a mapping, the columns must already be ours."""
+    import datasets
+
+    path = Path(source)
+    if path.is_dir() and (
+        (path / "dataset_dict.json").is_file() or (path / "dataset_info.json").is_file()
+    ):
+        loaded = datasets.load_from_disk(str(path))
+    elif path.is_file():
+        kind = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}.get(
+            path.suffix)
+        if kind is None:
+            raise ValueError(f"dataset {source}: unsupported file type {path.suffix!r}")
+        loaded = datasets.load_dataset(kind, data_files=str(path))
+    else:
+        loaded = datasets.load_dataset(str(source))
+    if isinstance(loaded, datasets.DatasetDict):
+        if split is None:
+            raise ValueError(f"dataset {source}: name a split, one of {list(loaded)}")
+        if split not in loaded:
+            raise ValueError(f"dataset {source}: no split {split!r}; splits: {list(loaded)}")
+        loaded = loaded[split]
+    if mapping is None:
+        missing = [c for c in ("prompt", "completion") if c not in loaded.column_names]
+        if missing:
+            raise ValueError(f"dataset {source}: missing column {missing[0]!r}; give a field "
+                             f"mapping (columns: {loaded.column_names})")
+        return loaded
+    return _map_columns(loaded, mapping, str(source))
+
+
+def _map_columns(dataset, mapping: FieldMapping, source: str):
+    columns = dataset.column_names
+
+    def convert(row):
+        prompt = _render(mapping.prompt, row, columns, "prompt", source)
+        expected = (_render(mapping.expected, row, columns, "expected", source)
+                    if mapping.expected else "")
+        return {
+            "key": prompt,
+            "prompt": format_prompt(prompt) if mapping.wrap_prompt else prompt,
+            "completion": _render(mapping.completion, row, columns, "completion", source),
+            "scorer": mapping.scorer,
+            "function": "solution" if mapping.scorer == "program" else "",
+            "calls": json.dumps([[]]) if mapping.scorer == "program" else "[]",
+            "expected": json.dumps([_as_number(expected)]) if expected else "[]",
+        }
+
+    if len(dataset):
+        convert(dataset[0])  # fail fast, naming the bad field, before mapping every row
+    return dataset.map(convert, remove_columns=columns)
+
+
+def _as_number(text: str):
+    """Reference answers of real datasets come as text ('1,234', '#### 18', '3.0')."""
+    cleaned = text.split("####")[-1].strip().replace(",", "")
+    try:
+        value = float(cleaned)
+    except ValueError:
+        return cleaned
+    return int(value) if value.is_integer() else value

@@ -1,0 +1,110 @@
+"""Short Python programs from plain instructions (skill `code`, like CodeAlpaca).
+
+Two kinds, both scored by executing the answer in the sandbox:
+- `solution()` programs over named values stated in the instruction (the program format the
+  target task needs, but from an explicit arithmetic instruction, not a word problem);
+- functions with arguments, tested on held-out argument tuples the instruction never shows.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+
+from soups.tasks.problems import OPS, Problem, Step
+
+VARIABLES = (
+    "price", "count", "width", "height", "days", "points", "score", "cost", "weight", "speed",
+    "pages", "rows", "seats", "boxes", "items", "first", "second", "total", "amount", "size",
+    "x", "y", "z", "n", "m", "k", "left_side", "right_side", "hours", "steps",
+)
+PHRASES = {
+    "+": ("{x} plus {y}", "the sum of {x} and {y}", "{x} added to {y}"),
+    "-": ("{x} minus {y}", "the difference of {x} and {y}", "{y} subtracted from {x}"),
+    "*": ("{x} times {y}", "the product of {x} and {y}", "{x} multiplied by {y}"),
+    "//": ("{x} divided by {y}", "the quotient of {x} and {y}"),
+}
+FUNCTION_NAMES = {
+    "+": ("add", "total_of", "combine", "sum_two"),
+    "-": ("subtract", "difference", "remaining", "take_away"),
+    "*": ("multiply", "product", "times", "scale"),
+    "//": ("divide", "share", "per_part", "split_evenly"),
+}
+
+
+@dataclass(frozen=True)
+class CodeExercise:
+    instruction: str
+    program: str
+    function: str
+    calls: tuple[tuple[int, ...], ...]
+    expected: tuple[int, ...]
+
+
+def _operands(rng: random.Random, op: str, hi: int) -> tuple[int, int]:
+    if op == "//":
+        b = rng.randint(2, 12)
+        return b * rng.randint(1, 12), b
+    if op == "*":
+        return rng.randint(2, 12), rng.randint(2, 12)
+    if op == "-":
+        b = rng.randint(1, hi)
+        return b + rng.randint(0, hi), b
+    return rng.randint(1, hi), rng.randint(1, hi)
+
+
+def _phrase(rng: random.Random, op: str, x: str, y: str) -> str:
+    return rng.choice(PHRASES[op]).format(x=x, y=y)
+
+
+def _solution_exercise(rng: random.Random, hi: int, two_step_share: float) -> CodeExercise:
+    if rng.random() < two_step_share:
+        a_name, b_name, c_name, mid = rng.sample(VARIABLES, 4)
+        op1, op2 = rng.choice(tuple(OPS)), rng.choice(("+", "-"))
+        b, c = _operands(rng, op1, hi)
+        # a - mid must stay non-negative: draw a above the intermediate value.
+        a = OPS[op1](b, c) + rng.randint(0, hi) if op2 == "-" else rng.randint(1, hi)
+        problem = Problem(
+            text="",
+            quantities=((a_name, a), (b_name, b), (c_name, c)),
+            steps=(Step(mid, b_name, op1, c_name), Step("result", a_name, op2, mid)),
+        )
+        instruction = (
+            f"Let {a_name} be {a}, {b_name} be {b} and {c_name} be {c}. Write a Python function "
+            f"solution() that computes {mid} as {_phrase(rng, op1, b_name, c_name)} and returns "
+            f"{_phrase(rng, op2, a_name, mid)}."
+        )
+    else:
+        x_name, y_name = rng.sample(VARIABLES, 2)
+        op = rng.choice(tuple(OPS))
+        x, y = _operands(rng, op, hi)
+        problem = Problem(text="", quantities=((x_name, x), (y_name, y)),
+                          steps=(Step("result", x_name, op, y_name),))
+        instruction = rng.choice((
+            f"Let {x_name} be {x} and {y_name} be {y}. Write a Python function solution() "
+            f"that returns {_phrase(rng, op, x_name, y_name)}.",
+            f"Write a Python function solution() that sets {x_name} to {x} and {y_name} to {y} "
+            f"and returns {_phrase(rng, op, x_name, y_name)}.",
+        ))
+    return CodeExercise(instruction, problem.program(), "solution", ((),), (problem.answer,))
+
+
+def _function_exercise(rng: random.Random, hi: int) -> CodeExercise:
+    op = rng.choice(tuple(OPS))
+    name = rng.choice(FUNCTION_NAMES[op])
+    x_name, y_name = rng.sample(VARIABLES, 2)
+    instruction = (f"Write a Python function {name}({x_name}, {y_name}) that returns "
+                   f"{_phrase(rng, op, x_name, y_name)}.")
+    program = (f"def {name}({x_name}, {y_name}):\n    result = {x_name} {op} {y_name}\n"
+               f"    return result")
+    calls = tuple(_operands(rng, op, hi) for _ in range(3))
+    expected = tuple(OPS[op](a, b) for a, b in calls)
+    return CodeExercise(instruction, program, name, calls, expected)
+
+
+def code_exercise(rng: random.Random, max_value: int = 50, two_step_share: float = 0.3,
+                  function_share: float = 0.35) -> CodeExercise:
+    """One random exercise; `function_share` of them are functions with arguments."""
+    if rng.random() < function_share:
+        return _function_exercise(rng, max_value)
+    return _solution_exercise(rng, max_value, two_step_share)

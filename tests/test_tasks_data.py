@@ -1,0 +1,153 @@
+"""Generated skills and target: answers correct by construction, splits disjoint, sizes and
+difficulty as set, the HF round trip, and the loader's field mapping for foreign datasets."""
+
+import ast
+import json
+import random
+
+import pytest
+
+from soups.data import DataSettings, FieldMapping, build_task_datasets, generate_rows, \
+    load_task_dataset
+from soups.evaluate import final_number
+from soups.tasks import TARGET_INSTRUCTION
+from soups.tasks.pretrain import pretraining_example
+from soups.tasks.problems import word_problem
+
+pytestmark = pytest.mark.unit
+SMALL = DataSettings(seed=3, sizes={
+    "math": {"train": 300, "validation": 50, "test": 50},
+    "code": {"train": 300, "validation": 50, "test": 50},
+    "math_code": {"train": 20, "validation": 50, "test": 50},
+})
+
+
+@pytest.fixture(scope="module")
+def rows():
+    return generate_rows(SMALL)
+
+
+def _run(program: str, function: str, args):
+    namespace: dict = {}
+    exec(compile(program, "<program>", "exec"), namespace)  # trusted: our own generator
+    return namespace[function](*args)
+
+
+def test_sizes(rows):
+    for task, splits in SMALL.sizes.items():
+        for split, n in splits.items():
+            assert len(rows[task][split]) == n
+
+
+def test_splits_disjoint_across_every_task(rows):
+    owner = {}
+    for task, splits in rows.items():
+        for split, items in splits.items():
+            for row in items:
+                assert row["key"] not in owner, (row["key"], owner.get(row["key"]), task, split)
+                owner[row["key"]] = (task, split)
+
+
+def test_math_worked_solution_ends_with_true_answer(rows):
+    for row in rows["math"]["train"]:
+        expected = json.loads(row["expected"])[0]
+        assert final_number(row["completion"]) == expected
+        # every worked step is true arithmetic
+        for step in row["completion"].split(". ")[:-1]:
+            left, right = step.rstrip(".").split(" = ")
+            assert eval(left.replace("/", "//")) == int(right)  # noqa: S307 (our own text)
+
+
+@pytest.mark.parametrize("task", ["code", "math_code"])
+def test_programs_return_expected(rows, task):
+    for row in rows[task]["train"] + rows[task]["test"]:
+        ast.parse(row["completion"])
+        calls, expected = json.loads(row["calls"]), json.loads(row["expected"])
+        assert len(calls) == len(expected) >= 1
+        got = [_run(row["completion"], row["function"], c) for c in calls]
+        assert got == expected
+
+
+def test_target_prompt_is_problem_plus_program_instruction(rows):
+    row = rows["math_code"]["test"][0]
+    assert row["key"] in row["prompt"] and TARGET_INSTRUCTION in row["prompt"]
+    assert row["completion"].startswith("def solution():")
+
+
+def test_answers_are_non_negative_integers():
+    rng = random.Random(0)
+    for _ in range(2000):
+        problem = word_problem(rng, max_value=30, two_step_share=0.5)
+        assert isinstance(problem.answer, int) and problem.answer >= 0
+        assert _run(problem.program(), "solution", ()) == problem.answer
+
+
+def test_difficulty_knobs():
+    rng = random.Random(1)
+    one_step = [word_problem(rng, 20, two_step_share=0.0) for _ in range(300)]
+    assert all(len(p.steps) == 1 for p in one_step)
+    two_step = [word_problem(rng, 20, two_step_share=1.0) for _ in range(300)]
+    assert all(len(p.steps) == 2 for p in two_step)
+
+
+def test_pretraining_corpus_has_no_skill_or_target():
+    rng = random.Random(0)
+    for _ in range(5000):
+        question, answer = pretraining_example(rng)
+        assert "Write a Python function" not in question
+        assert "def solution" not in answer and "The answer is" not in answer
+
+
+def test_generation_is_deterministic():
+    assert generate_rows(SMALL) == generate_rows(SMALL)
+    other = generate_rows(DataSettings(seed=4, sizes=SMALL.sizes))
+    assert other["math"]["train"] != generate_rows(SMALL)["math"]["train"]
+
+
+def test_impossible_sizes_raise_clear_error(monkeypatch):
+    with pytest.raises(ValueError, match="max_value must be at least 5, got 2"):
+        DataSettings(max_value=2)
+    # A problem space smaller than the sizes asked for: an error, not an endless loop.
+    import soups.data
+
+    monkeypatch.setitem(soups.data.EXAMPLE_BUILDERS, "math",
+                        lambda rng, hi, share: {"key": str(rng.randint(0, 9))})
+    with pytest.raises(ValueError, match="cannot draw 20 distinct math/train"):
+        generate_rows(DataSettings(sizes={"math": {"train": 20}}))
+    with pytest.raises(ValueError, match="'algebra'"):
+        generate_rows(DataSettings(sizes={"algebra": {"train": 1}}))
+
+
+def test_build_saves_and_reuses(tmp_path):
+    out = build_task_datasets(tmp_path, SMALL)
+    math_train = load_task_dataset(out / "math", "train")
+    assert len(math_train) == 300 and math_train[0] == generate_rows(SMALL)["math"]["train"][0]
+    stamp = (out / "settings.json").stat().st_mtime_ns
+    assert build_task_datasets(tmp_path, SMALL) == out
+    assert (out / "settings.json").stat().st_mtime_ns == stamp
+    with pytest.raises(ValueError, match="'dev'"):
+        load_task_dataset(out / "math", "dev")
+
+
+def test_loader_maps_foreign_dataset_fields(tmp_path):
+    # A MetaMathQA-like file and a CodeAlpaca-like file, written here (no hub access).
+    meta = tmp_path / "metamath.jsonl"
+    meta.write_text("\n".join(json.dumps(r) for r in [
+        {"query": "What is 2+3?", "response": "2+3=5. The answer is: 5", "ans": "5"},
+        {"query": "Half of 1,000?", "response": "The answer is: 500", "ans": "#### 500"},
+    ]))
+    ds = load_task_dataset(meta, "train", FieldMapping(prompt="query", completion="response",
+                                                       expected="ans"))
+    assert ds[0]["prompt"] == "### Question:\nWhat is 2+3?\n### Answer:\n"
+    assert ds[0]["completion"] == "2+3=5. The answer is: 5"
+    assert json.loads(ds[1]["expected"]) == [500]
+    alpaca = tmp_path / "alpaca.json"
+    alpaca.write_text(json.dumps([{"instruction": "Add", "input": "1 2", "output": "3"}]))
+    ds = load_task_dataset(alpaca, "train", FieldMapping(prompt="{instruction}\n{input}",
+                                                         completion="output"))
+    assert ds[0]["key"] == "Add\n1 2" and ds[0]["completion"] == "3"
+    with pytest.raises(ValueError, match="'instruct'"):
+        load_task_dataset(alpaca, "train", FieldMapping(prompt="{instruct}",
+                                                        completion="output"))
+    with pytest.raises(ValueError, match="missing column 'prompt'"):
+        load_task_dataset(alpaca, "train")
