@@ -157,6 +157,7 @@ def _pretrain(model, blocks: torch.Tensor, settings: BaseModelSettings,
         optimizer.zero_grad(set_to_none=True)
         recent = (recent + [float(loss.detach())])[-50:]
         if (step + 1) % report_every == 0 or step + 1 == settings.steps:
-            log(f"  pretrain step {step + 1}/{settings.steps}  loss {sum(recent) / len(recent):.3f}")
+            mean = sum(recent) / len(recent)
+            log(f"  pretrain step {step + 1}/{settings.steps}  loss {mean:.3f}")
     model.eval()
     return sum(recent) / max(len(recent), 1)

@@ -7,8 +7,13 @@ import random
 
 import pytest
 
-from soups.data import DataSettings, FieldMapping, build_task_datasets, generate_rows, \
-    load_task_dataset
+from soups.data import (
+    DataSettings,
+    FieldMapping,
+    build_task_datasets,
+    generate_rows,
+    load_task_dataset,
+)
 from soups.evaluate import final_number
 from soups.tasks import TARGET_INSTRUCTION
 from soups.tasks.pretrain import pretraining_example
