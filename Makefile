@@ -19,7 +19,8 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(VENV)/bin/soups demo
+	$(VENV)/bin/soups prepare
+	$(VENV)/bin/soups evaluate
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

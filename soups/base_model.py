@@ -39,7 +39,7 @@ class BaseModelSettings:
     vocab_size: int = 2560  # ~1,000 forced number tokens (with and without a leading space)
     max_number: int = 499  # every integer up to this is a single token
     # Pretraining: packed blocks of generated question -> answer text.
-    steps: int = 1200
+    steps: int = 1500
     batch_size: int = 16
     block_size: int = 128
     learning_rate: float = 2e-3

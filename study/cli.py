@@ -16,6 +16,10 @@ app = typer.Typer(
 
 def _register() -> None:
     """One line per command; each command module keeps its heavy imports inside functions."""
+    from study import cmd_prepare
+
+    app.command("prepare")(cmd_prepare.prepare)
+    app.command("evaluate")(cmd_prepare.evaluate)
 
 
 _register()

@@ -1,0 +1,52 @@
+"""Evaluation throughput: batched greedy generation (soups.evaluate.generate) against
+one-example-at-a-time `generate` on the same model, prompts and token budget.
+
+Both sides produce the same answers (checked); the ratio is examples/s batched over
+examples/s one at a time.
+
+    .venv/bin/python -m benchmarks.eval_throughput [--n 128] [--batch-size 32] [--model DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+from soups.base_model import BaseModelSettings, build_base_model
+from soups.data import DataSettings, build_task_datasets, load_task_dataset
+from soups.evaluate import generate, load_model
+from soups.home import cache_dir
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--n", type=int, default=128)
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--max-new-tokens", type=int, default=96)
+    parser.add_argument("--task", default="math_code")
+    parser.add_argument("--model", default=None)
+    args = parser.parse_args()
+
+    model_dir = args.model or build_base_model(cache_dir("base_models"), BaseModelSettings())
+    data_dir = build_task_datasets(cache_dir("datasets"), DataSettings())
+    rows = load_task_dataset(data_dir / args.task, "validation")
+    prompts = [r["prompt"] for r in rows.select(range(min(args.n, len(rows))))]
+    model, tokenizer = load_model(model_dir)
+    generate(model, tokenizer, prompts[:2], args.max_new_tokens, 2)  # warm-up
+
+    start = time.perf_counter()
+    single = [generate(model, tokenizer, [p], args.max_new_tokens, 1)[0] for p in prompts]
+    t_single = time.perf_counter() - start
+    start = time.perf_counter()
+    batched = generate(model, tokenizer, prompts, args.max_new_tokens, args.batch_size)
+    t_batched = time.perf_counter() - start
+    same = sum(a == b for a, b in zip(single, batched, strict=True))
+    print(f"{len(prompts)} prompts of {args.task}, max {args.max_new_tokens} new tokens")
+    print(f"one at a time : {t_single:7.2f} s  {len(prompts) / t_single:7.1f} examples/s")
+    print(f"batched ({args.batch_size:>3}) : {t_batched:7.2f} s  "
+          f"{len(prompts) / t_batched:7.1f} examples/s")
+    print(f"speed-up {t_single / t_batched:.1f}x; identical answers {same}/{len(prompts)}")
+
+
+if __name__ == "__main__":
+    main()

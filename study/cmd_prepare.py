@@ -1,0 +1,68 @@
+"""`soups prepare` and `soups evaluate`: the embedded base model and task data, and scoring a
+model (optionally with a LoRA adapter) on the tasks."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import typer
+
+
+def prepare(
+    seed: int = typer.Option(0, help="Seed of the base model build and the generated data."),
+) -> None:
+    """Build (once, then cached under $SOUPS_HOME/cache) the embedded tiny base model and the
+    generated skill and target datasets; print where they are."""
+    from soups.base_model import BUILD_FILE, BaseModelSettings, build_base_model
+    from soups.data import DataSettings, build_task_datasets
+    from soups.home import cache_dir
+
+    model_dir = build_base_model(cache_dir("base_models"), BaseModelSettings(seed=seed))
+    build = json.loads((model_dir / BUILD_FILE).read_text())
+    data_dir = build_task_datasets(cache_dir("datasets"), DataSettings(seed=seed))
+    sizes = json.loads((data_dir / "settings.json").read_text())["sizes"]
+    typer.echo(f"base model: {model_dir}\n  {build['parameters'] / 1e6:.2f}M parameters, "
+               f"built in {build['build_seconds']:.0f} s, final pretraining loss "
+               f"{build['final_loss']:.3f}")
+    typer.echo(f"datasets:   {data_dir}")
+    for task, splits in sizes.items():
+        typer.echo(f"  {task:<10} " + "  ".join(f"{s} {n}" for s, n in splits.items()))
+
+
+def evaluate(
+    model: Path = typer.Option(None, help="Base model folder (default: the embedded one)."),
+    adapter: Path = typer.Option(None, help="PEFT LoRA adapter folder to apply."),
+    data: Path = typer.Option(None, help="Folder with one saved dataset per task "
+                              "(default: the generated ones)."),
+    task: list[str] = typer.Option(["math", "code", "math_code"], help="Tasks to score."),
+    split: str = typer.Option("validation", help="Split to score (test only once, at the end)."),
+    limit: int = typer.Option(0, help="Score only the first N examples (0 = all)."),
+    out: Path = typer.Option(None, help="Write scores and every answer to this JSON file."),
+) -> None:
+    """Score a model (and optionally a LoRA adapter) on each task: accuracy with partial
+    credit (answered / parsed / ran)."""
+    from soups.base_model import BaseModelSettings, build_base_model
+    from soups.data import DataSettings, build_task_datasets, load_task_dataset
+    from soups.evaluate import evaluate_rows, load_model
+    from soups.home import cache_dir
+
+    model_dir = model or build_base_model(cache_dir("base_models"), BaseModelSettings())
+    data_dir = data or build_task_datasets(cache_dir("datasets"), DataSettings())
+    for name in task:
+        if not (Path(data_dir) / name).exists():
+            raise typer.BadParameter(f"no dataset for task {name!r} in {data_dir}",
+                                     param_hint="--task")
+    lm, tokenizer = load_model(model_dir, adapter)
+    report = {}
+    for name in task:
+        rows = load_task_dataset(Path(data_dir) / name, split)
+        if limit:
+            rows = rows.select(range(min(limit, len(rows))))
+        scores = evaluate_rows(lm, tokenizer, name, rows)
+        partial = "  ".join(f"{k} {v:.3f}" for k, v in scores.partial.items())
+        typer.echo(f"{name:<10} {split:<10} n={scores.n:<4} accuracy {scores.accuracy:.3f}  "
+                   f"{partial}  ({scores.seconds:.1f} s)")
+        report[name] = {"metrics": scores.metrics(), "n": scores.n, "records": scores.records}
+    if out:
+        out.write_text(json.dumps(report, indent=2, default=str))
