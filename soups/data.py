@@ -20,7 +20,7 @@ from soups.tasks import EXAMPLE_BUILDERS, TASK_NAMES, format_prompt
 
 SPLITS = ("train", "validation", "test")
 COLUMNS = ("key", "prompt", "completion", "scorer", "function", "calls", "expected")
-DATA_VERSION = 1  # bump when generators change, so cached datasets are rebuilt
+DATA_VERSION = 3  # bump when generators change, so cached datasets are rebuilt
 
 
 def _default_sizes() -> dict[str, dict[str, int]]:
@@ -86,7 +86,9 @@ def build_task_datasets(root: str | Path, settings: DataSettings = DataSettings(
     """Generate and save every task as a `DatasetDict` under `root/<settings key>/<task>`;
     reuses what is there. Returns the directory holding the task folders."""
     from datasets import Dataset, DatasetDict
+    from datasets.utils.logging import disable_progress_bar
 
+    disable_progress_bar()  # saving a few thousand rows is instant; bars would only add noise
     out = Path(root) / settings.key()
     if (out / "settings.json").is_file():
         return out

@@ -16,6 +16,7 @@ from soups.tasks.words import ITEMS, NAMES
 OPS = {"+": lambda a, b: a + b, "-": lambda a, b: a - b, "*": lambda a, b: a * b,
        "//": lambda a, b: a // b}
 MATH_SYMBOL = {"+": "+", "-": "-", "*": "*", "//": "/"}
+PRECEDENCE = {"+": 1, "-": 1, "*": 2, "//": 2}
 
 
 @dataclass(frozen=True)
@@ -51,12 +52,27 @@ class Problem:
                          f"{env[step.target]}.")
         return " ".join(lines) + f" The answer is {self.answer}."
 
+    def expression(self) -> str:
+        """The whole computation as one Python expression over the literal quantities,
+        parenthesised only where precedence needs it (e.g. `34 - 6 + 43`, `12 + 4 * 6`)."""
+        env = {name: (str(value), 3) for name, value in self.quantities}  # (text, precedence)
+        for step in self.steps:
+            (left, p_left), (right, p_right) = env[step.left], env[step.right]
+            prec = PRECEDENCE[step.op]
+            if p_left < prec:
+                left = f"({left})"
+            if p_right < prec or (p_right == prec and step.op in ("-", "//")):
+                right = f"({right})"
+            env[step.target] = (f"{left} {step.op} {right}", prec)
+        return env["result"][0]
+
     def program(self) -> str:
-        """A `solution()` program that names the quantities and returns the answer."""
-        body = [f"{name} = {value}" for name, value in self.quantities]
-        body += [f"{s.target} = {s.left} {s.op} {s.right}" for s in self.steps]
-        body.append("return result")
-        return "def solution():\n" + "".join(f"    {line}\n" for line in body).rstrip("\n")
+        """A `solution()` program computing the answer from the problem's numbers.
+
+        The quantities appear as literals, not named variables: the tiny embedded model copies
+        numbers from its prompt reliably but not names, and the composition under study is
+        extraction (math skill) + program format (code skill), not naming."""
+        return f"def solution():\n    result = {self.expression()}\n    return result"
 
 
 def singular(noun: str) -> str:

@@ -1,8 +1,8 @@
 """Short Python programs from plain instructions (skill `code`, like CodeAlpaca).
 
 Two kinds, both scored by executing the answer in the sandbox:
-- `solution()` programs over named values stated in the instruction (the program format the
-  target task needs, but from an explicit arithmetic instruction, not a word problem);
+- `solution()` programs computing an arithmetic expression stated in words (the program
+  format the target task needs, but from an explicit instruction, not a word problem);
 - functions with arguments, tested on held-out argument tuples the instruction never shows.
 """
 
@@ -16,7 +16,7 @@ from soups.tasks.problems import OPS, Problem, Step
 VARIABLES = (
     "price", "count", "width", "height", "days", "points", "score", "cost", "weight", "speed",
     "pages", "rows", "seats", "boxes", "items", "first", "second", "total", "amount", "size",
-    "x", "y", "z", "n", "m", "k", "left_side", "right_side", "hours", "steps",
+    "x", "y", "z", "n", "m", "k", "hours", "steps",
 )
 PHRASES = {
     "+": ("{x} plus {y}", "the sum of {x} and {y}", "{x} added to {y}"),
@@ -59,33 +59,26 @@ def _phrase(rng: random.Random, op: str, x: str, y: str) -> str:
 
 def _solution_exercise(rng: random.Random, hi: int, two_step_share: float) -> CodeExercise:
     if rng.random() < two_step_share:
-        a_name, b_name, c_name, mid = rng.sample(VARIABLES, 4)
         op1, op2 = rng.choice(tuple(OPS)), rng.choice(("+", "-"))
         b, c = _operands(rng, op1, hi)
-        # a - mid must stay non-negative: draw a above the intermediate value.
+        # a - (b op1 c) must stay non-negative: draw a above the inner value.
         a = OPS[op1](b, c) + rng.randint(0, hi) if op2 == "-" else rng.randint(1, hi)
-        problem = Problem(
-            text="",
-            quantities=((a_name, a), (b_name, b), (c_name, c)),
-            steps=(Step(mid, b_name, op1, c_name), Step("result", a_name, op2, mid)),
-        )
-        instruction = (
-            f"Let {a_name} be {a}, {b_name} be {b} and {c_name} be {c}. Write a Python function "
-            f"solution() that computes {mid} as {_phrase(rng, op1, b_name, c_name)} and returns "
-            f"{_phrase(rng, op2, a_name, mid)}."
-        )
+        problem = Problem(text="", quantities=(("a", a), ("b", b), ("c", c)),
+                          steps=(Step("inner", "b", op1, "c"), Step("result", "a", op2, "inner")))
+        # The inner phrase is always the unambiguous "the sum/difference/... of b and c".
+        inner = PHRASES[op1][1].format(x=b, y=c)
+        phrase = _phrase(rng, op2, str(a), inner)
     else:
-        x_name, y_name = rng.sample(VARIABLES, 2)
         op = rng.choice(tuple(OPS))
         x, y = _operands(rng, op, hi)
-        problem = Problem(text="", quantities=((x_name, x), (y_name, y)),
-                          steps=(Step("result", x_name, op, y_name),))
-        instruction = rng.choice((
-            f"Let {x_name} be {x} and {y_name} be {y}. Write a Python function solution() "
-            f"that returns {_phrase(rng, op, x_name, y_name)}.",
-            f"Write a Python function solution() that sets {x_name} to {x} and {y_name} to {y} "
-            f"and returns {_phrase(rng, op, x_name, y_name)}.",
-        ))
+        problem = Problem(text="", quantities=(("x", x), ("y", y)),
+                          steps=(Step("result", "x", op, "y"),))
+        phrase = _phrase(rng, op, str(x), str(y))
+    instruction = rng.choice((
+        f"Write a Python function solution() that returns {phrase}.",
+        f"Write a Python function solution() that computes {phrase} and returns it.",
+        f"Write a Python function solution() that returns the value of {phrase}.",
+    ))
     return CodeExercise(instruction, problem.program(), "solution", ((),), (problem.answer,))
 
 
@@ -103,7 +96,7 @@ def _function_exercise(rng: random.Random, hi: int) -> CodeExercise:
 
 
 def code_exercise(rng: random.Random, max_value: int = 50, two_step_share: float = 0.3,
-                  function_share: float = 0.35) -> CodeExercise:
+                  function_share: float = 0.25) -> CodeExercise:
     """One random exercise; `function_share` of them are functions with arguments."""
     if rng.random() < function_share:
         return _function_exercise(rng, max_value)
