@@ -1,0 +1,72 @@
+"""One CAT run end to end: load the base model, attach the skill LoRAs, build the skill mix,
+train the weights, export the folded PEFT adapter (what `soups cat` and the
+`cat_learned` merge method call)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+
+from soups.cat.export import export_cat
+from soups.cat.mix import skill_mix
+from soups.cat.model import CatModel
+from soups.cat.settings import PAPER_CAT_TRAIN, PAPER_FRACTION, PAPER_HELD_OUT, CatSettings
+from soups.cat.train import CatTrainResult, train_cat
+from soups.lora_training import TrainSettings
+from soups.text_batches import encode_dataset
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+def resolve_device(device: str | None = None, dtype: str = "auto") -> tuple[torch.device,
+                                                                             torch.dtype]:
+    """Default device: CUDA when present, else CPU. dtype `auto`: bf16 on a GPU that supports
+    it (the frozen base and factors; the CAT logits stay float32), else float32."""
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if dtype == "auto":
+        bf16 = dev.type == "cuda" and torch.cuda.is_bf16_supported()
+        return dev, torch.bfloat16 if bf16 else torch.float32
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be 'auto' or one of {sorted(DTYPES)}, got {dtype!r}")
+    return dev, DTYPES[dtype]
+
+
+def learn_cat(
+    adapter_dirs: Sequence[str | Path],
+    model_dir: str | Path,
+    skills: Sequence[Sequence[dict]],
+    out_dir: str | Path,
+    cat: CatSettings = CatSettings(),
+    train: TrainSettings = PAPER_CAT_TRAIN,
+    fraction: float | None = PAPER_FRACTION,
+    count: int | None = None,
+    held_out: int = PAPER_HELD_OUT,
+    device: str | None = None,
+    dtype: str = "auto",
+    on_step: Callable[[dict], bool | None] | None = None,
+    log: Callable[[str], None] | None = print,
+) -> CatTrainResult:
+    """Train CAT weights for `adapter_dirs` on a mix of the `skills` rows (prompt/completion)
+    and export the result to `out_dir` (PEFT adapter + cat_weights.json)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    dev, torch_dtype = resolve_device(device, dtype)
+    torch.manual_seed(train.seed)
+    tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+    base = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch_dtype).to(dev)
+    model = CatModel.attach(base, adapter_dirs, cat)
+    train_rows, held_rows = skill_mix(skills, fraction, count, held_out, train.seed)
+    encoded = encode_dataset(tokenizer, train_rows, train.max_length, train.loss_on)
+    held = encode_dataset(tokenizer, held_rows, train.max_length, train.loss_on)
+    if log is not None:
+        log(f"CAT: {len(adapter_dirs)} LoRAs, {len(model.layers)} wrapped modules, "
+            f"{len(encoded)} training / {len(held)} held-out examples on {dev} ({torch_dtype})")
+    result = train_cat(model, encoded, held, train, tokenizer.pad_token_id, on_step, log)
+    summary = {**result.summary(), "train_examples": len(encoded), "held_out_examples": len(held),
+               "device": str(dev), "dtype": str(torch_dtype).removeprefix("torch."),
+               "train_settings": asdict(train), "fraction": fraction, "count": count}
+    export_cat(model, out_dir, summary)
+    return result
