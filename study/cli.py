@@ -16,10 +16,12 @@ app = typer.Typer(
 
 def _register() -> None:
     """One line per command; each command module keeps its heavy imports inside functions."""
-    from study import cmd_prepare
+    from study import cmd_cat, cmd_merge, cmd_prepare
 
     app.command("prepare")(cmd_prepare.prepare)
     app.command("evaluate")(cmd_prepare.evaluate)
+    app.command("merge")(cmd_merge.merge)
+    app.command("cat")(cmd_cat.cat)
 
 
 _register()

@@ -1,0 +1,90 @@
+"""The merge methods: each a small function registered by name with the space it works in.
+
+Factor-space methods have PEFT 0.21 `add_weighted_adapter` semantics (the paper's baselines):
+they see the stacked A factors, then the stacked B factors, with weights +-sqrt(|w_i s_i|).
+Delta-space methods see dW_i = s_i B_i A_i with weights w_i and the space truncates their
+result to `rank`. LoRA-space methods receive the modules and stay low-rank throughout.
+
+TIES, DARE and magnitude pruning are configurations of `sparsify_and_merge` (sparsify.py),
+so a method here only says which sparsifier and which consensus it uses.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from soups.adapters import LoraModule
+from soups.merge.lowrank import concatenate, truncate_lora
+from soups.merge.registry import Density, MajoritySign, MethodRegistry, Rank, Space
+from soups.merge.sparsify import dare_drop, magnitude_trim, sparsify_and_merge
+
+REGISTRY = MethodRegistry()
+register = REGISTRY.register
+
+TASK_ARITHMETIC = "https://arxiv.org/abs/2212.04089"
+TIES = "https://arxiv.org/abs/2306.01708"
+DARE = "https://arxiv.org/abs/2311.03099"
+LORA_SOUPS = "https://arxiv.org/abs/2410.13025"
+SVD_MERGE = "https://github.com/kohya-ss/sd-scripts/blob/main/networks/svd_merge_lora.py"
+
+
+@register("linear", Space.FACTOR, TASK_ARITHMETIC)
+def linear(tensors: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """Weighted sum of the A factors and of the B factors (PEFT `linear`; equal ranks)."""
+    return sparsify_and_merge(tensors, weights)
+
+
+@register("ties", Space.FACTOR, TIES)
+@register("ties_svd", Space.DELTA, TIES)
+def ties(tensors: torch.Tensor, weights: torch.Tensor, density: Density,
+         majority_sign_method: MajoritySign = "total") -> torch.Tensor:
+    """TIES: trim to the largest `density` magnitudes, elect a sign, disjoint mean."""
+    return sparsify_and_merge(tensors, weights, lambda t, _: magnitude_trim(t, density),
+                              consensus=majority_sign_method)
+
+
+@register("magnitude_prune", Space.FACTOR, TIES)
+@register("magnitude_prune_svd", Space.DELTA, TIES)
+def magnitude_prune(tensors: torch.Tensor, weights: torch.Tensor,
+                    density: Density) -> torch.Tensor:
+    """Trim each input to its largest `density` magnitudes, then the weighted sum."""
+    return sparsify_and_merge(tensors, weights, lambda t, _: magnitude_trim(t, density))
+
+
+@register("dare_linear", Space.FACTOR, DARE)
+@register("dare_linear_svd", Space.DELTA, DARE)
+def dare_linear(tensors: torch.Tensor, weights: torch.Tensor, density: Density,
+                generator: torch.Generator) -> torch.Tensor:
+    """DARE: drop entries at random (keep `density`, rescale by 1/density), weighted sum."""
+    return sparsify_and_merge(tensors, weights, lambda t, _: dare_drop(t, density, generator))
+
+
+@register("dare_ties", Space.FACTOR, DARE)
+@register("dare_ties_svd", Space.DELTA, DARE)
+def dare_ties(tensors: torch.Tensor, weights: torch.Tensor, density: Density,
+              generator: torch.Generator,
+              majority_sign_method: MajoritySign = "total") -> torch.Tensor:
+    """DARE drop-and-rescale, then TIES sign election and disjoint mean."""
+    return sparsify_and_merge(tensors, weights, lambda t, _: dare_drop(t, density, generator),
+                              consensus=majority_sign_method)
+
+
+@register("cat", Space.LORA, LORA_SOUPS, default_weights="ones")
+def cat(modules: Sequence[LoraModule], weights: Sequence[float]) -> LoraModule:
+    """Static concatenation: sum_i w_i s_i B_i A_i exactly, rank sum(r_i) (PEFT `cat`)."""
+    return concatenate(modules, weights)
+
+
+@register("task_arithmetic", Space.LORA, TASK_ARITHMETIC, default_weights="ones")
+def task_arithmetic(modules: Sequence[LoraModule], weights: Sequence[float]) -> LoraModule:
+    """Task arithmetic on dW: sum_i w_i dW_i exactly, stored as a concatenated LoRA."""
+    return concatenate(modules, weights)
+
+
+@register("svd", Space.LORA, SVD_MERGE)
+def svd(modules: Sequence[LoraModule], weights: Sequence[float], rank: Rank = None) -> LoraModule:
+    """Truncated SVD of sum_i w_i dW_i to `rank` (default: the largest input rank), exact
+    from the factors (QR of the concatenated factors and an SVD of the small core)."""
+    return truncate_lora(concatenate(modules, weights), rank or max(m.rank for m in modules))

@@ -1,0 +1,99 @@
+"""`soups merge`: merge PEFT LoRA adapter folders into one PEFT adapter folder.
+
+    soups merge --method METHOD --out OUT_DIR ADAPTER_DIR [ADAPTER_DIR ...]
+                [--weights W ...] [--density D] [--rank R] [--majority-sign total|frequency]
+                [--seed S]
+    soups merge --list
+    soups merge --method cat_learned --out OUT_DIR ADAPTER_DIR ... [--model DIR] [--data DIR ...]
+                [--granularity ...] [--normalisation ...] [--init ...] [--fraction F] ...
+
+`cat_learned` trains CAT weights on a skill mix (the same as `soups cat`); every other method
+is a registered merge of `soups.merge` and needs no base model.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+CAT_LEARNED = "cat_learned"
+FLAGS = {"majority_sign_method": "--majority-sign"}  # method parameter -> its CLI flag
+
+
+def _print_methods() -> None:
+    from soups.merge import list_methods
+
+    for method in list_methods():
+        typer.echo(f"{method.name}  ({method.space.value} space)  {method.summary}")
+        typer.echo(f"    {method.reference}")
+        for name, parameter in method.parameters.items():
+            if name == "weights":
+                default = "default " + ("1 each" if method.default_weights == "ones"
+                                        else "1/k each")
+            else:
+                default = "required" if parameter.required else f"default {parameter.default!r}"
+            typer.echo(f"    {FLAGS.get(name, '--' + name)}: {parameter.description} ({default})")
+    typer.echo(f"{CAT_LEARNED}  (learned)  CAT: learn one weight per LoRA per module on a skill "
+               "mix, export the exact concatenation (options as in `soups cat --help`)")
+
+
+def merge(
+    adapters: list[Path] = typer.Argument(None, help="Adapter folders (PEFT LoRA, "
+                                          "safetensors), in the order of --weights."),
+    method: str = typer.Option(None, help="Merge method; `--list` shows them all."),
+    out: Path = typer.Option(None, help="Folder for the merged adapter (PEFT LoRA)."),
+    weights: list[float] = typer.Option(None, help="One weight per adapter (repeat the "
+                                        "flag); default depends on the method."),
+    density: float = typer.Option(None, help="Fraction of entries kept (TIES, DARE, "
+                                  "magnitude pruning)."),
+    rank: int = typer.Option(None, help="Output rank (svd and *_svd methods)."),
+    majority_sign: str = typer.Option(None, help="total | frequency (TIES sign election)."),
+    seed: int = typer.Option(None, help="Seed of the random masks (DARE) or of CAT training."),
+    list_: bool = typer.Option(False, "--list", help="List the methods and their parameters."),
+    model: Path = typer.Option(None, help="cat_learned: base model folder (default: embedded)."),
+    data: list[Path] = typer.Option(None, help="cat_learned: one dataset per skill."),
+    granularity: str = typer.Option("module", help="cat_learned: module | layer | global."),
+    normalisation: str = typer.Option("softmax", help="cat_learned: softmax | none."),
+    init: str = typer.Option("randn", help="cat_learned: randn | uniform | ones | norm | "
+                             "V1,V2,..."),
+    fraction: float = typer.Option(0.05, help="cat_learned: share of each skill's rows."),
+    lr: float = typer.Option(1e-4, help="cat_learned: learning rate."),
+    max_steps: int = typer.Option(0, help="cat_learned: step limit (0 = one epoch)."),
+) -> None:
+    """Merge LoRA adapters with one method (linear, TIES, DARE, cat, svd, ..., or a learned
+    CAT) into a standard PEFT adapter folder."""
+    if list_:
+        _print_methods()
+        return
+    if not method or out is None or not adapters:
+        raise typer.BadParameter("give --method, --out and at least one adapter folder "
+                                 "(or --list)")
+    if method == CAT_LEARNED:
+        from study.cmd_cat import run_cat
+
+        for flag, value in (("--density", density), ("--rank", rank),
+                            ("--majority-sign", majority_sign)):
+            if value is not None:
+                raise typer.BadParameter(f"method {CAT_LEARNED!r} takes no {flag}")
+        run_cat(adapters, out, model, data, granularity=granularity, normalisation=normalisation,
+                init=",".join(map(str, weights)) if weights else init, seed=seed or 0,
+                fraction=fraction, lr=lr, max_steps=max_steps)
+        return
+    from soups.adapters import AdapterError
+    from soups.merge import MergeError, merge_adapters
+
+    given = {"weights": weights or None, "density": density, "rank": rank,
+             "majority_sign_method": majority_sign, "seed": seed}
+    params = {name: value for name, value in given.items() if value is not None}
+
+    def progress(done: int, total: int, module: str) -> None:
+        if done == total or done % 50 == 0:
+            typer.echo(f"merged {done}/{total} modules", err=True)
+
+    try:
+        path = merge_adapters(adapters, method, out, progress=progress, **params)
+    except (MergeError, AdapterError) as err:
+        typer.echo(f"error: {err}", err=True)
+        raise typer.Exit(2) from None
+    typer.echo(f"wrote {path} ({method})")
