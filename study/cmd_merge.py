@@ -58,8 +58,13 @@ def merge(
     init: str = typer.Option("randn", help="cat_learned: randn | uniform | ones | norm | "
                              "V1,V2,..."),
     fraction: float = typer.Option(0.05, help="cat_learned: share of each skill's rows."),
+    count: int = typer.Option(0, help="cat_learned: rows in the mix (overrides --fraction)."),
+    held_out: int = typer.Option(120, help="cat_learned: held-out rows for selection."),
     lr: float = typer.Option(1e-4, help="cat_learned: learning rate."),
     max_steps: int = typer.Option(0, help="cat_learned: step limit (0 = one epoch)."),
+    batch_size: int = typer.Option(6, help="cat_learned: micro-batch size."),
+    warmup: int = typer.Option(100, help="cat_learned: warm-up steps."),
+    eval_every: int = typer.Option(100, help="cat_learned: steps between held-out losses."),
 ) -> None:
     """Merge LoRA adapters with one method (linear, TIES, DARE, cat, svd, ..., or a learned
     CAT) into a standard PEFT adapter folder."""
@@ -76,9 +81,13 @@ def merge(
                             ("--majority-sign", majority_sign)):
             if value is not None:
                 raise typer.BadParameter(f"method {CAT_LEARNED!r} takes no {flag}")
+        if weights:
+            raise typer.BadParameter(f"method {CAT_LEARNED!r} learns its weights; give starting "
+                                     "values with --init V1,V2,...")
         run_cat(adapters, out, model, data, granularity=granularity, normalisation=normalisation,
-                init=",".join(map(str, weights)) if weights else init, seed=seed or 0,
-                fraction=fraction, lr=lr, max_steps=max_steps)
+                init=init, seed=seed or 0, fraction=fraction, count=count, held_out=held_out,
+                lr=lr, max_steps=max_steps, batch_size=batch_size, warmup=warmup,
+                eval_every=eval_every)
         return
     from soups.adapters import AdapterError
     from soups.merge import MergeError, merge_adapters

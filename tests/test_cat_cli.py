@@ -72,6 +72,26 @@ def test_cat_command_trains_and_exports(tiny_model_dir, tmp_path):
     assert loaded.peft_config["default"].r == 4
 
 
+def test_merge_command_trains_cat_learned(tiny_model_dir, tmp_path):
+    from study.cli import app
+
+    skills = [_skill(tmp_path, "math", "Tom has {} apples."),
+              _skill(tmp_path, "code", "Write solution() returning {}.")]
+    adapters = [_adapter(tiny_model_dir, tmp_path / f"lora{i}", i) for i in (1, 2)]
+    out = tmp_path / "merged"
+    args = ["merge", "--method", "cat_learned", "--out", str(out), *map(str, adapters),
+            "--model", tiny_model_dir, "--data", str(skills[0]), "--data", str(skills[1]),
+            "--init", "uniform", "--count", "8", "--held-out", "4", "--batch-size", "4",
+            "--max-steps", "2", "--warmup", "1", "--eval-every", "1", "--seed", "3"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    record = json.loads((out / "cat_weights.json").read_text())
+    assert record["settings"]["init"] == "uniform" and record["settings"]["seed"] == 3
+    assert record["training"]["steps"] == 2
+    bad = CliRunner().invoke(app, [*args[:5], *map(str, adapters), "--density", "0.5"])
+    assert bad.exit_code != 0 and "takes no --density" in bad.output
+
+
 @pytest.mark.parametrize("flags, message", [
     (["--init", "zeros"], "neither one of"),
     (["--init", "ones"], "needs normalisation 'none'"),

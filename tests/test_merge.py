@@ -342,3 +342,14 @@ def test_cli_merges_and_lists(same_rank, tmp_path):
     bad = runner.invoke(app, ["merge", "--method", "linear", "--out", str(tmp_path / "x"),
                               *same_rank, "--density", "0.5"])
     assert bad.exit_code == 2 and "takes no parameter 'density'" in bad.output
+
+
+@pytest.mark.parametrize("dare, plain", [("dare_linear", "linear"), ("dare_ties", "ties"),
+                                         ("dare_linear_svd", "svd")])
+def test_dare_at_density_one_is_its_deterministic_peer(same_rank, tmp_path, dare, plain):
+    weights = [0.5, 1.5, -0.25]
+    params = {"density": 1.0} if plain == "ties" else {}
+    one = merge_adapters(same_rank, dare, tmp_path / "dare", weights=weights, density=1.0,
+                         seed=5)
+    two = merge_adapters(same_rank, plain, tmp_path / "plain", weights=weights, **params)
+    _assert_same_deltas(_deltas(one), _deltas(two), rtol=1e-5, atol=1e-6)
