@@ -16,12 +16,16 @@ app = typer.Typer(
 
 def _register() -> None:
     """One line per command; each command module keeps its heavy imports inside functions."""
-    from study import cmd_cat, cmd_merge, cmd_prepare
+    from study import cmd_cat, cmd_merge, cmd_prepare, cmd_run
 
     app.command("prepare")(cmd_prepare.prepare)
     app.command("evaluate")(cmd_prepare.evaluate)
     app.command("merge")(cmd_merge.merge)
     app.command("cat")(cmd_cat.cat)
+    app.command("run")(cmd_run.run)
+    app.command("resume")(cmd_run.resume)
+    app.command("status")(cmd_run.status)
+    app.command("export")(cmd_run.export)
 
 
 _register()
