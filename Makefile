@@ -18,9 +18,9 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q -e ".[dev]"
 	touch $(STAMP)
 
+# A new name each time, so `make demo` can be run again (a study name is never reused).
 demo: $(STAMP)
-	$(VENV)/bin/soups prepare
-	$(VENV)/bin/soups evaluate
+	$(VENV)/bin/soups run --name demo-$$(date +%Y%m%d-%H%M%S)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

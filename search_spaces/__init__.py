@@ -1,0 +1,125 @@
+"""Search spaces as data: YAML files mapping each method to its parameters' domains.
+
+    methods:
+      ties: {density: {uniform: [0.3, 0.9]}, majority_sign_method: total}
+      skill: {skill: {grid: [math, code]}}
+    rank: {grid: [8, 16]}        # skill LoRA rank (optional; default: the study's ranks)
+
+A parameter value is a constant or a one-key mapping naming a domain: `choice`, `grid`
+(lists), `uniform`, `loguniform` ([low, high]), `randint` ([low, high), integers). Each
+method may only name parameters its function declares (checked against the method's
+signature, `method_parameters`), so a typo is an error, never a silent default.
+
+This module is pure: it parses and checks. `trainables/search.py` turns the result into
+Ray Tune objects.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+HERE = Path(__file__).parent
+DOMAINS = {"choice": "list", "grid": "list", "uniform": "range", "loguniform": "range",
+           "randint": "range"}
+TOP_LEVEL = {"methods", "rank"}
+
+
+class SearchSpaceError(ValueError):
+    """A search space that cannot be used; the message names file, method, key and value."""
+
+
+@dataclass(frozen=True)
+class Domain:
+    kind: str  # one of DOMAINS
+    values: tuple
+
+    def grid_values(self) -> tuple | None:
+        return self.values if self.kind == "grid" else None
+
+
+@dataclass(frozen=True)
+class SearchSpace:
+    source: str
+    methods: dict[str, dict[str, object]]  # method -> parameter -> constant or Domain
+    rank: object | None  # constant, Domain or None (use the study's ranks)
+
+
+def space_path(name_or_path: str | Path) -> Path:
+    """A shipped space by name (`paper`) or a YAML path."""
+    path = Path(name_or_path)
+    if path.suffix in (".yaml", ".yml"):
+        return path
+    shipped = HERE / f"{name_or_path}.yaml"
+    if not shipped.is_file():
+        names = sorted(p.stem for p in HERE.glob("*.yaml"))
+        raise SearchSpaceError(f"no search space {str(name_or_path)!r}; shipped: {names}")
+    return shipped
+
+
+def _domain(value, where: str):
+    if not isinstance(value, Mapping):
+        return value
+    if len(value) != 1 or next(iter(value)) not in DOMAINS:
+        raise SearchSpaceError(f"{where}: a domain is one key among {sorted(DOMAINS)}, "
+                               f"got {dict(value)!r}")
+    kind, args = next(iter(value.items()))
+    if not isinstance(args, list) or not args:
+        raise SearchSpaceError(f"{where}: {kind} takes a non-empty list, got {args!r}")
+    if DOMAINS[kind] == "range":
+        if len(args) != 2 or not all(isinstance(a, int | float) for a in args) \
+                or not args[0] < args[1]:
+            raise SearchSpaceError(f"{where}: {kind} takes [low, high] with low < high, "
+                                   f"got {args!r}")
+        if kind == "loguniform" and args[0] <= 0:
+            raise SearchSpaceError(f"{where}: loguniform needs low > 0, got {args!r}")
+    return Domain(kind, tuple(args))
+
+
+def parse_space(data, source: str,
+                method_parameters: Callable[[str], set[str] | None]) -> SearchSpace:
+    """Check a loaded YAML mapping; `method_parameters(name)` gives the parameters a method
+    declares, or None for an unknown method."""
+    if not isinstance(data, Mapping):
+        raise SearchSpaceError(f"{source}: a search space is a mapping, got {data!r}")
+    unknown = set(data) - TOP_LEVEL
+    if unknown:
+        raise SearchSpaceError(f"{source}: unknown key {sorted(unknown)[0]!r}; "
+                               f"allowed: {sorted(TOP_LEVEL)}")
+    methods = data.get("methods")
+    if not isinstance(methods, Mapping) or not methods:
+        raise SearchSpaceError(f"{source}: 'methods' must map at least one method to its "
+                               "parameters")
+    parsed: dict[str, dict[str, object]] = {}
+    for method, params in methods.items():
+        declared = method_parameters(method)
+        if declared is None:
+            raise SearchSpaceError(f"{source}: unknown method {method!r}")
+        params = params or {}
+        if not isinstance(params, Mapping):
+            raise SearchSpaceError(f"{source}: methods.{method} must map parameters to "
+                                   f"values, got {params!r}")
+        for name in params:
+            if name not in declared:
+                raise SearchSpaceError(
+                    f"{source}: method {method!r} takes no parameter {name!r}; "
+                    f"it takes {sorted(declared) or 'none'}")
+        parsed[method] = {name: _domain(value, f"{source}: methods.{method}.{name}")
+                          for name, value in params.items()}
+    rank = _domain(data["rank"], f"{source}: rank") if "rank" in data else None
+    return SearchSpace(source=source, methods=parsed, rank=rank)
+
+
+def load_space(name_or_path: str | Path,
+               method_parameters: Callable[[str], set[str] | None]) -> SearchSpace:
+    path = space_path(name_or_path)
+    if not path.is_file():
+        raise SearchSpaceError(f"{path}: no such file")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        raise SearchSpaceError(f"{path}: not valid YAML: {err}") from None
+    return parse_space(data, str(path), method_parameters)

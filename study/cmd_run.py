@@ -1,0 +1,129 @@
+"""`soups run`, `soups resume`, `soups status`, `soups export`: a study's life cycle."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import typer
+
+# --smoke: the same pipeline, minutes instead of tens of minutes.
+SMOKE = {
+    "base_model_steps": 300,
+    "finetune": {"max_steps": 40},
+    "cat": {"max_steps": 20, "eval_every": 10, "held_out": 32},
+    "evaluation": {"validation_limit": 40, "test_limit": 60},
+}
+
+
+def _fail(err: Exception) -> None:
+    typer.secho(f"error: {err}", fg="red", err=True)
+    raise typer.Exit(2)
+
+
+def _merge(base: dict, extra: dict) -> dict:
+    out = dict(base)
+    for key, value in extra.items():
+        out[key] = _merge(out.get(key, {}), value) if isinstance(value, dict) else value
+    return out
+
+
+def run(
+    study: Path = typer.Argument(None, help="Study YAML (default: the embedded study)."),
+    name: str = typer.Option(None, help="Study name (default: the spec's name; "
+                             "state in $SOUPS_HOME/NAME)."),
+    smoke: bool = typer.Option(False, help="A minutes-long version: few fine-tune and CAT "
+                               "steps, small evaluation splits."),
+) -> None:
+    """Run a study end to end: fine-tune skill LoRAs, search merges with Ray Tune, evaluate
+    the best on the test split once, export and register it."""
+    from search_spaces import SearchSpaceError
+    from study.runner import run_study
+    from study.spec import SpecError, StudySpec, load_yaml, parse_model
+
+    try:
+        data = load_yaml(study) if study else {}
+        if smoke:
+            data = _merge(SMOKE, data) if not study else _merge(data, SMOKE)
+        if name:
+            data["name"] = name
+        elif smoke and "name" not in data:
+            data["name"] = "smoke"
+        spec = parse_model(StudySpec, data, str(study or "default study"))
+        run_study(spec)
+    except (SpecError, SearchSpaceError) as err:
+        _fail(err)
+
+
+def _spec(name: str):
+    from soups.home import soups_home
+    from study.runner import SPEC_FILE
+    from study.spec import StudySpec, load_yaml, parse_model
+
+    path = soups_home() / name / SPEC_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"no study {name!r} under {soups_home()}")
+    return parse_model(StudySpec, load_yaml(path), str(path))
+
+
+def resume(name: str = typer.Argument(..., help="Name of an interrupted study.")) -> None:
+    """Continue an interrupted study: finished trials are kept, unfinished ones rerun."""
+    from search_spaces import SearchSpaceError
+    from study.runner import run_study
+    from study.spec import SpecError
+
+    try:
+        run_study(_spec(name), resume=True)
+    except (SpecError, SearchSpaceError, FileNotFoundError) as err:
+        _fail(err)
+
+
+def status(name: str = typer.Argument(..., help="Study name.")) -> None:
+    """Print a study's progress: trials by state and the best so far."""
+    from study.runner import LEADERBOARD_FILE, study_dir, trial_states
+
+    try:
+        spec = _spec(name)
+    except (FileNotFoundError, ValueError) as err:
+        _fail(err)
+    root = study_dir(spec)
+    board = root / LEADERBOARD_FILE
+    states = trial_states(root)
+    typer.echo(f"study {name} ({root})")
+    typer.echo("trials: " + (", ".join(f"{n} {s}" for s, n in sorted(states.items()))
+                             or "none started"))
+    if board.is_file():
+        rows = json.loads(board.read_text())
+        best = rows[0]
+        typer.echo(f"complete; best {best['candidate']}: validation {best['objective']:.3f}, "
+                   f"test {best.get('test')}")
+    else:
+        typer.echo("not complete (run `soups resume " + name + "` if it was interrupted)")
+
+
+def export(
+    name: str = typer.Argument(..., help="Study name."),
+    out: Path = typer.Option(..., help="Folder to write the PEFT adapter to."),
+    trial: str = typer.Option(None, help="Trial to export (default: the best)."),
+) -> None:
+    """Write the best (or --trial) merged adapter of a finished study as a PEFT folder."""
+    from study.runner import LEADERBOARD_FILE, export_adapter, study_dir
+    from study.spec import SpecError
+
+    try:
+        spec = _spec(name)
+        board = study_dir(spec) / LEADERBOARD_FILE
+        if not board.is_file():
+            raise SpecError(f"study {name} has not finished (no {LEADERBOARD_FILE})")
+        rows = json.loads(board.read_text())
+        if trial:
+            rows = [r for r in rows if r["trial"] == trial]
+            if not rows:
+                raise SpecError(f"study {name} has no trial {trial!r}")
+        row = next((r for r in rows if r["objective"] is not None), None)
+        if row is None:
+            raise SpecError(f"study {name}: trial {trial or ''} did not finish")
+        export_adapter(row, out, spec)
+        typer.echo(f"wrote {row['candidate']} to {out}")
+    except (SpecError, FileNotFoundError) as err:
+        _fail(err)

@@ -1,0 +1,51 @@
+"""Live study progress in the terminal: one line per trial event with trials done / running /
+failed and the best objective so far (Ray's own table reporter is turned off)."""
+
+from __future__ import annotations
+
+import time
+
+from ray.tune import Callback
+
+
+def describe(config: dict) -> str:
+    variant = config.get("variant", {})
+    params = ", ".join(f"{k}={v}" for k, v in sorted(variant.get("params", {}).items()))
+    rank = f" r{variant['rank']}" if variant.get("rank") is not None else ""
+    return f"{variant.get('method', '?')}{rank}" + (f" ({params})" if params else "")
+
+
+class StudyProgress(Callback):
+    def __init__(self, print_fn=print):
+        self._print = print_fn
+        self._start = time.time()
+        self._best: tuple[float, str] | None = None
+
+    def _counts(self, trials) -> str:
+        states = [t.status for t in trials]
+        done = sum(s == "TERMINATED" for s in states)
+        return (f"{done} done, {states.count('RUNNING')} running, "
+                f"{states.count('ERROR')} failed, {states.count('PENDING')} pending")
+
+    def _line(self, trials, event: str) -> None:
+        best = (f"best {self._best[0]:.3f} {self._best[1]}" if self._best
+                else "best -")
+        self._print(f"[{time.time() - self._start:6.0f}s] trials: {self._counts(trials)} | "
+                    f"{best} | {event}")
+
+    def on_trial_start(self, iteration, trials, trial, **info):
+        self._line(trials, f"started {describe(trial.config)}")
+
+    def on_trial_result(self, iteration, trials, trial, result, **info):
+        if "objective" in result:
+            score = result["objective"]
+            if self._best is None or score > self._best[0]:
+                self._best = (score, describe(trial.config))
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        score = (trial.last_result or {}).get("objective")
+        shown = f"{score:.3f}" if score is not None else "stopped early"
+        self._line(trials, f"finished {describe(trial.config)}: {shown}")
+
+    def on_trial_error(self, iteration, trials, trial, **info):
+        self._line(trials, f"FAILED {describe(trial.config)}")

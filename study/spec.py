@@ -1,0 +1,212 @@
+"""The study spec: one YAML file, validated at the boundary (unknown keys are errors).
+
+Every error names the file, the key path and the bad value. The objective must be a
+validation split: the test split is evaluated once, after selection, never searched on.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+EMBEDDED = "embedded"
+
+
+class SpecError(ValueError):
+    """A study or search-space file that is not valid; the message names file, key, value."""
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class GeneratedData(Strict):
+    """The embedded default's generated tasks (`soups.data.DataSettings`)."""
+
+    seed: int = 0
+    max_value: int = 50
+    two_step_share: float = 0.3
+    sizes: dict[str, dict[str, int]] | None = None
+
+
+class TaskSource(Strict):
+    """A task's data: `generated` (embedded tasks) or a dataset path / hub id, with the
+    names of its splits and, for foreign datasets, the field mapping."""
+
+    source: str = "generated"
+    splits: dict[Literal["train", "validation", "test"], str] = Field(
+        default_factory=lambda: {"train": "train", "validation": "validation", "test": "test"})
+    prompt: str = "prompt"
+    completion: str = "completion"
+    expected: str | None = None
+    scorer: Literal["final_number", "program"] = "final_number"
+
+
+class Objective(Strict):
+    task: str = "math_code"
+    split: str = "validation"
+    metric: str = "accuracy"
+
+    @field_validator("split")
+    @classmethod
+    def _validation_only(cls, split: str) -> str:
+        if split != "validation":
+            raise ValueError(f"the objective must use the validation split, got {split!r}: the "
+                             "test split is evaluated once, after selection")
+        return split
+
+
+class Finetune(Strict):
+    """Stage 1: one LoRA per (skill, rank), plus DATA-MIX, through the adapter cache."""
+
+    ranks: list[int] = Field(default_factory=lambda: [8])
+    alpha_ratio: float = 2.0  # lora_alpha = alpha_ratio * rank (the paper: 64 / 32)
+    dropout: float = 0.05
+    target_modules: list[str] = Field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "up_proj", "down_proj"])
+    learning_rate: float = 2e-3
+    epochs: float = 2.0
+    max_steps: int | None = None
+    micro_batch_size: int = 16
+    grad_accumulation: int = 1
+    max_length: int = 192
+    zero_stage: Literal[0, 1, 2, 3] = 0
+    num_workers: int = 1
+    use_gpu: bool = False
+    data_mix: bool = True
+    seed: int = 0
+
+    @field_validator("ranks")
+    @classmethod
+    def _positive_ranks(cls, ranks: list[int]) -> list[int]:
+        bad = [r for r in ranks if r <= 0]
+        if not ranks or bad:
+            raise ValueError(f"ranks must be positive integers, got {ranks}")
+        return ranks
+
+
+class CatTraining(Strict):
+    """Defaults of CAT weight training in trials (a search space may override them)."""
+
+    learning_rate: float = 5e-3
+    max_steps: int = 60
+    micro_batch_size: int = 16
+    warmup_steps: int = 10
+    fraction: float = 0.1
+    held_out: int = 64
+    eval_every: int = 10
+
+
+class Search(Strict):
+    space: str = "paper"  # a name in search_spaces/ or a path to a YAML file
+    algorithm: Literal["grid", "random", "optuna"] = "grid"
+    scheduler: Literal["none", "asha"] = "none"
+    num_samples: int = 1
+    max_concurrent_trials: int = 2
+    cpus_per_trial: float = 1.0
+    gpus_per_trial: float = 0.0
+    max_failures: int = 1
+    seed: int = 0
+
+
+class Evaluation(Strict):
+    validation_limit: int | None = 200  # examples per task in trials; None = all
+    test_limit: int | None = None
+    max_new_tokens: int = 96
+    batch_size: int = 32
+    skills: bool = True  # also score every skill's validation split (retention)
+
+
+class Tracking(Strict):
+    uri: str | None = None  # default: sqlite database under $SOUPS_HOME
+    experiment: str | None = None  # default: the study name
+    register_model: str | None = None  # registry name of the exported champion
+
+    @field_validator("uri")
+    @classmethod
+    def _absolute_uri(cls, uri: str | None) -> str | None:
+        if uri is not None and uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
+            raise ValueError(f"tracking uri {uri!r} is relative: Ray changes the working "
+                             "directory of trials; use sqlite:////absolute/path or http://")
+        return uri
+
+
+class StudySpec(Strict):
+    name: str = "default"
+    base_model: str = EMBEDDED  # `embedded`, a save_pretrained folder or a hub id
+    base_model_seed: int = 0
+    base_model_steps: int | None = None  # embedded model pretraining steps (None: its default)
+    generated: GeneratedData = GeneratedData()
+    skills: dict[str, TaskSource] = Field(
+        default_factory=lambda: {"math": TaskSource(), "code": TaskSource(scorer="program")})
+    target: dict[str, TaskSource] = Field(
+        default_factory=lambda: {"math_code": TaskSource(scorer="program")})
+    objective: Objective = Objective()
+    finetune: Finetune = Finetune()
+    cat: CatTraining = CatTraining()
+    search: Search = Search()
+    evaluation: Evaluation = Evaluation()
+    tracking: Tracking = Tracking()
+    storage: str | None = None  # default: $SOUPS_HOME/<name>; shared storage on a cluster
+
+    @model_validator(mode="after")
+    def _consistent(self) -> StudySpec:
+        if len(self.target) != 1:
+            raise ValueError(f"target must name exactly one task, got {sorted(self.target)}")
+        if len(self.skills) < 2:
+            raise ValueError(f"skills must name at least two tasks, got {sorted(self.skills)}")
+        both = set(self.skills) & set(self.target)
+        if both:
+            raise ValueError(f"task {sorted(both)[0]!r} is both a skill and the target")
+        if self.objective.task not in self.target:
+            raise ValueError(f"objective.task {self.objective.task!r} is not the target task "
+                             f"{sorted(self.target)[0]!r}")
+        return self
+
+    @property
+    def target_name(self) -> str:
+        return next(iter(self.target))
+
+    def tasks(self) -> dict[str, TaskSource]:
+        return {**self.skills, **self.target}
+
+
+def _describe(error: dict) -> str:
+    path = ".".join(str(p) for p in error["loc"]) or "(top level)"
+    if error["type"] == "extra_forbidden":
+        return f"unknown key {path!r}"
+    value = error.get("input")
+    shown = f" (got {value!r})" if not isinstance(value, dict) else ""
+    return f"{path}: {error['msg']}{shown}"
+
+
+def parse_model(model: type[BaseModel], data, source: str):
+    """Validate `data` into `model`, turning pydantic errors into one SpecError that names
+    the source file, each bad key and its value."""
+    try:
+        return model.model_validate(data)
+    except ValidationError as err:
+        lines = [_describe(e) for e in err.errors()]
+        raise SpecError(f"{source}: " + "; ".join(lines)) from None
+
+
+def load_yaml(path: str | Path):
+    path = Path(path)
+    if not path.is_file():
+        raise SpecError(f"{path}: no such file")
+    try:
+        return yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise SpecError(f"{path}: not valid YAML: {err}") from None
+
+
+def load_study(path: str | Path | None = None, overrides: dict | None = None) -> StudySpec:
+    """The study in `path` (None: the embedded default), with top-level `overrides`."""
+    data = load_yaml(path) if path is not None else {}
+    if not isinstance(data, dict):
+        raise SpecError(f"{path}: a study is a mapping of keys, got {type(data).__name__}")
+    data = {**data, **(overrides or {})}
+    return parse_model(StudySpec, data, str(path or "default study"))

@@ -1,0 +1,209 @@
+"""The study end to end, as a user runs it: `soups run --smoke` in a subprocess (Ray Tune,
+Ray Train + DeepSpeed fine-tunes, MLflow in SQLite), then the MLflow runs, the leaderboard,
+the export (against the trial's merged model) and the registry alias are checked; a second
+study is killed mid-search with SIGKILL and resumed without repeated trials or duplicate runs.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+pytestmark = pytest.mark.integration
+
+ROOT = Path(__file__).resolve().parents[1]
+SOUPS = [sys.executable, "-m", "study.cli"]
+PAPER_METHODS = {"cat_learned", "data_mix", "ties", "dare_ties", "linear", "cat", "svd",
+                 "skill", "base"}
+
+
+def _soups(home: Path, *args: str, timeout: int = 1500) -> subprocess.CompletedProcess:
+    env = {**os.environ, "SOUPS_HOME": str(home), "PYTHONUNBUFFERED": "1"}
+    return subprocess.run([*SOUPS, *args], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=timeout, stdin=subprocess.DEVNULL)
+
+
+@pytest.fixture(scope="module")
+def home(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("soups_home")
+
+
+@pytest.fixture(scope="module")
+def smoke(home):
+    done = _soups(home, "run", "--smoke")
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return done
+
+
+def _client(home: Path):
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    mlflow.set_tracking_uri(f"sqlite:///{home / 'mlflow.db'}")
+    return MlflowClient()
+
+
+def _runs(home: Path, experiment: str, role: str | None = None):
+    client = _client(home)
+    exp = client.get_experiment_by_name(experiment)
+    assert exp is not None, f"no MLflow experiment {experiment}"
+    runs = client.search_runs([exp.experiment_id], max_results=1000)
+    return [r for r in runs if role is None or r.data.tags.get("soups.role") == role]
+
+
+def test_smoke_study_prints_a_leaderboard_of_every_paper_method(smoke, home):
+    rows = json.loads((home / "smoke" / "leaderboard.json").read_text())
+    assert {r["method"] for r in rows} == PAPER_METHODS
+    assert len(rows) == 10  # skill runs once per skill
+    assert all(r["status"] == "finished" for r in rows)
+    assert rows[0]["objective"] == max(r["objective"] for r in rows)
+    assert 0.0 <= rows[0]["test"] <= 1.0
+    for row in rows:
+        assert row["candidate"].split()[0] in smoke.stdout
+    assert "test split of math_code" in smoke.stdout
+    assert "trials: " in smoke.stdout  # live progress lines
+
+
+def test_every_fine_tune_and_trial_is_one_finished_mlflow_run(smoke, home):
+    runs = _runs(home, "smoke")
+    assert all(r.info.status == "FINISHED" for r in runs)
+    parents = [r for r in runs if r.data.tags["soups.role"] == "parent"]
+    assert len(parents) == 1
+    parent = parents[0].info.run_id
+    finetunes = [r for r in runs if r.data.tags["soups.role"] == "finetune"]
+    trials = [r for r in runs if r.data.tags["soups.role"] == "trial"]
+    assert sorted(r.data.params["skill"] for r in finetunes) == ["code", "data_mix", "math"]
+    assert len(trials) == 10
+    assert all(r.data.tags["mlflow.parentRunId"] == parent for r in finetunes + trials)
+    for run in trials:
+        assert run.data.params["method"] in PAPER_METHODS
+        assert run.data.tags["method"] == run.data.params["method"]
+        assert "git_commit" in run.data.tags and "version.peft" in run.data.tags
+        metrics = run.data.metrics
+        for task in ("math_code", "math", "code"):
+            assert 0.0 <= metrics[f"validation/{task}/accuracy"] <= 1.0
+        assert metrics["objective"] == metrics["validation/math_code/accuracy"]
+        assert metrics["build_seconds"] >= 0
+    for run in finetunes:
+        history = _client(home).get_metric_history(run.info.run_id, "train_loss")
+        assert history, "fine-tune runs carry their loss curve"
+    cat = next(r for r in trials if r.data.params["method"] == "cat_learned")
+    artifacts = [a.path for a in _client(home).list_artifacts(cat.info.run_id)]
+    assert "cat_weights.json" in artifacts
+    curve = _client(home).get_metric_history(cat.info.run_id, "cat_eval_loss")
+    assert len(curve) >= 2  # one point per CAT evaluation step
+    parent_artifacts = [a.path for a in _client(home).list_artifacts(parent)]
+    assert {"study.yaml", "paper.yaml", "leaderboard.json"} <= set(parent_artifacts)
+
+
+def test_best_adapter_is_exported_and_registered_as_champion(smoke, home, tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    rows = json.loads((home / "smoke" / "leaderboard.json").read_text())
+    best = next(r for r in rows if r["method"] not in ("base",))
+    out = tmp_path / "exported"
+    done = _soups(home, "export", "smoke", "--out", str(out), "--trial", best["trial"])
+    assert done.returncode == 0, done.stderr
+    assert (out / "adapter_model.safetensors").is_file() and (out / "README.md").is_file()
+    # The exported folder gives the logits of the trial's own merged model.
+    trial = json.loads((Path(best["checkpoint"]) / "trial.json").read_text())
+    model_dir = next(r for r in _runs(home, "smoke", "trial")).data.params.get("model_dir")
+    spec_models = list((home / "cache" / "base_models").iterdir())
+    model_dir = model_dir or str(spec_models[0])
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    ids = tokenizer(["### Question:\nWhat is 3 plus 4?\n### Answer:\n"], return_tensors="pt")
+    with torch.no_grad():
+        exported = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(model_dir),
+                                             str(out)).eval()(**ids).logits
+        original = PeftModel.from_pretrained(
+            AutoModelForCausalLM.from_pretrained(model_dir),
+            str(Path(best["checkpoint"]) / "adapter")).eval()(**ids).logits
+    torch.testing.assert_close(exported, original, rtol=0, atol=0)
+    assert trial["variant"]["method"] == best["method"]
+    # The study's own export of the best trial is registered with alias `champion`.
+    client = _client(home)
+    version = client.get_model_version_by_alias("smoke-champion", "champion")
+    assert version.run_id == rows[0]["run_id"]
+    assert (home / "smoke" / "best_adapter" / "adapter_config.json").is_file()
+
+
+def test_status_of_a_finished_study(smoke, home):
+    done = _soups(home, "status", "smoke")
+    assert done.returncode == 0 and "complete; best" in done.stdout
+    missing = _soups(home, "status", "no_such_study")
+    assert missing.returncode == 2 and "no study 'no_such_study'" in missing.stderr
+
+
+RESUME_SPACE = """\
+# Run: soups run study.yaml (a test of interrupt and resume)
+methods:
+  linear: {weights: {grid: [[1.0, 1.0], [0.5, 0.5], [0.8, 0.2], [0.2, 0.8]]}}
+  ties: {density: {grid: [0.5, 0.9]}}
+"""
+
+
+def test_killed_study_resumes_without_repeats_or_duplicates(smoke, home, tmp_path):
+    """SIGKILL the driver once two trials finished; `soups resume` completes the study:
+    six trials, six MLflow trial runs (none duplicated, none left RUNNING), and the trials
+    finished before the kill are not run again (one objective value each)."""
+    space = tmp_path / "two_methods.yaml"
+    space.write_text(RESUME_SPACE)
+    study = tmp_path / "study.yaml"
+    study.write_text(f"name: resumed\nsearch:\n  space: {space}\n  max_concurrent_trials: 1\n"
+                     "evaluation: {skills: false}\n")
+    env = {**os.environ, "SOUPS_HOME": str(home), "PYTHONUNBUFFERED": "1"}
+    driver = subprocess.Popen([*SOUPS, "run", str(study), "--smoke"], cwd=ROOT, env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                              start_new_session=True)
+    deadline = time.time() + 900
+    finished = []
+    while time.time() < deadline and driver.poll() is None:
+        time.sleep(3)
+        try:
+            finished = [r for r in _runs(home, "resumed", "trial")
+                        if r.info.status == "FINISHED"]
+        except AssertionError:
+            continue  # the experiment does not exist yet
+        if len(finished) >= 2:
+            break
+    assert driver.poll() is None, "the study ended before it could be interrupted"
+    os.killpg(driver.pid, signal.SIGKILL)
+    driver.wait()
+    before = {r.data.tags["soups.run_key"]: r.info.run_id for r in finished}
+    done = _soups(home, "resume", "resumed")
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    trials = _runs(home, "resumed", "trial")
+    assert len(trials) == 6 and all(r.info.status == "FINISHED" for r in trials)
+    keys = [r.data.tags["soups.run_key"] for r in trials]
+    assert len(set(keys)) == 6
+    client = _client(home)
+    for key, run_id in before.items():
+        assert run_id in {r.info.run_id for r in trials}
+        assert len(client.get_metric_history(run_id, "objective")) == 1, key
+    rows = json.loads((home / "resumed" / "leaderboard.json").read_text())
+    assert len(rows) == 6 and {r["method"] for r in rows} == {"linear", "ties"}
+    assert len(_runs(home, "resumed", "parent")) == 1
+
+
+@pytest.mark.parametrize("yaml_text, message", [
+    ("name: bad\nfinetune:\n  rnaks: [8]\n", "unknown key 'finetune.rnaks'"),
+    ("name: bad\nsearch:\n  space: {space}\n", "desnity"),
+])
+def test_bad_study_or_space_fails_naming_the_key(home, tmp_path, yaml_text, message):
+    space = tmp_path / "bad_space.yaml"
+    space.write_text("methods:\n  ties: {desnity: 0.5}\n")
+    study = tmp_path / "study.yaml"
+    study.write_text(yaml_text.format(space=space))
+    done = _soups(home, "run", str(study), timeout=120)
+    assert done.returncode == 2
+    assert message in done.stderr
+    assert not (home / "bad").exists()  # nothing was created for a study that did not start

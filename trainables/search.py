@@ -1,0 +1,123 @@
+"""A checked `SearchSpace` (search_spaces/) as Ray Tune objects.
+
+Each trial's config holds one `variant`: `{"method": name, "params": {...}, "rank": r}`.
+Parameters are conditional on the method: a trial only ever sees its own method's params.
+- grid: every method x its grid parameters x (for methods built from skill LoRAs) every
+  rank, as one `grid_search` over variants; other domains are sampled inside a variant;
+- random: a `choice` over the same variants (domains inside are sampled);
+- optuna: a define-by-run space, so TPE models each method's parameters separately.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+from ray import tune
+from ray.tune.search.optuna import OptunaSearch
+
+from search_spaces import Domain, SearchSpace
+
+# Trial kinds that use no skill LoRA: their variants carry no rank.
+RANKLESS = {"base"}
+
+
+def _tune_domain(value):
+    if not isinstance(value, Domain):
+        return value
+    kind, args = value.kind, value.values
+    if kind == "choice":
+        return tune.choice(list(args))
+    if kind == "grid":
+        return tune.grid_search(list(args))
+    if kind == "uniform":
+        return tune.uniform(*args)
+    if kind == "loguniform":
+        return tune.loguniform(*args)
+    return tune.randint(*args)
+
+
+def _grid_expansions(params: dict) -> list[dict]:
+    """Cartesian product of the grid parameters; other values kept as they are."""
+    grids = {k: v.values for k, v in params.items() if isinstance(v, Domain) and v.kind == "grid"}
+    rest = {k: v for k, v in params.items() if k not in grids}
+    out = []
+    for combo in itertools.product(*grids.values()):
+        out.append({**rest, **dict(zip(grids, combo, strict=True))})
+    return out
+
+
+def _rank_values(space: SearchSpace, ranks: list[int]) -> list | Domain:
+    if space.rank is None:
+        return list(ranks)
+    if isinstance(space.rank, Domain):
+        return list(space.rank.values) if space.rank.kind in ("grid", "choice") else space.rank
+    return [space.rank]
+
+
+def variants(space: SearchSpace, ranks: list[int]) -> list[dict]:
+    """Every (method, grid point, rank) the space names; sampled domains stay Tune domains."""
+    rank_values = _rank_values(space, ranks)
+    out = []
+    for method, params in space.methods.items():
+        for fixed in _grid_expansions(params):
+            resolved = {k: _tune_domain(v) for k, v in fixed.items()}
+            if method in RANKLESS:
+                out.append({"method": method, "params": resolved, "rank": None})
+            elif isinstance(rank_values, Domain):
+                out.append({"method": method, "params": resolved,
+                            "rank": _tune_domain(rank_values)})
+            else:
+                out.extend({"method": method, "params": dict(resolved), "rank": r}
+                           for r in rank_values)
+    return out
+
+
+def param_space(space: SearchSpace, ranks: list[int], algorithm: str) -> dict:
+    """The `variant` entry of a Tune param_space for grid or random search."""
+    options = variants(space, ranks)
+    if algorithm == "grid":
+        return {"variant": tune.grid_search(options)}
+    if algorithm == "random":
+        return {"variant": tune.choice(options)}
+    raise ValueError(f"param_space is for grid or random search, got {algorithm!r}")
+
+
+def optuna_define_by_run(space: SearchSpace, ranks: list[int]):
+    """A define-by-run function for `OptunaSearch`: the method first, then its parameters
+    (named `<method>.<param>`), then the rank when the method uses skill LoRAs."""
+    rank_values = _rank_values(space, ranks)
+
+    def suggest(trial, name: str, value):
+        if not isinstance(value, Domain):
+            return value
+        if value.kind in ("choice", "grid"):
+            # Optuna categoricals must be primitives: suggest an index into the choices.
+            index = trial.suggest_categorical(name, list(range(len(value.values))))
+            return value.values[index]
+        if value.kind == "uniform":
+            return trial.suggest_float(name, *value.values)
+        if value.kind == "loguniform":
+            return trial.suggest_float(name, *value.values, log=True)
+        return trial.suggest_int(name, value.values[0], value.values[1] - 1)
+
+    def define(trial) -> dict:
+        method = trial.suggest_categorical("method", list(space.methods))
+        params = {name: suggest(trial, f"{method}.{name}", value)
+                  for name, value in space.methods[method].items()}
+        rank = None
+        if method not in RANKLESS:
+            rank_domain = rank_values if isinstance(rank_values, Domain) else \
+                Domain("choice", tuple(rank_values))
+            rank = suggest(trial, "rank", rank_domain)
+        return {"variant": {"method": method, "params": params, "rank": rank}}
+
+    return define
+
+
+class FinalResultOptuna(OptunaSearch):
+    """OptunaSearch that skips intermediate results without the objective (CAT trials report
+    held-out loss per evaluation step for ASHA; only their final result has `objective`)."""
+
+    def on_trial_result(self, trial_id: str, result: dict) -> None:
+        if self.metric in result:
+            super().on_trial_result(trial_id, result)

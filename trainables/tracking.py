@@ -1,0 +1,182 @@
+"""MLflow tracking: the one module that talks to MLflow (the driver and trials both use it).
+
+One experiment per study, one parent run per study, one child run per fine-tune and per
+trial. This module owns the run lifecycle instead of Ray's MLflow callbacks (stack-notes:
+`MLflowLoggerCallback` duplicates runs after `Tuner.restore`, `setup_mlflow` never ends its
+run): a run is found again by its `soups.run_key` tag, so a resumed study reuses the run it
+had instead of creating a duplicate, and every run ends FINISHED or FAILED.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import subprocess
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+
+STUDY_TAG = "soups.study"
+ROLE_TAG = "soups.role"  # parent | finetune | trial
+KEY_TAG = "soups.run_key"
+PARENT_TAG = "mlflow.parentRunId"
+
+
+def default_tracking_uri(home: Path) -> str:
+    """An SQLite database at an absolute path: Ray changes the working directory of trials."""
+    return f"sqlite:///{(home / 'mlflow.db').resolve()}"
+
+
+def configure(uri: str) -> None:
+    import mlflow
+
+    # MLflow reads this in every process, so trial workers and the driver agree.
+    os.environ["MLFLOW_TRACKING_URI"] = uri
+    mlflow.set_tracking_uri(uri)
+
+
+def experiment_id(name: str) -> str:
+    import mlflow
+
+    experiment = mlflow.get_experiment_by_name(name)
+    if experiment is not None:
+        return experiment.experiment_id
+    try:
+        return mlflow.create_experiment(name)
+    except mlflow.exceptions.MlflowException:  # created meanwhile by another process
+        return mlflow.get_experiment_by_name(name).experiment_id
+
+
+def find_run(experiment: str, run_key: str):
+    """The newest run of `experiment` tagged with `run_key`, or None."""
+    from mlflow.tracking import MlflowClient
+
+    runs = MlflowClient().search_runs(
+        [experiment], filter_string=f"tags.`{KEY_TAG}` = '{run_key}'",
+        order_by=["attributes.start_time DESC"], max_results=1)
+    return runs[0] if runs else None
+
+
+@contextlib.contextmanager
+def tracked_run(experiment: str, run_key: str, name: str, role: str, study: str,
+                parent_run_id: str | None = None, tags: Mapping[str, str] | None = None
+                ) -> Iterator[str]:
+    """Start (or resume, by `run_key`) a run and end it FINISHED, or FAILED on an exception.
+    Yields the run id. Runs are created through the client so that no active-run state
+    leaks between trials that share a worker process."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient()
+    existing = find_run(experiment, run_key)
+    all_tags = {KEY_TAG: run_key, ROLE_TAG: role, STUDY_TAG: study, "mlflow.runName": name,
+                **(tags or {})}
+    if parent_run_id:
+        all_tags[PARENT_TAG] = parent_run_id
+    if existing is not None:
+        run_id = existing.info.run_id
+        client.update_run(run_id, status="RUNNING")
+    else:
+        run_id = client.create_run(experiment, tags=all_tags, run_name=name).info.run_id
+    try:
+        yield run_id
+    except BaseException:
+        client.set_terminated(run_id, status="FAILED")
+        raise
+    client.set_terminated(run_id, status="FINISHED")
+
+
+def log_params(run_id: str, params: Mapping[str, object]) -> None:
+    """Log flattened params; a value already logged with the same text is skipped (MLflow
+    refuses to change a param, and a resumed run logs the same ones again)."""
+    from mlflow.entities import Param
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient()
+    existing = client.get_run(run_id).data.params
+    fresh = [Param(k, _text(v)) for k, v in flatten(params).items()
+             if existing.get(k) != _text(v)]
+    for start in range(0, len(fresh), 100):
+        client.log_batch(run_id, params=fresh[start : start + 100])
+
+
+def log_metrics(run_id: str, metrics: Mapping[str, float], step: int = 0) -> None:
+    import time
+
+    from mlflow.entities import Metric
+    from mlflow.tracking import MlflowClient
+
+    now = int(time.time() * 1000)
+    items = [Metric(k, float(v), now, step) for k, v in metrics.items() if v is not None]
+    MlflowClient().log_batch(run_id, metrics=items)
+
+
+def log_artifact(run_id: str, path: str | Path, artifact_path: str | None = None) -> None:
+    from mlflow.tracking import MlflowClient
+
+    path = Path(path)
+    client = MlflowClient()
+    if path.is_dir():
+        client.log_artifacts(run_id, str(path), artifact_path)
+    else:
+        client.log_artifact(run_id, str(path), artifact_path)
+
+
+def set_tags(run_id: str, tags: Mapping[str, str]) -> None:
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient()
+    for key, value in tags.items():
+        client.set_tag(run_id, key, str(value))
+
+
+def flatten(params: Mapping, prefix: str = "") -> dict[str, object]:
+    out: dict[str, object] = {}
+    for key, value in params.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping) and value:
+            out.update(flatten(value, name + "."))
+        else:
+            out[name] = value
+    return out
+
+
+def _text(value) -> str:
+    text = value if isinstance(value, str) else json.dumps(value, default=str)
+    return text[:6000]
+
+
+def environment_tags() -> dict[str, str]:
+    """Git commit and package versions, for reproducibility."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    tags = {}
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
+                                cwd=Path(__file__).parent, timeout=5).stdout.strip()
+        if commit:
+            tags["git_commit"] = commit
+    except (OSError, subprocess.TimeoutExpired):
+        pass
+    for package in ("torch", "transformers", "peft", "ray", "deepspeed", "mlflow"):
+        try:
+            tags[f"version.{package}"] = version(package)
+        except PackageNotFoundError:
+            continue
+    return tags
+
+
+def register_champion(run_id: str, artifact_path: str, model_name: str) -> int:
+    """Register the run's adapter folder as a model version with alias `champion`.
+    (`mlflow.register_model("runs:/...")` refuses a plain folder: stack-notes.)"""
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient()
+    try:
+        client.create_registered_model(model_name)
+    except MlflowException:
+        pass  # already registered
+    source = f"{client.get_run(run_id).info.artifact_uri}/{artifact_path}"
+    version = client.create_model_version(model_name, source=source, run_id=run_id)
+    client.set_registered_model_alias(model_name, "champion", version.version)
+    return int(version.version)
