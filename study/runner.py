@@ -159,6 +159,12 @@ def stage1(spec: StudySpec, model_dir: str, tasks: dict[str, TaskData], ranks: l
                 env={"MLFLOW_TRACKING_URI": os.environ.get("MLFLOW_TRACKING_URI", "")},
             )
             adapters[str(rank)][name] = str(entry.path)
+            if result is None:
+                log(f"  cached: {entry.path}")
+            else:
+                held = f", held-out loss {result.eval_loss:.3f}" if result.eval_loss else ""
+                log(f"  trained {result.steps} steps in {result.wall_seconds:.0f} s: train loss "
+                    f"{result.train_loss:.3f}{held}")
             _log_finetune(spec, experiment, parent_run_id, name, rank, entry, result,
                           asdict(lora), asdict(train))
     return adapters
