@@ -99,7 +99,8 @@ def test_every_fine_tune_and_trial_is_one_finished_mlflow_run(smoke, home):
         assert history, "fine-tune runs carry their loss curve"
     cat = next(r for r in trials if r.data.params["method"] == "cat_learned")
     artifacts = [a.path for a in _client(home).list_artifacts(cat.info.run_id)]
-    assert "cat_weights.json" in artifacts
+    assert {"cat_weights.json", "cat_weights.png"} <= set(artifacts)
+    assert cat.data.metrics["cat_trainable_parameters"] == 2 * 4 * 5  # 2 LoRAs x 20 modules
     curve = _client(home).get_metric_history(cat.info.run_id, "cat_eval_loss")
     assert len(curve) >= 2  # one point per CAT evaluation step
     parent_artifacts = [a.path for a in _client(home).list_artifacts(parent)]

@@ -106,10 +106,12 @@ def _cat_learned(ctx, variant, out_dir, report) -> str:
                     "cat_train_loss": record["train_loss"]})
 
     adapters = [_stage1(ctx, variant["rank"], s) for s in ctx.skills]
-    learn_cat(adapters, ctx.model_dir, skills, out_dir,
-              CatSettings(seed=ctx.seed, **shape), train,
-              fraction=params.pop("fraction"), held_out=params.pop("held_out"),
-              on_step=on_step, log=None)
+    result = learn_cat(adapters, ctx.model_dir, skills, out_dir,
+                       CatSettings(seed=ctx.seed, **shape), train,
+                       fraction=params.pop("fraction"), held_out=params.pop("held_out"),
+                       on_step=on_step, log=None)
+    report({"cat_trainable_parameters": result.trainable_parameters,
+            "cat_best_eval_loss": result.best_eval_loss, "cat_best_step": result.best_step})
     return str(out_dir)
 
 
@@ -185,7 +187,12 @@ def merge_trial(config: dict, context: TrialContext) -> None:
         metrics["build_seconds"] = build_seconds
         tracking.log_metrics(run_id, metrics)
         if (out_dir / "cat_weights.json").is_file():
+            from analysis.cat_weights import plot_cat_weights
+
             tracking.log_artifact(run_id, out_dir / "cat_weights.json")
+            plot = plot_cat_weights(out_dir / "cat_weights.json", Path(tmp) / "cat_weights.png",
+                                    names=list(context.skills))
+            tracking.log_artifact(run_id, plot)
         # The checkpoint carries the adapter (stage-1 ones are copied) for export.
         keep = Path(tmp) / "checkpoint"
         keep.mkdir()
