@@ -64,11 +64,16 @@ def _params(method: str) -> dict:
     return {"density": DENSITY} if any(t in method for t in ("ties", "dare", "prune")) else {}
 
 
+def _weights(count: int) -> list[float]:
+    """The same explicit weights on both sides (the methods' defaults differ: cat sums)."""
+    return [1.0 / count] * count
+
+
 def _ours(adapters: list[str], method: str, out: str) -> float:
     from soups.merge import merge_adapters
 
     start = time.perf_counter()
-    merge_adapters(adapters, method, out, **_params(method))
+    merge_adapters(adapters, method, out, weights=_weights(len(adapters)), **_params(method))
     return time.perf_counter() - start
 
 
@@ -84,9 +89,8 @@ def _peft(adapters: list[str], method: str, out: str, layers: int) -> float:
     for i, path in enumerate(adapters[1:], 1):
         model.load_adapter(path, adapter_name=f"in{i}")
         names.append(f"in{i}")
-    weights = [1.0 / len(adapters)] * len(adapters)
     start = time.perf_counter()
-    model.add_weighted_adapter(names, weights, "merged", combination_type=method,
+    model.add_weighted_adapter(names, _weights(len(adapters)), "merged", combination_type=method,
                                **_params(method))
     seconds = time.perf_counter() - start
     model.save_pretrained(out, selected_adapters=["merged"])
@@ -94,6 +98,8 @@ def _peft(adapters: list[str], method: str, out: str, layers: int) -> float:
 
 
 def _case(side: str, adapters: list[str], method: str, out: str, layers: int, queue) -> None:
+    # Warm up torch's thread pool and allocator on both sides before timing.
+    torch.linalg.qr(torch.randn(512, 512) @ torch.randn(512, 512))
     seconds = _ours(adapters, method, out) if side == "ours" else _peft(adapters, method, out,
                                                                          layers)
     queue.put((seconds, peak_rss_mb()))

@@ -20,6 +20,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Literal
 
+import numpy as np
 import torch
 
 # (tensor, index of its adapter) -> sparsified tensor of the same shape
@@ -27,15 +28,26 @@ Sparsifier = Callable[[torch.Tensor, int], torch.Tensor]
 
 
 def magnitude_trim(tensor: torch.Tensor, density: float) -> torch.Tensor:
-    """Keep the int(density * numel) entries of largest magnitude, zero the rest (any shape).
-    Top-k as PEFT does (the same entries), unsorted since only the set matters."""
+    """Keep the int(density * numel) entries of largest magnitude, zero the rest (any shape):
+    PEFT's top-k set. The threshold comes from a linear-time selection (numpy's introselect
+    on CPU, several times faster than a top-k of half a 45M-entry delta); entries tied with
+    the threshold are kept in index order up to the count."""
     if density >= 1:
         return tensor
     keep_count = int(density * tensor.numel())
     if keep_count == 0:
         return torch.zeros_like(tensor)
-    keep = torch.zeros(tensor.numel(), dtype=torch.bool)
-    keep[torch.topk(tensor.abs().flatten(), keep_count, sorted=False).indices] = True
+    magnitude = tensor.detach().abs().flatten()
+    position = magnitude.numel() - keep_count  # the keep_count-th largest, ascending order
+    if magnitude.device.type == "cpu":
+        values = magnitude.float().numpy()
+        threshold = torch.tensor(float(np.partition(values, position)[position]))
+    else:
+        threshold = magnitude.kthvalue(position + 1).values
+    keep = magnitude > threshold.to(magnitude.dtype)
+    missing = keep_count - int(keep.sum())
+    if missing > 0:  # ties at the threshold (rare for trained weights, common for zeros)
+        keep[(magnitude == threshold).nonzero().flatten()[:missing]] = True
     return tensor * keep.view_as(tensor)
 
 
