@@ -53,8 +53,14 @@ class TrainSettings:
     seed: int = 0
     eval_every: int = 0  # optimizer steps between held-out evaluations; 0 = once per epoch
 
-    def total_steps(self, n_examples: int) -> int:
-        per_epoch = math.ceil(n_examples / (self.micro_batch_size * self.grad_accumulation))
+    def steps_per_epoch(self, n_examples: int, world_size: int = 1) -> int:
+        """Optimizer steps in one pass over `n_examples` when each step takes
+        `micro_batch_size * grad_accumulation` examples on each of `world_size` workers."""
+        global_batch = self.micro_batch_size * self.grad_accumulation * world_size
+        return max(1, math.ceil(n_examples / global_batch))
+
+    def total_steps(self, n_examples: int, world_size: int = 1) -> int:
+        per_epoch = self.steps_per_epoch(n_examples, world_size)
         return self.max_steps or max(1, math.ceil(per_epoch * self.epochs))
 
 
@@ -143,7 +149,7 @@ def train_lora(
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             step += 1
-            record = {"step": step, "train_loss": running}
+            record = {"step": step, "train_loss": running, "tokens": tokens}
             running = 0.0
             if held_out is not None and train.eval_every and step % train.eval_every == 0:
                 record["eval_loss"] = held_out_loss(model, held_out, train.micro_batch_size,

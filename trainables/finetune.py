@@ -1,0 +1,242 @@
+"""Fine-tune one LoRA on one dataset with Ray Train V2 (`TorchTrainer`) + DeepSpeed, and the
+cached entry point a study uses (`cached_finetune`: each adapter is trained once).
+
+    result = finetune_adapter(model_dir, dataset, "out/math", LoraSettings(rank=16),
+                              TrainSettings(epochs=3), eval_dataset=validation,
+                              deepspeed=DeepSpeedSettings(zero_stage=2),
+                              scaling=ScalingSettings(num_workers=2), storage_path="runs")
+
+The driver tokenises once and puts the examples in Ray's object store; the workers
+(`trainables.finetune_worker`) train, report train / held-out loss with a checkpoint each
+epoch (or every `eval_every` steps), and resume from the last checkpoint when a worker dies
+(`FailureConfig(max_failures)`). The final checkpoint holds the adapter, which the driver
+copies to `out_dir`. A run is named `storage_path/name`; reusing a name resumes that run
+(Ray Train V2 semantics), which `cached_finetune` uses on purpose: a driver that dies and
+asks again continues the same training.
+
+DATA-MIX (the paper's baseline): `finetune_adapter(model_dir, soups.data_mix.mix_datasets(
+{"math": ..., "code": ...}, {"math": 1.0, "code": 1.0}), ...)`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+import time
+import uuid
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from soups.adapter_cache import (
+    AdapterCache,
+    CacheEntry,
+    cache_key,
+    fingerprint_files,
+    fingerprint_rows,
+)
+from soups.lora_training import LoraSettings, TrainSettings
+from trainables.finetune_settings import DeepSpeedSettings, ScalingSettings
+from trainables.finetune_worker import (
+    ADAPTER_DIR,
+    STATE_FILE,
+    LoopState,
+    StepHook,
+    WorkerSpec,
+    train_worker,
+    worker_env,
+)
+
+# Bump when a change alters the adapter trained from the same inputs (data order, loss,
+# optimiser, schedule, initialisation): cached adapters of older versions are not reused.
+TRAINER_VERSION = 1
+
+__all__ = ["DeepSpeedSettings", "FinetuneResult", "ScalingSettings", "cached_finetune",
+           "finetune_adapter", "finetune_key_inputs"]
+
+
+@dataclass
+class FinetuneResult:
+    adapter_dir: Path
+    name: str  # the Ray Train run name under storage_path
+    steps: int
+    epochs: float
+    train_loss: float  # mean over the steps since the previous report
+    eval_loss: float | None
+    history: list[dict]  # one record per report: step, epoch, train_loss, eval_loss, ...
+    train_losses: list[float]  # per optimizer step
+    tokens: int
+    attempts: int  # 1 + restarts after worker failures
+    resumed_from: list[int]  # step of the checkpoint each restart resumed from
+    precision: str
+    wall_seconds: float
+    startup_seconds: float  # call -> first optimizer step of the first attempt
+    step_seconds: list[float] = field(default_factory=list)  # rank 0 compute time per step
+    step_tokens: list[int] = field(default_factory=list)  # all ranks, per step
+    checkpoint_path: str = ""
+
+
+def finetune_adapter(
+    model_dir: str | Path,
+    dataset,
+    out_dir: str | Path,
+    lora: LoraSettings = LoraSettings(),
+    train: TrainSettings = TrainSettings(),
+    eval_dataset=None,
+    deepspeed: DeepSpeedSettings = DeepSpeedSettings(),
+    scaling: ScalingSettings = ScalingSettings(),
+    storage_path: str | Path | None = None,
+    name: str | None = None,
+    max_failures: int = 2,
+    env: Mapping[str, str] | None = None,
+    step_hook: StepHook | None = None,
+    keep_checkpoints: int = 2,
+) -> FinetuneResult:
+    """Fine-tune a LoRA of `model_dir` (a local `save_pretrained` folder or a hub id) on
+    `dataset` (rows with prompt / completion) and write it to `out_dir` (PEFT, safetensors).
+
+    `eval_dataset`: held-out rows, scored at each report. `storage_path`: where Ray Train
+    keeps checkpoints (a shared path on a cluster; default `$SOUPS_HOME/runs`). `env`:
+    extra environment variables for the workers. `step_hook(rank, step, resumed)` runs in
+    every worker after each optimizer step (monitoring, fault-injection tests); it must be
+    picklable. Needs Ray: connects to a running instance or starts a local one.
+    """
+    import ray
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+    from transformers import AutoTokenizer
+
+    from soups.home import soups_home
+    from soups.text_batches import encode_dataset
+
+    called = time.time()
+    model_ref = _model_ref(model_dir)
+    tokenizer = AutoTokenizer.from_pretrained(model_ref)
+    encoded = encode_dataset(tokenizer, dataset, train.max_length, train.loss_on)
+    if not encoded:
+        raise ValueError("the training dataset is empty")
+    held_out = (encode_dataset(tokenizer, eval_dataset, train.max_length, train.loss_on)
+                if eval_dataset is not None and len(eval_dataset) else None)
+    name = name or f"finetune-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
+    storage = Path(storage_path) if storage_path is not None else soups_home() / "runs"
+    if "://" not in str(storage):
+        storage = storage.resolve()
+        storage.mkdir(parents=True, exist_ok=True)
+    if not ray.is_initialized():
+        ray.init()
+    spec = WorkerSpec(
+        name=name, model_dir=model_ref, lora=lora, train=train, deepspeed=deepspeed,
+        scaling=scaling, train_data=ray.put(encoded),
+        eval_data=ray.put(held_out) if held_out else None, n_train=len(encoded),
+        pad_id=tokenizer.pad_token_id, step_hook=step_hook,
+    )
+    resources = {"CPU": scaling.cpus_per_worker, **({"GPU": 1} if scaling.use_gpu else {})}
+    trainer = TorchTrainer(
+        train_worker,
+        train_loop_config={"spec": spec},
+        scaling_config=ScalingConfig(num_workers=scaling.num_workers, use_gpu=scaling.use_gpu,
+                                     resources_per_worker=resources),
+        run_config=RunConfig(
+            name=name, storage_path=str(storage),
+            failure_config=FailureConfig(max_failures=max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=keep_checkpoints),
+            worker_runtime_env={"env_vars": worker_env(scaling.use_gpu, dict(env or {}))},
+        ),
+    )
+    result = trainer.fit()
+    if result.error is not None:
+        raise result.error
+    if result.checkpoint is None:
+        raise RuntimeError(f"fine-tune {name}: the run ended without a checkpoint")
+    out = Path(out_dir)
+    with result.checkpoint.as_directory() as folder:
+        if not (Path(folder) / ADAPTER_DIR).is_dir():
+            raise RuntimeError(f"fine-tune {name}: last checkpoint {folder} has no adapter")
+        shutil.copytree(Path(folder) / ADAPTER_DIR, out, dirs_exist_ok=True)
+        state = LoopState(**json.loads((Path(folder) / STATE_FILE).read_text()))
+    last = state.history[-1]
+    return FinetuneResult(
+        adapter_dir=out, name=name, steps=state.step, epochs=last["epoch"],
+        train_loss=last["train_loss"], eval_loss=last.get("eval_loss"),
+        history=state.history, train_losses=state.train_losses, tokens=sum(state.step_tokens),
+        attempts=state.attempts, resumed_from=state.resumed_from, precision=state.precision,
+        wall_seconds=time.time() - called,
+        startup_seconds=state.first_step_start[0] - called,
+        step_seconds=state.step_seconds, step_tokens=state.step_tokens,
+        checkpoint_path=result.checkpoint.path,
+    )
+
+
+def _model_ref(model_dir: str | Path) -> str:
+    """An absolute path for a local folder (workers run in other directories), else the
+    hub id unchanged."""
+    path = Path(model_dir)
+    if path.exists():
+        if not (path / "config.json").is_file():
+            raise FileNotFoundError(f"base model {path}: no config.json (not a "
+                                    "save_pretrained folder)")
+        return str(path.resolve())
+    if str(model_dir).startswith((".", "/")) or Path(model_dir).suffix:
+        raise FileNotFoundError(f"base model {model_dir}: no such folder")
+    return str(model_dir)
+
+
+def finetune_key_inputs(
+    model_dir: str | Path,
+    dataset,
+    lora: LoraSettings,
+    train: TrainSettings,
+    deepspeed: DeepSpeedSettings = DeepSpeedSettings(),
+    scaling: ScalingSettings = ScalingSettings(),
+) -> dict:
+    """What determines a fine-tuned adapter, for `soups.adapter_cache`. Left out on
+    purpose: the ZeRO stage and CPU count (memory and speed, not the result) and
+    `eval_every` (what is reported, not what is trained). The worker count stays in: the
+    global batch is micro-batch x accumulation x workers."""
+    path = Path(model_dir)
+    base = ({"fingerprint": fingerprint_files(path)} if path.is_dir()
+            else {"hub_id": str(model_dir)})
+    train_fields = {k: v for k, v in asdict(train).items() if k != "eval_every"}
+    return {
+        "trainer": f"trainables.finetune/{TRAINER_VERSION}",
+        "base_model": base,
+        "dataset": fingerprint_rows(dataset),
+        "lora": asdict(lora),
+        "train": train_fields,
+        "num_workers": scaling.num_workers,
+        "precision": deepspeed.precision,
+        "use_gpu": scaling.use_gpu,
+    }
+
+
+def cached_finetune(
+    cache_root: str | Path,
+    model_dir: str | Path,
+    dataset,
+    lora: LoraSettings = LoraSettings(),
+    train: TrainSettings = TrainSettings(),
+    eval_dataset=None,
+    deepspeed: DeepSpeedSettings = DeepSpeedSettings(),
+    scaling: ScalingSettings = ScalingSettings(),
+    storage_path: str | Path | None = None,
+    **kwargs,
+) -> tuple[CacheEntry, FinetuneResult | None]:
+    """The adapter for these inputs from the cache at `cache_root`, trained once if absent.
+    Returns the entry and, when this call trained it, the fine-tune result. The Ray run is
+    named after the cache key, so a retry after a driver crash resumes the same run."""
+    key_inputs = finetune_key_inputs(model_dir, dataset, lora, train, deepspeed, scaling)
+    cache = AdapterCache(cache_root)
+    trained: list[FinetuneResult] = []
+
+    def train_fn(tmp: Path) -> None:
+        name = f"finetune-{cache_key(key_inputs)[:16]}"
+        trained.append(finetune_adapter(
+            model_dir, dataset, tmp, lora, train, eval_dataset, deepspeed, scaling,
+            storage_path, name=name, **kwargs))
+        (tmp / "finetune_history.json").write_text(json.dumps(trained[0].history, indent=2))
+
+    entry = cache.get_or_train(key_inputs, train_fn, log=print)
+    if not trained:
+        return entry, None
+    return entry, dataclasses.replace(trained[0], adapter_dir=entry.path)

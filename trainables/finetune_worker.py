@@ -1,0 +1,380 @@
+"""The per-worker loop of a LoRA fine-tune on Ray Train V2 + DeepSpeed.
+
+Each Ray Train worker loads the base model, wraps it with PEFT, and hands model, torch
+AdamW and the warm-up schedule to `deepspeed.initialize` (Ray has already set up the
+process group; DeepSpeed reuses it). The data order is the plain loop's
+(`soups.lora_training.train_lora`): one seeded permutation per epoch, cut into
+micro-batches, consumed as one stream across epochs; global step s takes micro-batches
+[s*W*A, (s+1)*W*A) of that stream, rank r the ones at offsets j*W + r (j < A). So W
+workers with gradient accumulation A compute exactly the update of the plain loop with
+accumulation W*A, which the tests check.
+
+Every report (each epoch, or every `eval_every` steps, and the end) evaluates held-out
+loss, saves a DeepSpeed checkpoint on every rank (frozen base weights excluded) plus the
+loop state on rank 0, and calls `ray.train.report`, a barrier that merges the ranks'
+files into one checkpoint. After a worker failure Ray Train restarts the group and each
+rank loads that checkpoint and skips the data it had consumed. The final report also
+holds the adapter: under ZeRO-3 the LoRA parameters are gathered on all ranks
+(`GatheredParameters`, a collective) and rank 0 saves them, then re-reads the file and
+compares it with what it gathered, so an empty or partial save fails loudly.
+
+References: Ray Train V2 user guide (https://docs.ray.io/en/latest/train/); DeepSpeed
+ZeRO (Rajbhandari et al., 2020, arXiv 1910.02054) and its model-checkpointing docs.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from soups.lora_training import LoraSettings, TrainSettings, warmup_lambda
+from soups.text_batches import collate
+from trainables.finetune_settings import (
+    DeepSpeedSettings,
+    ScalingSettings,
+    deepspeed_config,
+    resolve_precision,
+)
+
+DS_TAG = "state"  # DeepSpeed checkpoint tag: one per Ray checkpoint folder
+STATE_FILE = "loop_state.json"
+ADAPTER_DIR = "adapter"
+
+Encoded = list[tuple[list[int], list[int]]]
+StepHook = Callable[[int, int, bool], None]  # (rank, step, resumed) after each optimizer step
+
+
+@dataclass
+class WorkerSpec:
+    """Everything a worker needs; `train_data` / `eval_data` are Ray object refs to
+    encoded examples (token ids, labels), tokenised once by the driver."""
+
+    name: str
+    model_dir: str
+    lora: LoraSettings
+    train: TrainSettings
+    deepspeed: DeepSpeedSettings
+    scaling: ScalingSettings
+    train_data: object
+    eval_data: object | None
+    n_train: int
+    pad_id: int
+    step_hook: StepHook | None = None
+
+
+@dataclass
+class LoopState:
+    """What rank 0 writes into every checkpoint (and the driver reads at the end)."""
+
+    step: int = 0
+    attempts: int = 0
+    resumed_from: list[int] = field(default_factory=list)
+    train_losses: list[float] = field(default_factory=list)  # per step, mean over W*A batches
+    step_tokens: list[int] = field(default_factory=list)  # per step, all ranks (non-padding)
+    step_seconds: list[float] = field(default_factory=list)  # per step, rank 0 compute time
+    history: list[dict] = field(default_factory=list)  # one record per report
+    precision: str = "fp32"
+    worker_start: list[float] = field(default_factory=list)  # time.time() per attempt
+    first_step_start: list[float] = field(default_factory=list)
+
+
+class ChunkStream:
+    """Micro-batch index lists of the plain loop, in order: epoch after epoch, each a
+    `torch.randperm(n, generator)` of one generator seeded with `seed`, cut every `micro`."""
+
+    def __init__(self, n: int, micro: int, seed: int):
+        if n < 1:
+            raise ValueError("cannot train on an empty dataset")
+        self.n, self.micro = n, micro
+        self.per_epoch = math.ceil(n / micro)
+        self._generator = torch.Generator().manual_seed(seed)
+        self._epoch, self._chunks = -1, []
+
+    def chunk(self, index: int) -> list[int]:
+        """Indices of global micro-batch `index` (non-decreasing calls are cheap)."""
+        epoch, offset = divmod(index, self.per_epoch)
+        if epoch < self._epoch:
+            raise ValueError(f"chunk {index} is behind the stream (epoch {self._epoch})")
+        while self._epoch < epoch:
+            order = torch.randperm(self.n, generator=self._generator).tolist()
+            self._chunks = [order[i : i + self.micro] for i in range(0, self.n, self.micro)]
+            self._epoch += 1
+        return self._chunks[offset]
+
+
+def rank_step_chunks(stream: ChunkStream, world: int, accum: int, rank: int,
+                     start_step: int) -> Iterator[list[list[int]]]:
+    """For steps start_step, start_step + 1, ...: this rank's `accum` micro-batches."""
+    step = start_step
+    while True:
+        base = step * world * accum
+        yield [stream.chunk(base + j * world + rank) for j in range(accum)]
+        step += 1
+
+
+def report_steps(train: TrainSettings, n_train: int, world: int, total: int) -> set[int]:
+    """Steps after which to evaluate, checkpoint and report: every `eval_every` steps, or
+    at each epoch's end, and always the last step."""
+    if train.eval_every:
+        return set(range(train.eval_every, total + 1, train.eval_every)) | {total}
+    chunks_per_epoch = math.ceil(n_train / train.micro_batch_size)
+    per_step = world * train.grad_accumulation
+    ends = {math.ceil(e * chunks_per_epoch / per_step) for e in range(1, total + 1)}
+    return {s for s in ends if s <= total} | {total}
+
+
+def train_worker(config: dict) -> None:
+    """Ray Train worker entry point: `config["spec"]` is a `WorkerSpec`."""
+    import ray
+    import ray.train
+
+    spec: WorkerSpec = config["spec"]
+    worker_start = time.time()
+    context = ray.train.get_context()
+    rank, world = context.get_world_rank(), context.get_world_size()
+    train, ds = spec.train, spec.deepspeed
+    if not spec.scaling.use_gpu:
+        torch.set_num_threads(spec.scaling.cpus_per_worker)
+    encoded: Encoded = ray.get(spec.train_data)
+    held_out: Encoded | None = ray.get(spec.eval_data) if spec.eval_data is not None else None
+
+    engine, precision = _build_engine(spec, world)
+    state = LoopState(precision=precision)
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as folder:
+            loaded, _ = engine.load_checkpoint(folder, tag=DS_TAG, load_module_strict=False)
+            if loaded is None:
+                raise RuntimeError(f"{spec.name}: no DeepSpeed state in checkpoint {folder}")
+            state = LoopState(**json.loads((Path(folder) / STATE_FILE).read_text()))
+        state.resumed_from.append(state.step)
+    state.attempts += 1
+    state.worker_start.append(worker_start)
+    resumed = checkpoint is not None
+
+    total = train.total_steps(spec.n_train, world)
+    reports = report_steps(train, spec.n_train, world, total)
+    per_epoch = train.steps_per_epoch(spec.n_train, world)
+    stream = ChunkStream(spec.n_train, train.micro_batch_size, train.seed)
+    steps = rank_step_chunks(stream, world, train.grad_accumulation, rank, state.step)
+    bar = _progress_bar(spec.name, total, state.step) if rank == 0 else None
+    pending: list[tuple[float, int]] = []  # (loss sum, tokens) of this rank, per step
+    engine.train()
+    state.first_step_start.append(time.time())
+    ran_a_step = state.step < total
+    while state.step < total:
+        start = time.perf_counter()
+        loss_sum, tokens = 0.0, 0
+        for chunk in next(steps):
+            batch = _to_device(collate([encoded[i] for i in chunk], spec.pad_id), engine.device)
+            loss = engine(**batch).loss
+            engine.backward(loss)
+            engine.step()  # an optimizer step only at the accumulation boundary
+            loss_sum += float(loss.detach())
+            tokens += int(batch["attention_mask"].sum())
+        state.step += 1
+        pending.append((loss_sum, tokens))
+        if rank == 0:
+            state.step_seconds.append(time.perf_counter() - start)
+            bar.update(1)
+        if spec.step_hook is not None:
+            spec.step_hook(rank, state.step, resumed)
+        if state.step in reports:
+            _collect_steps(state, pending, world * train.grad_accumulation, engine.device)
+            pending = []
+            record = _record(state, per_epoch, total, train.grad_accumulation * world)
+            if held_out is not None:
+                record["eval_loss"] = _held_out_loss(engine, held_out, train.micro_batch_size,
+                                                     spec.pad_id, rank, world)
+            state.history.append(record)
+            if rank == 0:
+                print(_format_record(spec.name, record, total), flush=True)
+            _report(engine, state, record, rank, ds.zero_stage, final=state.step >= total)
+    if bar is not None:
+        bar.close()
+    if not ran_a_step:
+        # Resumed a run that had finished (same storage path and name): report its end
+        # again, so this attempt too ends with the adapter in its last checkpoint.
+        _report(engine, state, state.history[-1], rank, ds.zero_stage, final=True)
+
+
+def _build_engine(spec: WorkerSpec, world: int):
+    import deepspeed
+    from peft import get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    on_gpu = spec.scaling.use_gpu and torch.cuda.is_available()
+    precision = resolve_precision(spec.deepspeed.precision, on_gpu,
+                                  on_gpu and torch.cuda.is_bf16_supported())
+    # Same seed and call order as the plain loop, so the LoRA initialisation is identical.
+    torch.manual_seed(spec.train.seed)
+    model = AutoModelForCausalLM.from_pretrained(spec.model_dir, dtype=torch.float32)
+    model = get_peft_model(model, spec.lora.peft_config())
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=spec.train.learning_rate,
+                                  weight_decay=spec.train.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer,
+                                                  warmup_lambda(spec.train.warmup_steps))
+    engine, _, _, _ = deepspeed.initialize(
+        model=model, optimizer=optimizer, lr_scheduler=scheduler,
+        config=deepspeed_config(spec.train, spec.deepspeed, world, precision),
+    )
+    return engine, precision
+
+
+def _to_device(batch: dict[str, torch.Tensor], device) -> dict[str, torch.Tensor]:
+    return {key: value.to(device, non_blocking=True) for key, value in batch.items()}
+
+
+def _all_reduce_sum(values: list[list[float]], device) -> torch.Tensor:
+    import torch.distributed as dist
+
+    tensor = torch.tensor(values, dtype=torch.float64, device=device)
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(tensor)
+    return tensor.cpu()
+
+
+def _collect_steps(state: LoopState, pending: list[tuple[float, int]], batches_per_step: int,
+                   device) -> None:
+    """Sum every rank's per-step loss sums and tokens (one collective per report)."""
+    if not pending:
+        return
+    summed = _all_reduce_sum([list(p) for p in pending], device)
+    state.train_losses += [float(x) / batches_per_step for x in summed[:, 0]]
+    state.step_tokens += [int(x) for x in summed[:, 1]]
+
+
+def _record(state: LoopState, per_epoch: int, total: int, batches_per_step: int) -> dict:
+    since = state.history[-1]["step"] if state.history else 0
+    window = state.train_losses[since:] or state.train_losses[-1:]
+    steady = state.step_seconds[1:] if len(state.step_seconds) > 1 else state.step_seconds
+    steady_tokens = state.step_tokens[len(state.step_tokens) - len(steady):]
+    return {
+        "step": state.step,
+        "epoch": round(state.step / per_epoch, 4),
+        "train_loss": sum(window) / max(len(window), 1),
+        "tokens": sum(state.step_tokens),
+        "tokens_per_s": sum(steady_tokens) / max(sum(steady), 1e-9),
+        "total_steps": total,
+    }
+
+
+@torch.no_grad()
+def _held_out_loss(engine, held_out: Encoded, micro: int, pad_id: int, rank: int,
+                   world: int) -> float:
+    """Token-weighted mean loss over `held_out` (as `soups.lora_training.held_out_loss`),
+    micro-batches split over ranks. Every rank runs the same number of forward passes (a
+    rank out of data repeats batch 0 with weight 0): ZeRO-3 forwards are collectives."""
+    engine.eval()
+    chunks = [held_out[i : i + micro] for i in range(0, len(held_out), micro)]
+    total, count = 0.0, 0
+    for round_ in range(math.ceil(len(chunks) / world)):
+        index = round_ * world + rank
+        weight = 1 if index < len(chunks) else 0
+        batch = _to_device(collate(chunks[index if weight else 0], pad_id), engine.device)
+        n = int((batch["labels"][:, 1:] != -100).sum()) * weight
+        total += float(engine(**batch).loss) * n
+        count += n
+    engine.train()
+    summed = _all_reduce_sum([[total, count]], engine.device)[0]
+    return float(summed[0] / max(summed[1], 1))
+
+
+def _report(engine, state: LoopState, record: dict, rank: int, zero_stage: int,
+            final: bool) -> None:
+    """Checkpoint (DeepSpeed state on every rank, loop state on rank 0, the adapter when
+    final) and report it to Ray Train; a barrier every rank calls."""
+    import ray.train
+
+    folder = Path(tempfile.mkdtemp(prefix=f"soups-ckpt-r{rank}-"))
+    try:
+        engine.save_checkpoint(str(folder), tag=DS_TAG, exclude_frozen_parameters=True)
+        if final:
+            save_adapter(engine, folder / ADAPTER_DIR, zero_stage, rank)
+        if rank == 0:
+            (folder / STATE_FILE).write_text(json.dumps(state.__dict__))
+        metrics = {k: v for k, v in record.items() if isinstance(v, int | float)}
+        metrics["final"] = final
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(str(folder)))
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def save_adapter(engine, out: Path, zero_stage: int, rank: int) -> None:
+    """Save the LoRA weights as a PEFT folder (safetensors, float32) from rank 0.
+
+    Under ZeRO-3 each rank holds a shard of every partitioned parameter; reading them
+    outside `GatheredParameters` gives empty tensors. The gather is a collective, so all
+    ranks enter it; only rank 0 copies and writes."""
+    import deepspeed
+
+    model = engine.module
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    gather = (deepspeed.zero.GatheredParameters([p for _, p in named], modifier_rank=None)
+              if zero_stage == 3 else nullcontext())
+    with gather:
+        state = ({n: p.detach().to("cpu", torch.float32).clone() for n, p in named}
+                 if rank == 0 else None)
+    if rank != 0:
+        return
+    model.save_pretrained(str(out), state_dict=state, safe_serialization=True)
+    _check_saved(out, state)
+
+
+def _check_saved(out: Path, state: dict[str, torch.Tensor]) -> None:
+    """The file must hold exactly the gathered tensors, none of them empty."""
+    from safetensors.torch import load_file
+
+    from soups.adapters import WEIGHTS_FILE, LoraAdapter
+
+    LoraAdapter.open(out)  # the project's reader accepts it (layout, shapes, finiteness)
+    saved = load_file(str(out / WEIGHTS_FILE))
+    expected = {k.replace(".default.", "."): v for k, v in state.items()}
+    if set(saved) != set(expected):
+        raise RuntimeError(f"adapter {out}: saved keys differ from the trained LoRA "
+                           f"parameters ({sorted(set(saved) ^ set(expected))[:3]})")
+    for key, tensor in expected.items():
+        if tensor.numel() == 0 or not torch.equal(saved[key], tensor):
+            raise RuntimeError(f"adapter {out}: {key} was not saved correctly "
+                               f"(shape {tuple(saved[key].shape)}, expected "
+                               f"{tuple(tensor.shape)})")
+
+
+def _progress_bar(name: str, total: int, done: int):
+    """A step bar drawn by the driver (Ray's distributed tqdm)."""
+    from ray.experimental.tqdm_ray import tqdm
+
+    bar = tqdm(total=total, desc=f"{name} steps", unit="step")
+    bar.update(done)
+    return bar
+
+
+def _format_record(name: str, record: dict, total: int) -> str:
+    held = f"  eval_loss {record['eval_loss']:.4f}" if "eval_loss" in record else ""
+    return (f"[{name}] epoch {record['epoch']:.2f}  step {record['step']}/{total}  "
+            f"train_loss {record['train_loss']:.4f}{held}  "
+            f"{record['tokens_per_s']:.0f} tokens/s")
+
+
+def worker_env(use_gpu: bool, extra: dict[str, str] | None = None) -> dict[str, str]:
+    """Environment variables for the workers: Ray forwards only RAY_TRAIN_* by itself.
+    DeepSpeed picks its accelerator from DS_ACCELERATOR; tracking (MLFLOW_*), hub and
+    cache settings come from the driver's environment; `extra` wins."""
+    prefixes = ("MLFLOW_", "HF_", "TRANSFORMERS_", "SOUPS_", "TORCH_EXTENSIONS_DIR",
+                "TOKENIZERS_PARALLELISM", "DS_")
+    env = {k: v for k, v in os.environ.items() if k.startswith(prefixes)}
+    env.setdefault("DS_ACCELERATOR", "cuda" if use_gpu else "cpu")
+    env.setdefault("TOKENIZERS_PARALLELISM", "false")
+    env.update(extra or {})
+    return env
