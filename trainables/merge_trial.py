@@ -187,7 +187,7 @@ def merge_trial(config: dict, context: TrialContext) -> None:
         metrics["build_seconds"] = build_seconds
         tracking.log_metrics(run_id, metrics)
         if (out_dir / "cat_weights.json").is_file():
-            from analysis.cat_weights import plot_cat_weights
+            from soups.cat.plot import plot_cat_weights
 
             tracking.log_artifact(run_id, out_dir / "cat_weights.json")
             plot = plot_cat_weights(out_dir / "cat_weights.json", Path(tmp) / "cat_weights.png",
