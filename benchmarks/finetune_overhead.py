@@ -17,6 +17,8 @@ import tempfile
 import time
 from pathlib import Path
 
+import torch
+
 from soups.base_model import BaseModelSettings, build_base_model
 from soups.data import DataSettings, build_task_datasets, load_task_dataset
 from soups.home import cache_dir
@@ -34,13 +36,14 @@ def plain(model_dir, rows, out, lora, train, skip):
             "wall_s": result.seconds, "steps": result.steps, "final_loss": result.train_loss}
 
 
-def ray_train(model_dir, rows, out, lora, train, skip, storage):
+def ray_train(model_dir, rows, out, lora, train, skip, storage, cpus):
     from trainables.finetune import DeepSpeedSettings, ScalingSettings, finetune_adapter
 
     called = time.perf_counter()
     result = finetune_adapter(model_dir, rows, out, lora, train,
                               deepspeed=DeepSpeedSettings(zero_stage=0),
-                              scaling=ScalingSettings(num_workers=1), storage_path=storage)
+                              scaling=ScalingSettings(num_workers=1, cpus_per_worker=cpus),
+                              storage_path=storage)
     wall = time.perf_counter() - called
     seconds, tokens = result.step_seconds[skip + 1:], result.step_tokens[skip + 1:]
     first_step = result.step_seconds[0]
@@ -65,13 +68,15 @@ def main() -> None:
     lora = LoraSettings(rank=args.rank, alpha=2.0 * args.rank, dropout=0.0)
     train = TrainSettings(learning_rate=2e-3, max_steps=args.steps,
                           micro_batch_size=args.batch_size, max_length=192, seed=0)
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    # The worker gets as many cores (torch threads) as the plain loop uses.
+    ray.init(num_cpus=torch.get_num_threads(), include_dashboard=False, log_to_driver=False)
     with tempfile.TemporaryDirectory() as tmp:
         rows_out = {
             "plain PEFT loop": plain(model_dir, rows, Path(tmp) / "plain", lora, train,
                                      args.skip),
             "Ray Train + DeepSpeed (1 worker)": ray_train(
-                model_dir, rows, Path(tmp) / "ray", lora, train, args.skip, Path(tmp) / "runs"),
+                model_dir, rows, Path(tmp) / "ray", lora, train, args.skip, Path(tmp) / "runs",
+                torch.get_num_threads()),
         }
     ray.shutdown()
     base = rows_out["plain PEFT loop"]["steady_tokens_per_s"]

@@ -154,7 +154,9 @@ def stage1(spec: StudySpec, model_dir: str, tasks: dict[str, TaskData], ranks: l
                 else cache_dir("adapters"),
                 model_dir, dataset, lora, train, eval_sets[name],
                 DeepSpeedSettings(zero_stage=ft.zero_stage),
-                ScalingSettings(num_workers=ft.num_workers, use_gpu=ft.use_gpu),
+                ScalingSettings(num_workers=ft.num_workers, use_gpu=ft.use_gpu,
+                                cpus_per_worker=ft.cpus_per_worker
+                                or max(1, (os.cpu_count() or 1) // ft.num_workers)),
                 storage_path=study_dir(spec) / "finetunes",
                 env={"MLFLOW_TRACKING_URI": os.environ.get("MLFLOW_TRACKING_URI", "")},
             )

@@ -75,6 +75,9 @@ class Finetune(Strict):
     max_length: int = 192
     zero_stage: Literal[0, 1, 2, 3] = 0
     num_workers: int = 1
+    # CPU cores (and torch threads) per training worker; None: this machine's cores divided
+    # among the workers (set it explicitly on a cluster, whose worker nodes may differ).
+    cpus_per_worker: int | None = None
     use_gpu: bool = False
     data_mix: bool = True
     seed: int = 0
