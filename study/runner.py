@@ -304,8 +304,12 @@ def run_study(spec: StudySpec, resume: bool = False, log=print) -> list[dict]:
         tracking.log_artifact(parent, spec_file)
         tracking.log_artifact(parent, Path(space.source))
         if not ray.is_initialized():
-            ray.init(runtime_env={"env_vars": {"MLFLOW_TRACKING_URI": uri}},
-                     include_dashboard=False, log_to_driver=False)
+            # Worker output reaches the driver (fine-tune loss lines and step bars); library
+            # warnings and weight-loading bars of every trial process are silenced.
+            quiet = {"PYTHONWARNINGS": "ignore", "TRANSFORMERS_VERBOSITY": "error",
+                     "HF_HUB_DISABLE_PROGRESS_BARS": "1"}
+            ray.init(runtime_env={"env_vars": {"MLFLOW_TRACKING_URI": uri, **quiet}},
+                     include_dashboard=False, log_to_driver=True)
         model_dir = resolve_base_model(spec, log)
         tasks = resolve_tasks(spec)
         ranks = needed_ranks(spec, space)
