@@ -16,7 +16,7 @@ app = typer.Typer(
 
 def _register() -> None:
     """One line per command; each command module keeps its heavy imports inside functions."""
-    from study import cmd_cat, cmd_merge, cmd_prepare, cmd_run
+    from study import cmd_cat, cmd_merge, cmd_prepare, cmd_run, cmd_validate
 
     app.command("prepare")(cmd_prepare.prepare)
     app.command("evaluate")(cmd_prepare.evaluate)
@@ -26,6 +26,7 @@ def _register() -> None:
     app.command("resume")(cmd_run.resume)
     app.command("status")(cmd_run.status)
     app.command("export")(cmd_run.export)
+    app.command("validate")(cmd_validate.validate)
 
 
 _register()

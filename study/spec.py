@@ -137,6 +137,25 @@ class Tracking(Strict):
         return uri
 
 
+class Cluster(Strict):
+    """Where the study runs (docs/cluster.md). The defaults run it on this machine."""
+
+    # Ray address: None does what `ray.init()` does ($RAY_ADDRESS, else a cluster started
+    # with `ray start` on this machine, else a new local instance); "auto" or "host:port"
+    # requires a running cluster.
+    address: str | None = None
+    # When the cluster offers this resource (cluster.yaml: the head only), each trial is a
+    # driver holding one unit of it (MLflow run, Tune reports, checkpoint) and its work
+    # (merge, CAT, evaluation) runs as a task on a worker node, restarted elsewhere when that
+    # node is lost. Otherwise a trial runs whole where Tune places it.
+    driver_resource: str = "soups_driver"
+    # Custom resources each fine-tune worker and each trial's work also needs, to keep them
+    # on worker nodes (a GPU request does that by itself).
+    worker_resources: dict[str, float] = Field(default_factory=dict)
+    node_retries: int = Field(default=3, ge=0)  # restarts of a trial's work after node loss
+    check_storage: bool = True  # before starting, every node must see the study's storage
+
+
 class StudySpec(Strict):
     name: str = "default"
     base_model: str = EMBEDDED  # `embedded`, a save_pretrained folder or a hub id
@@ -154,6 +173,7 @@ class StudySpec(Strict):
     evaluation: Evaluation = Evaluation()
     tracking: Tracking = Tracking()
     storage: str | None = None  # default: $SOUPS_HOME/<name>; shared storage on a cluster
+    cluster: Cluster = Cluster()
 
     @model_validator(mode="after")
     def _consistent(self) -> StudySpec:
