@@ -156,7 +156,8 @@ def stage1(spec: StudySpec, model_dir: str, tasks: dict[str, TaskData], ranks: l
                 DeepSpeedSettings(zero_stage=ft.zero_stage),
                 ScalingSettings(num_workers=ft.num_workers, use_gpu=ft.use_gpu,
                                 cpus_per_worker=ft.cpus_per_worker
-                                or max(1, (os.cpu_count() or 1) // ft.num_workers)),
+                                or max(1, (os.cpu_count() or 1) // ft.num_workers),
+                                custom_resources=dict(spec.cluster.worker_resources)),
                 storage_path=study_dir(spec) / "finetunes",
                 env={"MLFLOW_TRACKING_URI": os.environ.get("MLFLOW_TRACKING_URI", "")},
             )
@@ -197,8 +198,12 @@ def _log_finetune(spec, experiment, parent_run_id, name, rank, entry, result, lo
 def _trainable(spec: StudySpec, context: TrialContext):
     from ray import tune
 
+    from study.cluster import cluster_trainable
     from trainables.merge_trial import merge_trial
 
+    clustered = cluster_trainable(spec, context)  # on a cluster: driver on the head
+    if clustered is not None:
+        return clustered
     resources = {"cpu": spec.search.cpus_per_trial, "gpu": spec.search.gpus_per_trial}
     return tune.with_resources(tune.with_parameters(merge_trial, context=context), resources)
 
@@ -308,8 +313,12 @@ def run_study(spec: StudySpec, resume: bool = False, log=print) -> list[dict]:
             # warnings and weight-loading bars of every trial process are silenced.
             quiet = {"PYTHONWARNINGS": "ignore", "TRANSFORMERS_VERBOSITY": "error",
                      "HF_HUB_DISABLE_PROGRESS_BARS": "1"}
-            ray.init(runtime_env={"env_vars": {"MLFLOW_TRACKING_URI": uri, **quiet}},
+            ray.init(address=spec.cluster.address,
+                     runtime_env={"env_vars": {"MLFLOW_TRACKING_URI": uri, **quiet}},
                      include_dashboard=False, log_to_driver=True)
+        from study.cluster import preflight
+
+        preflight(spec, root, log)  # every node sees the storage (multi-node only)
         model_dir = resolve_base_model(spec, log)
         tasks = resolve_tasks(spec)
         ranks = needed_ranks(spec, space)

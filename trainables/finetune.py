@@ -131,7 +131,8 @@ def finetune_adapter(
         eval_data=ray.put(held_out) if held_out else None, n_train=len(encoded),
         pad_id=tokenizer.pad_token_id, step_hook=step_hook,
     )
-    resources = {"CPU": scaling.cpus_per_worker, **({"GPU": 1} if scaling.use_gpu else {})}
+    resources = {"CPU": scaling.cpus_per_worker, **({"GPU": 1} if scaling.use_gpu else {}),
+                 **scaling.custom_resources}
     trainer = TorchTrainer(
         train_worker,
         train_loop_config={"spec": spec},

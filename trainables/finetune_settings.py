@@ -7,7 +7,7 @@ DeepSpeed config reference: https://www.deepspeed.ai/docs/config-json/
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 from soups.lora_training import TrainSettings
@@ -40,6 +40,8 @@ class ScalingSettings:
     num_workers: int = 1
     use_gpu: bool = False
     cpus_per_worker: int = 1  # also the worker's torch thread count on CPU
+    # Custom Ray resources each worker also needs (on a cluster: keeps workers on worker nodes).
+    custom_resources: dict[str, float] = field(default_factory=dict)
 
     def __post_init__(self):
         if self.num_workers < 1:

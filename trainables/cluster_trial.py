@@ -1,0 +1,191 @@
+"""The Ray Tune trial on a cluster: a driver on the head, its work on a worker node.
+
+On a cluster (cluster.yaml) each trial is a thin driver pinned to the head by a custom
+resource (`soups_driver`, which only the head offers): it owns the trial's MLflow run,
+reports to Tune and saves the checkpoint, next to the MLflow server. The work - building the
+candidate (a merge, CAT weight training, a stage-1 adapter) and scoring it on the validation
+splits, the same functions as `merge_trial` - runs as a Ray task on a worker node, with the
+trial's CPU / GPU request and the study's worker resources, spread over the nodes.
+
+When a worker node is lost, the driver survives (it is on the head) and starts the work
+again on another node, up to `node_retries` times: Tune sees one trial, MLflow one run that
+ends FINISHED (with a `soups.node_losses` tag), and only the lost attempt's time is wasted.
+An error in the work itself (a bug, a bad parameter) is not retried here: it fails the trial,
+and Tune retries it `max_failures` times, as for a local trial.
+
+The work is a Ray generator task: CAT's intermediate results stream back as it trains (for
+ASHA and the MLflow loss curve), then the metrics and the checkpoint files (the adapter is
+tens of MB for real models, fine for the object store). A restarted attempt reports only CAT
+steps beyond those already reported, so Tune and MLflow see each step once.
+"""
+
+from __future__ import annotations
+
+import json
+import queue
+import tempfile
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+from trainables import tracking
+from trainables.merge_trial import ADAPTER_DIR, TRIAL_FILE, TrialContext, trial_run_key
+
+NODE_TAG = "soups.work_nodes"  # Ray node ids that ran the trial's work, in order
+LOSS_TAG = "soups.node_losses"
+DRIVER_TAG = "soups.driver_node"  # the Ray node id of the trial driver (the head)
+
+
+def node_loss_errors() -> tuple[type[BaseException], ...]:
+    """Ray errors that mean the work's node or process went away, not that the work failed."""
+    from ray import exceptions
+
+    return (exceptions.NodeDiedError, exceptions.WorkerCrashedError,
+            exceptions.ObjectLostError, exceptions.OutOfMemoryError)
+
+
+def trial_work(context: TrialContext, variant: dict) -> Iterator[dict]:
+    """Runs on a worker node (a Ray generator task). Yields `{"node": id}` first, then
+    `{"progress": metrics}` per CAT evaluation, then `{"result": {...}}` with the validation
+    metrics, the checkpoint files and the artifacts, as bytes keyed by relative path."""
+    import ray
+
+    from trainables.merge_trial import candidate_builder, evaluate_candidate
+
+    yield {"node": ray.get_runtime_context().get_node_id()}
+    with tempfile.TemporaryDirectory() as tmp:
+        out_dir = Path(tmp) / ADAPTER_DIR
+        events: queue.Queue = queue.Queue()
+
+        # The builder reports through a callback; a thread turns the calls into yields.
+        def build() -> None:
+            try:
+                adapter = candidate_builder(variant["method"])(
+                    context, variant, out_dir, lambda m: events.put(("progress", dict(m))))
+                events.put(("built", adapter))
+            except BaseException as err:  # re-raised in the task, below
+                events.put(("error", err))
+
+        start = time.perf_counter()
+        threading.Thread(target=build, daemon=True).start()
+        while True:
+            kind, value = events.get()
+            if kind == "progress":
+                yield {"progress": value}
+            elif kind == "error":
+                raise value
+            else:
+                adapter = value
+                break
+        build_seconds = time.perf_counter() - start
+        limit = context.evaluation.get("validation_limit")
+        tasks = [context.target, *(context.skills if context.evaluation.get("skills", True)
+                                   else ())]
+        metrics = evaluate_candidate(context, adapter, "validation", tasks, limit)
+        metrics["objective"] = metrics[f"validation/{context.target}/accuracy"]
+        metrics["build_seconds"] = build_seconds
+        files = _read_tree(Path(adapter), ADAPTER_DIR) if adapter is not None else {}
+        artifacts = {}
+        if (out_dir / "cat_weights.json").is_file():
+            from soups.cat.plot import plot_cat_weights
+
+            plot = plot_cat_weights(out_dir / "cat_weights.json", Path(tmp) / "cat_weights.png",
+                                    names=list(context.skills))
+            artifacts = {"cat_weights.json": (out_dir / "cat_weights.json").read_bytes(),
+                         "cat_weights.png": Path(plot).read_bytes()}
+        yield {"result": {"metrics": metrics, "files": files, "artifacts": artifacts}}
+
+
+def _read_tree(root: Path, prefix: str) -> dict[str, bytes]:
+    return {f"{prefix}/{p.relative_to(root).as_posix()}": p.read_bytes()
+            for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def _write_tree(files: dict[str, bytes], root: Path) -> None:
+    for name, data in files.items():
+        path = root / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(data)
+
+
+def cluster_trial(config: dict, context: TrialContext, work_options: dict,
+                  node_retries: int) -> None:
+    """Ray Tune function trainable (the driver): `tune.with_parameters(cluster_trial,
+    context=..., work_options=..., node_retries=...)` with the driver resource. `work_options`
+    are Ray task options for the work (num_cpus, num_gpus, resources)."""
+    import ray
+    import ray.tune
+    from ray.tune import Checkpoint
+
+    variant = config["variant"]
+    method = variant["method"]
+    tracking.configure(context.tracking_uri)
+    trial = ray.tune.get_context()
+    work = ray.remote(trial_work).options(scheduling_strategy="SPREAD", max_retries=0,
+                                          **work_options)
+    with tempfile.TemporaryDirectory() as tmp, tracking.tracked_run(
+        context.experiment_id, trial_run_key(context.study, variant), trial.get_trial_name(),
+        "trial", context.study, context.parent_run_id,
+        tags={"method": method, "trial_id": trial.get_trial_id(),
+              DRIVER_TAG: ray.get_runtime_context().get_node_id(),
+              **tracking.environment_tags()},
+    ) as run_id:
+        tracking.log_params(run_id, {"method": method, "rank": variant["rank"],
+                                     "seed": context.seed, **variant["params"]})
+        reported: dict = {"step": -1, "other": []}
+        nodes: list[str] = []
+        result = None
+        for attempt in range(node_retries + 1):
+            try:
+                for ref in work.remote(context, variant):
+                    event = ray.get(ref)
+                    if "node" in event:
+                        nodes.append(event["node"])
+                        tracking.set_tags(run_id, {NODE_TAG: ",".join(nodes)})
+                    elif "progress" in event:
+                        _report_progress(run_id, event["progress"], reported)
+                    else:
+                        result = event["result"]
+                break
+            except node_loss_errors() as err:
+                tracking.set_tags(run_id, {LOSS_TAG: attempt + 1})
+                print(f"trial {trial.get_trial_name()}: its work was lost with its node "
+                      f"({type(err).__name__}); attempt {attempt + 2} of {node_retries + 1}",
+                      flush=True)
+                if attempt == node_retries:
+                    raise
+            except ray.exceptions.RayTaskError as err:
+                raise err.as_instanceof_cause() from None
+        metrics = result["metrics"]
+        tracking.log_metrics(run_id, metrics)
+        if result["artifacts"]:
+            _write_tree(result["artifacts"], Path(tmp) / "artifacts")
+            for name in result["artifacts"]:
+                tracking.log_artifact(run_id, Path(tmp) / "artifacts" / name)
+        keep = Path(tmp) / "checkpoint"
+        keep.mkdir()
+        _write_tree(result["files"], keep)
+        (keep / TRIAL_FILE).write_text(json.dumps(
+            {"variant": variant, "run_id": run_id, "metrics": metrics, "nodes": nodes},
+            default=str))
+        ray.tune.report({**metrics, "mlflow_run_id": run_id},
+                        checkpoint=Checkpoint.from_directory(str(keep)))
+
+
+def _report_progress(run_id: str, metrics: dict, reported: dict) -> None:
+    """Log and report a CAT result, unless a lost attempt already did (same step)."""
+    import ray.tune
+
+    step = metrics.get("cat_step")
+    if step is not None:
+        if step <= reported["step"]:
+            return
+        reported["step"] = step
+    elif metrics in reported["other"]:
+        return
+    else:
+        reported["other"].append(metrics)
+    tracking.log_metrics(run_id, {k: v for k, v in metrics.items() if k != "cat_step"},
+                         step=int(step or 0))
+    ray.tune.report(metrics)
