@@ -260,3 +260,25 @@ def test_yaml_anchors_keep_node_configs_in_step(config):
     assert len({n["node_config"]["ImageId"] for n in nodes.values()}) == 1
     assert len({tuple(n["node_config"]["SecurityGroupIds"]) for n in nodes.values()}) == 1
     assert copy.deepcopy(config) == config
+
+
+def test_storage_probe_and_verdict(tmp_path):
+    """A node that reads the driver's token and whose answer the driver sees is sharing the
+    folder; one that cannot read it, or whose answer stays invisible, is named."""
+    from trainables.shared_storage import PROBE_DIR, probe, unshared
+
+    shared, other = tmp_path / "shared", tmp_path / "elsewhere"
+    (shared / PROBE_DIR / "t0").mkdir(parents=True)
+    (shared / PROBE_DIR / "t0" / "token").write_text("t0")
+    answers = {"node-a": probe([str(shared)], "t0", "node-a")}
+    assert answers["node-a"] == {str(shared): "ok"}
+    assert unshared([str(shared)], answers, "t0") == []
+    # node-b mounts something else at that path: it cannot read the token.
+    answers["node-b"] = {str(shared): probe([str(other)], "t0", "node-b")[str(other)]}
+    # node-c read the token but wrote its answer to a disk the driver does not see.
+    answers["node-c"] = {str(shared): "ok"}
+    problems = unshared([str(shared)], answers, "t0")
+    assert len(problems) == 2
+    assert problems[0].startswith(f"node node-b: {shared}: cannot read")
+    assert problems[1] == (f"node node-c: {shared}: what it wrote there is not visible to "
+                           "the driver (a local folder, not shared storage)")
