@@ -123,7 +123,13 @@ class LocalRayCluster:
         for process in self.nodes.values():
             process.wait(timeout=30)
         self.nodes.clear()
-        shutil.rmtree(self.temp_dir, ignore_errors=True)
+        # Ray workers lead process groups of their own and exit once their raylet is gone,
+        # possibly still writing logs here: try again after a moment.
+        for _ in range(3):
+            shutil.rmtree(self.temp_dir, ignore_errors=True)
+            if not self.temp_dir.exists():
+                break
+            time.sleep(1)
 
 
 class MlflowServer:
