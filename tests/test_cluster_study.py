@@ -290,8 +290,8 @@ def test_study_survives_lost_nodes_and_an_mlflow_restart(env):
 
     assert driver.finish() == 0, driver.output[-4000:]
     out = driver.output
-    # The fine-tune went on without its node.
-    assert "finetune" in out and out.count("Started training worker group") > 2
+    # Ray Train restarted the fine-tune's worker group without the lost node.
+    assert "[FailurePolicy] RETRY" in out
     rows = json.loads((env.home / "cl_fault" / "leaderboard.json").read_text())
     assert len(rows) == TRIALS and all(r["status"] == "finished" for r in rows)
     runs = _runs(env, "cl_fault")
