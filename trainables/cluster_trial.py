@@ -51,7 +51,7 @@ def trial_work(context: TrialContext, variant: dict) -> Iterator[dict]:
     metrics, the checkpoint files and the artifacts, as bytes keyed by relative path."""
     import ray
 
-    from trainables.merge_trial import candidate_builder, evaluate_candidate
+    from trainables.merge_trial import candidate_builder, score_validation
 
     yield {"node": ray.get_runtime_context().get_node_id()}
     with tempfile.TemporaryDirectory() as tmp:
@@ -79,12 +79,7 @@ def trial_work(context: TrialContext, variant: dict) -> Iterator[dict]:
                 adapter = value
                 break
         build_seconds = time.perf_counter() - start
-        limit = context.evaluation.get("validation_limit")
-        tasks = [context.target, *(context.skills if context.evaluation.get("skills", True)
-                                   else ())]
-        metrics = evaluate_candidate(context, adapter, "validation", tasks, limit)
-        metrics["objective"] = metrics[f"validation/{context.target}/accuracy"]
-        metrics["build_seconds"] = build_seconds
+        metrics = score_validation(context, adapter, build_seconds)
         files = _read_tree(Path(adapter), ADAPTER_DIR) if adapter is not None else {}
         artifacts = {}
         if (out_dir / "cat_weights.json").is_file():

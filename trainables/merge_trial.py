@@ -148,6 +148,17 @@ def evaluate_candidate(ctx: TrialContext, adapter: str | None, split: str, tasks
     return metrics
 
 
+def score_validation(ctx: TrialContext, adapter: str | None, build_seconds: float) -> dict:
+    """The trial's metrics: validation scores on the target (the objective) and, unless
+    turned off, on every skill (retention), plus the time it took to build the candidate."""
+    tasks = [ctx.target, *(ctx.skills if ctx.evaluation.get("skills", True) else ())]
+    metrics = evaluate_candidate(ctx, adapter, "validation", tasks,
+                                 ctx.evaluation.get("validation_limit"))
+    metrics["objective"] = metrics[f"validation/{ctx.target}/accuracy"]
+    metrics["build_seconds"] = build_seconds
+    return metrics
+
+
 def trial_run_key(study: str, variant: dict) -> str:
     return f"{study}:trial:{json.dumps(variant, sort_keys=True, default=str)}"
 
@@ -179,12 +190,7 @@ def merge_trial(config: dict, context: TrialContext) -> None:
         start = time.perf_counter()
         adapter = candidate_builder(method)(context, variant, out_dir, report_progress)
         build_seconds = time.perf_counter() - start
-        limit = context.evaluation.get("validation_limit")
-        tasks = [context.target, *(context.skills if context.evaluation.get("skills", True)
-                                   else ())]
-        metrics = evaluate_candidate(context, adapter, "validation", tasks, limit)
-        metrics["objective"] = metrics[f"validation/{context.target}/accuracy"]
-        metrics["build_seconds"] = build_seconds
+        metrics = score_validation(context, adapter, build_seconds)
         tracking.log_metrics(run_id, metrics)
         if (out_dir / "cat_weights.json").is_file():
             from soups.cat.plot import plot_cat_weights
