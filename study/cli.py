@@ -15,7 +15,10 @@ app = typer.Typer(
 
 
 def _register() -> None:
-    """One line per command; each command module keeps its heavy imports inside functions."""
+    """One line per command; each command module keeps its heavy imports inside functions.
+    The CLI is the one place `study` reaches `analysis` (the report command lives there,
+    beside the library it drives: analysis reads MLflow, never runs a study)."""
+    from analysis import cmd_report
     from study import cmd_cat, cmd_merge, cmd_prepare, cmd_run, cmd_validate
 
     app.command("prepare")(cmd_prepare.prepare)
@@ -27,6 +30,7 @@ def _register() -> None:
     app.command("status")(cmd_run.status)
     app.command("export")(cmd_run.export)
     app.command("validate")(cmd_validate.validate)
+    app.command("report")(cmd_report.report)
 
 
 _register()

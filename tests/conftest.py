@@ -44,3 +44,31 @@ def build_tiny_llama(out_dir, hidden: int = 32, layers: int = 2, seed: int = 0):
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory):
     return build_tiny_llama(tmp_path_factory.mktemp("tiny_llama"))
+
+
+def run_soups(home, *args: str, timeout: int = 1500):
+    """The `soups` command line in a subprocess with SOUPS_HOME=home (no stdin)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    env = {**os.environ, "SOUPS_HOME": str(home), "PYTHONUNBUFFERED": "1"}
+    return subprocess.run([sys.executable, "-m", "study.cli", *args],
+                          cwd=Path(__file__).resolve().parents[1], env=env,
+                          capture_output=True, text=True, timeout=timeout,
+                          stdin=subprocess.DEVNULL)
+
+
+@pytest.fixture(scope="session")
+def smoke_home(tmp_path_factory):
+    """The SOUPS_HOME of the session's smoke study (tests may add studies beside it)."""
+    return tmp_path_factory.mktemp("soups_home")
+
+
+@pytest.fixture(scope="session")
+def smoke_study(smoke_home):
+    """`soups run --smoke` once per session (minutes): the study tests and the analysis
+    tests read the same runs."""
+    done = run_soups(smoke_home, "run", "--smoke")
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return done

@@ -16,33 +16,26 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import run_soups as _soups
 
 from study.runner import trial_states
 
 pytestmark = pytest.mark.integration
 
-ROOT = Path(__file__).resolve().parents[1]
-SOUPS = [sys.executable, "-m", "study.cli"]
 PAPER_METHODS = {"cat_learned", "data_mix", "ties", "dare_ties", "linear", "cat", "svd",
                  "skill", "base"}
-
-
-def _soups(home: Path, *args: str, timeout: int = 1500) -> subprocess.CompletedProcess:
-    env = {**os.environ, "SOUPS_HOME": str(home), "PYTHONUNBUFFERED": "1"}
-    return subprocess.run([*SOUPS, *args], cwd=ROOT, env=env, capture_output=True, text=True,
-                          timeout=timeout, stdin=subprocess.DEVNULL)
+SOUPS = [sys.executable, "-m", "study.cli"]
+ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
-def home(tmp_path_factory) -> Path:
-    return tmp_path_factory.mktemp("soups_home")
+def home(smoke_home) -> Path:
+    return smoke_home
 
 
 @pytest.fixture(scope="module")
-def smoke(home):
-    done = _soups(home, "run", "--smoke")
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    return done
+def smoke(smoke_study):
+    return smoke_study
 
 
 def _client(home: Path):

@@ -24,22 +24,19 @@ def weight_grid(record: dict) -> tuple[list[int], list[str], list[list[list[floa
     return layers, kinds, grid
 
 
-def plot_cat_weights(cat_weights_json: str | Path, out_png: str | Path,
-                     names: list[str] | None = None) -> Path:
-    """Write the heat map PNG; `names` labels the LoRAs (default: their folder names)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+def cat_weights_figure(record: dict, names: list[str] | None = None, figure_class=None):
+    """The heat map as a matplotlib Figure (of `figure_class`, default Figure); `names`
+    labels the LoRAs (default: their folder names)."""
     import numpy as np
+    from matplotlib.figure import Figure  # no pyplot: no global figure state
 
-    record = json.loads(Path(cat_weights_json).read_text())
     layers, kinds, grid = weight_grid(record)
     names = names or [Path(a).name for a in record["adapters"]]
     values = np.array(grid, dtype=float)  # None -> nan: drawn blank
     top = np.nanmax(values) if np.isfinite(values).any() else 1.0
-    fig, axes = plt.subplots(1, len(grid), figsize=(1.1 * len(kinds) * len(grid) + 1.5,
-                                                     0.45 * len(layers) + 1.6), squeeze=False)
+    size = (1.1 * len(kinds) * len(grid) + 1.5, 0.45 * len(layers) + 1.6)
+    fig = (figure_class or Figure)(figsize=size)
+    axes = fig.subplots(1, len(grid), squeeze=False)
     for i, ax in enumerate(axes[0]):
         image = ax.imshow(values[i], vmin=min(0.0, np.nanmin(values)), vmax=top, cmap="viridis",
                           aspect="auto")
@@ -58,7 +55,13 @@ def plot_cat_weights(cat_weights_json: str | Path, out_png: str | Path,
                  f"normalisation {settings.get('normalisation')}, init {settings.get('init')})",
                  fontsize=9, y=1.03)
     fig.colorbar(image, ax=axes[0].tolist(), shrink=0.8, label="weight")
+    return fig
+
+
+def plot_cat_weights(cat_weights_json: str | Path, out_png: str | Path,
+                     names: list[str] | None = None) -> Path:
+    """Write the heat map of a `cat_weights.json` file as a PNG."""
+    fig = cat_weights_figure(json.loads(Path(cat_weights_json).read_text()), names)
     out = Path(out_png)
     fig.savefig(out, dpi=110, bbox_inches="tight")
-    plt.close(fig)
     return out

@@ -1,0 +1,43 @@
+"""`soups report NAME [NAME...]`: the HTML report of a study, or a comparison of several."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+
+def report(
+    names: list[str] = typer.Argument(..., help="Study name(s); several are compared in one "
+                                      "report (they must share the target task)."),
+    out: Path = typer.Option(None, help="Folder for report.html and trials.csv (default: "
+                             "$SOUPS_HOME/NAME/report, or $SOUPS_HOME/report-NAME1-NAME2...)."),
+    tracking_uri: str = typer.Option(None, help="MLflow tracking URI (default: the study's "
+                                     "tracking.uri, $MLFLOW_TRACKING_URI, else the SQLite "
+                                     "store under $SOUPS_HOME)."),
+    mlflow_ui: str = typer.Option(None, help="Base URL of the MLflow UI for run links "
+                                  "(default: the tracking server, else http://127.0.0.1:5000)."),
+) -> None:
+    """Write a self-contained HTML report from a study's MLflow runs: leaderboard, method
+    comparison, per-skill retention, rank x method, CAT settings and learned weights, search
+    progress, fine-tunes and the configuration."""
+    import os
+
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # quiet downloads
+    from analysis.report import write_report
+    from analysis.runs import StudyNotFound, load_study
+    from soups.home import soups_home
+
+    try:
+        studies = []
+        for name in dict.fromkeys(names):
+            typer.echo(f"reading study {name} from MLflow ...")
+            studies.append(load_study(name, tracking_uri))
+        folder = out or (soups_home() / names[0] / "report" if len(studies) == 1
+                         else soups_home() / ("report-" + "-".join(s.name for s in studies)))
+        path = write_report(studies, folder, mlflow_ui)
+    except (StudyNotFound, ValueError) as err:
+        typer.secho(f"error: {err}", fg="red", err=True)
+        raise typer.Exit(2) from None
+    trials = sum(len(s.trials) for s in studies)
+    typer.echo(f"wrote {path} ({trials} trials) and {path.parent / 'trials.csv'}")

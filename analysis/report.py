@@ -1,0 +1,271 @@
+"""A self-contained HTML report of one study, or of several side by side: figures embedded as
+PNG, tables, the study's configuration and links to every MLflow run. Read-only over MLflow.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+from collections.abc import Callable
+from datetime import datetime, timezone
+from pathlib import Path
+
+import pandas as pd
+
+from analysis import figures, summaries
+from analysis.runs import (
+    StudyRuns,
+    cat_weights,
+    combined,
+    parent_artifact_names,
+    parent_artifact_text,
+)
+
+LOCAL_UI = "http://127.0.0.1:5000"  # where `mlflow ui` serves by default
+# Section ids, in report order (tests check that each is present).
+SECTIONS = ("summary", "leaderboard", "methods", "retention", "rank-method", "cat-settings",
+            "cat-weights", "progress", "finetunes", "configuration")
+STYLE = """
+body { font-family: system-ui, sans-serif; margin: 2em auto; max-width: 1150px; color: #222; }
+h1 { margin-bottom: 0.2em; } h2 { border-bottom: 1px solid #ccc; margin-top: 2em; }
+table { border-collapse: collapse; font-size: 0.85em; margin: 0.8em 0; }
+th, td { border: 1px solid #ddd; padding: 3px 8px; text-align: right; }
+th { background: #f3f3f3; } td.text { text-align: left; }
+tr.failed td { background: #fdecea; } tr.best td { background: #eaf6ea; }
+img { max-width: 100%; } pre { background: #f7f7f7; padding: 0.8em; overflow-x: auto; }
+.note { color: #555; font-size: 0.9em; }
+"""
+
+
+def ui_base(study: StudyRuns, mlflow_ui: str | None) -> str:
+    """The MLflow UI serving this store: given, the tracking server itself, or local."""
+    if mlflow_ui:
+        return mlflow_ui.rstrip("/")
+    if study.tracking_uri.startswith(("http://", "https://")):
+        return study.tracking_uri.rstrip("/")
+    return LOCAL_UI
+
+
+def _run_link(study: StudyRuns, run_id: str, ui: str, text: str = "run") -> str:
+    url = f"{ui}/#/experiments/{study.experiment_id}/runs/{run_id}"
+    return f'<a href="{html.escape(url)}">{html.escape(text)}</a>'
+
+
+def _cell(value, fmt: str | None = None) -> str:
+    if value is None or (not isinstance(value, str) and pd.isna(value)):
+        return "-"
+    if fmt:
+        return fmt.format(value)
+    if isinstance(value, float):
+        return f"{value:.3f}" if abs(value) < 1000 else f"{value:,.0f}"
+    return html.escape(str(value))
+
+
+def _table(frame: pd.DataFrame, raw: set[str] = frozenset(),
+           row_class: Callable[[pd.Series], str] | None = None,
+           formats: dict[str, str] | None = None) -> str:
+    """An HTML table; columns in `raw` hold markup already (links), the rest is escaped;
+    `formats` gives a column its number format (default: 3 decimals)."""
+    formats = formats or {}
+    if frame.empty:
+        return '<p class="note">(none)</p>'
+    head = "".join(f"<th>{html.escape(str(c))}</th>" for c in frame.columns)
+    body = []
+    for _, row in frame.iterrows():
+        cls = f' class="{row_class(row)}"' if row_class else ""
+        cells = "".join(
+            f'<td class="text">{row[c]}</td>' if c in raw else
+            f'<td{" class=text" if isinstance(row[c], str) else ""}>'
+            f"{_cell(row[c], formats.get(c))}</td>"
+            for c in frame.columns)
+        body.append(f"<tr{cls}>{cells}</tr>")
+    return f"<table><tr>{head}</tr>{''.join(body)}</table>"
+
+
+def _figure(fig, alt: str) -> str:
+    data = base64.b64encode(figures.png_bytes(fig)).decode()
+    return f'<img alt="{html.escape(alt)}" src="data:image/png;base64,{data}">'
+
+
+def _summary(study: StudyRuns, ui: str) -> str:
+    trials = study.trials
+    counts = trials["status"].value_counts()
+    best = summaries.finished(trials).head(1)
+    target = study.target
+    test = summaries.accuracy_column(target, "test") if target else None
+    items = [
+        f"target task <b>{html.escape(str(target))}</b>; skills "
+        f"<b>{html.escape(', '.join(study.skills))}</b>",
+        "trials: " + (", ".join(f"{n} {html.escape(s)}" for s, n in counts.items()) or "none"),
+        f"fine-tunes: {len(study.finetunes)}",
+        f"MLflow: {html.escape(study.tracking_uri)}, experiment {study.experiment_id}"
+        + (f" ({_run_link(study, study.parent['run_id'], ui, 'parent run')})"
+           if study.parent else ""),
+    ]
+    if len(best):
+        row = best.iloc[0]
+        tested = row.get(test) if test else None
+        items.append(
+            f"best by validation: <b>{html.escape(row['label'])}</b>, {target} accuracy "
+            f"{row['objective']:.3f} (validation)"
+            + (f", <b>{tested:.3f}</b> on the test split (scored once, after selection)"
+               if tested is not None and not pd.isna(tested) else "")
+            + f" ({_run_link(study, row['run_id'], ui)})")
+    if study.parent.get("start_time") is not None and study.parent.get("end_time") is not None:
+        start, end = study.parent["start_time"], study.parent["end_time"]
+        if not pd.isna(start) and not pd.isna(end):
+            items.append(f"study wall time {(end - start).total_seconds() / 60:.1f} min "
+                         f"(started {start:%Y-%m-%d %H:%M} UTC)")
+    if len(study.duplicates):
+        items.append(f"{len(study.duplicates)} duplicate trial run(s) ignored (same run key "
+                     "as a kept run)")
+    return f"<h3>{html.escape(study.name)}</h3><ul>" + "".join(
+        f"<li>{i}</li>" for i in items) + "</ul>"
+
+
+def _leaderboard(studies: list[StudyRuns], ui: str) -> str:
+    parts = []
+    for study in studies:
+        trials = study.trials
+        target, skills = study.target, study.skills
+        frame = pd.DataFrame({
+            "#": range(1, len(trials) + 1), "trial": trials["label"],
+            "status": trials["status"],
+            f"{target} (val)": trials["objective"],
+            f"{target} (test)": trials.get(summaries.accuracy_column(target, "test")),
+            **{f"{s} (val)": trials.get(summaries.accuracy_column(s)) for s in skills},
+            "build s": trials.get("build_seconds"), "trial s": trials["duration_s"],
+            "MLflow": [_run_link(study, r, ui) for r in trials["run_id"]],
+        })
+        status = trials["status"].tolist()
+
+        def row_class(row, status=status):
+            index = row["#"] - 1
+            if status[index] != "finished":
+                return "failed"
+            return "best" if index == 0 else ""
+
+        title = f"<h3>{html.escape(study.name)}</h3>" if len(studies) > 1 else ""
+        parts.append(title + _table(frame, raw={"MLflow"}, row_class=row_class,
+                                    formats={"build s": "{:.1f}", "trial s": "{:.1f}"}))
+    return "".join(parts) + ('<p class="note">Sorted by the objective (validation accuracy '
+                             "on the target); unfinished trials last and shaded. Test "
+                             "accuracy exists only for the trial each study selected.</p>")
+
+
+def _methods(studies: list[StudyRuns]) -> str:
+    target = studies[0].target
+    trials = combined(studies)
+    summary = summaries.method_summary(trials, target)
+    shown = summary.drop(columns=["best_run_id"], errors="ignore")
+    return (_figure(figures.method_comparison(trials, target), "method comparison")
+            + _table(shown, formats={"seeds": "{:.0f}"}))
+
+
+def _per_study(studies: list[StudyRuns], section: Callable[[StudyRuns], str]) -> str:
+    if len(studies) == 1:
+        return section(studies[0])
+    return "".join(f"<h3>{html.escape(s.name)}</h3>{section(s)}" for s in studies)
+
+
+def _retention(study: StudyRuns) -> str:
+    table = summaries.retention(study.trials, study.skills)
+    refs = summaries.skill_references(study.trials, study.skills)
+    note = ", ".join(f"{s} LoRA on {s}: {v:.3f}" for s, v in refs.items())
+    return (_figure(figures.skill_retention(study.trials, study.skills), "retention")
+            + _table(table) + f'<p class="note">100% = the skill LoRA alone ({note}).</p>')
+
+
+def _rank_method(study: StudyRuns) -> str:
+    return _figure(figures.rank_method_heatmap(study.trials, study.target), "rank x method")
+
+
+def _cat_settings(study: StudyRuns) -> str:
+    table = summaries.cat_setting_summary(study.trials)
+    return _figure(figures.cat_settings(study.trials, study.target), "CAT settings") + \
+        _table(table)
+
+
+def _cat_weights(study: StudyRuns, ui: str) -> str:
+    cat = summaries.finished(study.trials)
+    cat = cat[cat["method"] == "cat_learned"]
+    if cat.empty:
+        return '<p class="note">No finished learned-CAT trial.</p>'
+    best = cat.iloc[0]  # the trial table is sorted by the objective
+    record = cat_weights(study, best["run_id"])
+    if record is None:
+        return '<p class="note">The best learned-CAT trial logged no cat_weights.json.</p>'
+    return (f"<p>Best learned-CAT trial: {html.escape(best['label'])} "
+            f"({_run_link(study, best['run_id'], ui)}). One panel per skill LoRA; each cell "
+            "is the weight a_i of that LoRA in that layer's module.</p>"
+            + _figure(figures.learned_cat_weights(record, study.skills), "CAT weights"))
+
+
+def _finetunes(study: StudyRuns, ui: str) -> str:
+    frame = study.finetunes.copy()
+    if frame.empty:
+        return '<p class="note">No fine-tune runs.</p>'
+    frame = frame[[c for c in frame.columns if not c.startswith("param.")]]
+    frame["MLflow"] = [_run_link(study, r, ui) for r in frame.pop("run_id")]
+    return _table(frame, raw={"MLflow"}) + (
+        '<p class="note">Metrics are the last logged value of each curve; the curves are in '
+        "the MLflow runs.</p>")
+
+
+def _configuration(study: StudyRuns) -> str:
+    parts = []
+    for name in sorted(n for n in parent_artifact_names(study) if n.endswith((".yaml", ".yml"))):
+        text = parent_artifact_text(study, name)
+        if text is not None:
+            parts.append(f"<h4>{html.escape(name)}</h4><pre>{html.escape(text)}</pre>")
+    return "".join(parts) or '<p class="note">The parent run logged no configuration.</p>'
+
+
+def render(studies: list[StudyRuns], mlflow_ui: str | None = None) -> str:
+    """The report's HTML for one or several studies (same target task for a comparison)."""
+    targets = {s.target for s in studies}
+    if len(targets) > 1:
+        raise ValueError(f"studies {[s.name for s in studies]} have different target tasks "
+                         f"{sorted(map(str, targets))}: a comparison needs one target")
+    ui = ui_base(studies[0], mlflow_ui)
+    names = ", ".join(s.name for s in studies)
+    sections = {
+        "summary": ("Summary", "".join(_summary(s, ui) for s in studies)),
+        "leaderboard": ("Leaderboard", _leaderboard(studies, ui)),
+        "methods": ("Method comparison on the target", _methods(studies)),
+        "retention": ("Per-skill retention", _per_study(studies, _retention)),
+        "rank-method": ("Rank x method", _per_study(studies, _rank_method)),
+        "cat-settings": ("CAT initialisation, granularity, normalisation",
+                         _per_study(studies, _cat_settings)),
+        "cat-weights": ("Learned CAT weights",
+                        _per_study(studies, lambda s: _cat_weights(s, ui))),
+        "progress": ("Search progress",
+                     _figure(figures.search_progress(combined(studies)), "search progress")),
+        "finetunes": ("Skill fine-tunes (stage 1)",
+                      _per_study(studies, lambda s: _finetunes(s, ui))),
+        "configuration": ("Configuration", _per_study(studies, _configuration)),
+    }
+    body = "".join(f'<section id="{key}"><h2>{html.escape(title)}</h2>{content}</section>'
+                   for key, (title, content) in sections.items())
+    created = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    return (f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>LoRA Soups report: "
+            f"{html.escape(names)}</title><style>{STYLE}</style></head><body>"
+            f"<h1>LoRA Soups study report: {html.escape(names)}</h1>"
+            f'<p class="note">Written {created} from MLflow. Accuracies are fractions of '
+            "examples scored correct; the objective is the validation accuracy on the target "
+            f"task. Run links open the MLflow UI at {html.escape(ui)} (start it with "
+            f"<code>mlflow ui --backend-store-uri {html.escape(studies[0].tracking_uri)}"
+            f"</code>).</p>{body}</body></html>")
+
+
+def write_report(studies: list[StudyRuns], out_dir: Path, mlflow_ui: str | None = None
+                 ) -> Path:
+    """Write `report.html` and `trials.csv` (the tidy trial table) into `out_dir`."""
+    page = render(studies, mlflow_ui)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    combined(studies).to_csv(out_dir / "trials.csv", index=False)
+    path = out_dir / "report.html"
+    tmp = path.with_suffix(".html.tmp")
+    tmp.write_text(page)
+    tmp.replace(path)
+    return path

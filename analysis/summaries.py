@@ -1,0 +1,148 @@
+"""Tables computed from a trial table (`analysis.runs`): what the figures and the report show.
+
+Every function takes the tidy trial table (one or several studies) and returns a DataFrame;
+only finished trials (status `finished`, an objective) enter a comparison.
+"""
+
+from __future__ import annotations
+
+import pandas as pd
+
+from soups.cat.settings import CatSettings
+
+CAT_SETTINGS = ("init", "granularity", "normalisation")
+
+
+def finished(trials: pd.DataFrame) -> pd.DataFrame:
+    return trials[(trials["status"] == "finished") & trials["objective"].notna()]
+
+
+def accuracy_column(task: str, split: str = "validation") -> str:
+    return f"{split}/{task}/accuracy"
+
+
+def method_summary(trials: pd.DataFrame, target: str) -> pd.DataFrame:
+    """Per study and method (the `group` column: skill LoRAs one by one): trials (all /
+    finished), the best validation accuracy on the target and its trial, the mean and
+    standard deviation over seeds of each seed's best (std is empty with one seed), and
+    the test accuracy where the study scored one."""
+    test = accuracy_column(target, "test")
+    rows = []
+    for (study, method), group in trials.groupby(["study", "group"], sort=False):
+        done = finished(group)
+        row = {"study": study, "method": method, "trials": len(group), "finished": len(done)}
+        if len(done):
+            best = done.loc[done["objective"].idxmax()]
+            per_seed = done.groupby(done["seed"].fillna(-1))["objective"].max()
+            tested = done[test].dropna() if test in done else pd.Series(dtype=float)
+            row.update({
+                "best_validation": best["objective"], "best_trial": best["label"],
+                "best_run_id": best["run_id"], "seeds": len(per_seed),
+                "seed_mean": per_seed.mean(),
+                "seed_std": per_seed.std(ddof=1) if len(per_seed) > 1 else None,
+                "test": tested.iloc[0] if len(tested) else None,
+            })
+        rows.append(row)
+    table = pd.DataFrame(rows)
+    if "best_validation" not in table:
+        table["best_validation"] = None
+    return table.sort_values(["best_validation", "method"], ascending=[False, True],
+                             na_position="last").reset_index(drop=True)
+
+
+def skill_references(trials: pd.DataFrame, skills: list[str]) -> dict[str, float]:
+    """Each skill's own score: the best validation accuracy of that skill's LoRA alone (the
+    `skill` trials), the 100% of retention. A skill without such a trial has none."""
+    done = finished(trials)
+    refs = {}
+    if "param.skill" not in done:
+        return refs
+    for skill in skills:
+        column = accuracy_column(skill)
+        own = done[(done["method"] == "skill") & (done["param.skill"] == skill)]
+        if column in own and own[column].notna().any():
+            refs[skill] = float(own[column].max())
+    return refs
+
+
+def retention(trials: pd.DataFrame, skills: list[str]) -> pd.DataFrame:
+    """Per method (`group`; its best trial by the objective): validation accuracy on each skill and
+    the share of the skill LoRA's own accuracy it keeps (`retention/<skill>`, 1.0 = all;
+    empty where the skill LoRA scores 0 or was not evaluated)."""
+    refs = skill_references(trials, skills)
+    done = finished(trials)
+    rows = []
+    for method, group in done.groupby("group", sort=False):
+        best = group.loc[group["objective"].idxmax()]
+        row = {"method": method, "trial": best["label"], "objective": best["objective"]}
+        for skill in skills:
+            column = accuracy_column(skill)
+            score = best.get(column)
+            row[skill] = score
+            ref = refs.get(skill)
+            row[f"retention/{skill}"] = (score / ref if ref and score is not None
+                                         and not pd.isna(score) else None)
+        rows.append(row)
+    return pd.DataFrame(rows).sort_values("objective", ascending=False).reset_index(drop=True)
+
+
+def rank_by_method(trials: pd.DataFrame) -> pd.DataFrame:
+    """Best validation objective per method (`group`, rows) and LoRA rank (columns); NaN where that
+    combination was not tried. Methods without a rank (the base model) are left out."""
+    done = finished(trials).dropna(subset=["rank"])
+    if done.empty:
+        return pd.DataFrame()
+    table = done.pivot_table(index="group", columns="rank", values="objective", aggfunc="max")
+    table.columns = [int(c) for c in table.columns]
+    return table.loc[table.max(axis=1).sort_values(ascending=False).index]
+
+
+def cat_trials(trials: pd.DataFrame) -> pd.DataFrame:
+    """Finished learned-CAT trials with their init / granularity / normalisation filled in
+    (a setting the search space did not vary has CatSettings' default)."""
+    done = finished(trials)
+    cat = done[done["method"] == "cat_learned"].copy()
+    defaults = CatSettings()
+    for name in CAT_SETTINGS:
+        column = f"param.{name}"
+        values = cat[column] if column in cat else pd.Series(None, index=cat.index,
+                                                             dtype=object)
+        cat[name] = values.fillna(getattr(defaults, name)).astype(str)
+    return cat
+
+
+def cat_setting_summary(trials: pd.DataFrame) -> pd.DataFrame:
+    """For each CAT setting and value: trials, best and mean validation objective, and the
+    mean final held-out loss of the CAT weight training (lower is better)."""
+    cat = cat_trials(trials)
+    rows = []
+    for name in CAT_SETTINGS:
+        for value, group in cat.groupby(name):
+            rows.append({
+                "setting": name, "value": value, "trials": len(group),
+                "best_validation": group["objective"].max(),
+                "mean_validation": group["objective"].mean(),
+                "mean_held_out_loss": (group["cat_eval_loss"].mean()
+                                       if "cat_eval_loss" in group else None),
+            })
+    return pd.DataFrame(rows, columns=["setting", "value", "trials", "best_validation",
+                                       "mean_validation", "mean_held_out_loss"])
+
+
+def best_so_far(trials: pd.DataFrame) -> pd.DataFrame:
+    """Per study, trials in the order they finished: their objective, the best objective so
+    far, and the wall time since the study's first trial started (minutes)."""
+    parts = []
+    for study, group in finished(trials).groupby("study", sort=False):
+        group = group.sort_values("end_time")
+        start = trials.loc[trials["study"] == study, "start_time"].min()
+        parts.append(pd.DataFrame({
+            "study": study, "trial_number": range(1, len(group) + 1),
+            "label": group["label"].to_numpy(), "objective": group["objective"].to_numpy(),
+            "best_so_far": group["objective"].cummax().to_numpy(),
+            "minutes": ((group["end_time"] - start).dt.total_seconds() / 60).to_numpy(),
+        }))
+    if not parts:
+        return pd.DataFrame(columns=["study", "trial_number", "label", "objective",
+                                     "best_so_far", "minutes"])
+    return pd.concat(parts, ignore_index=True)
