@@ -76,8 +76,8 @@ def method_comparison(trials: pd.DataFrame, target: str):
                       label=f"best trial ({study})" if len(studies) > 1 else "best trial")
         ax.bar_label(bars, labels=[f"{v:.3f}" if np.isfinite(v) else "" for v in best],
                      fontsize=7, padding=2)
-        if "seed_std" in rows:  # spread over seeds, where a method ran with several
-            spread = rows[rows["seed_std"].notna()]
+        spread = rows[rows["seed_std"].notna()] if "seed_std" in rows else rows.iloc[0:0]
+        if len(spread):  # spread over seeds, where a method ran with several
             at = [xs[methods.index(m)] + width / 4 for m in spread.index]
             ax.errorbar(at, spread["seed_mean"], yerr=spread["seed_std"], fmt="o",
                         color="dimgrey", markersize=4, capsize=3,

@@ -32,7 +32,8 @@ table { border-collapse: collapse; font-size: 0.85em; margin: 0.8em 0; }
 th, td { border: 1px solid #ddd; padding: 3px 8px; text-align: right; }
 th { background: #f3f3f3; } td.text { text-align: left; }
 tr.failed td { background: #fdecea; } tr.best td { background: #eaf6ea; }
-img { max-width: 100%; } pre { background: #f7f7f7; padding: 0.8em; overflow-x: auto; }
+img { max-width: 100%; } summary { cursor: pointer; margin: 0.5em 0; }
+pre { background: #f7f7f7; padding: 0.8em; overflow-x: auto; }
 .note { color: #555; font-size: 0.9em; }
 """
 
@@ -114,8 +115,9 @@ def _summary(study: StudyRuns, ui: str) -> str:
     if study.parent.get("start_time") is not None and study.parent.get("end_time") is not None:
         start, end = study.parent["start_time"], study.parent["end_time"]
         if not pd.isna(start) and not pd.isna(end):
-            items.append(f"study wall time {(end - start).total_seconds() / 60:.1f} min "
-                         f"(started {start:%Y-%m-%d %H:%M} UTC)")
+            items.append(f"study run time {(end - start).total_seconds() / 60:.1f} min "
+                         f"(started {start:%Y-%m-%d %H:%M} UTC; the parent run: base model, "
+                         "fine-tunes, search and test)")
     if len(study.duplicates):
         items.append(f"{len(study.duplicates)} duplicate trial run(s) ignored (same run key "
                      "as a kept run)")
@@ -207,7 +209,8 @@ def _finetunes(study: StudyRuns, ui: str) -> str:
         return '<p class="note">No fine-tune runs.</p>'
     frame = frame[[c for c in frame.columns if not c.startswith("param.")]]
     frame["MLflow"] = [_run_link(study, r, ui) for r in frame.pop("run_id")]
-    return _table(frame, raw={"MLflow"}) + (
+    return _table(frame, raw={"MLflow"}, formats={"epoch": "{:g}", "rank": "{:g}",
+                                                  "wall_seconds": "{:.1f}"}) + (
         '<p class="note">Metrics are the last logged value of each curve; the curves are in '
         "the MLflow runs.</p>")
 
@@ -217,7 +220,8 @@ def _configuration(study: StudyRuns) -> str:
     for name in sorted(n for n in parent_artifact_names(study) if n.endswith((".yaml", ".yml"))):
         text = parent_artifact_text(study, name)
         if text is not None:
-            parts.append(f"<h4>{html.escape(name)}</h4><pre>{html.escape(text)}</pre>")
+            parts.append(f"<details><summary><b>{html.escape(name)}</b></summary>"
+                         f"<pre>{html.escape(text)}</pre></details>")
     return "".join(parts) or '<p class="note">The parent run logged no configuration.</p>'
 
 
