@@ -107,30 +107,36 @@ def method_comparison(trials: pd.DataFrame, target: str):
 
 
 def skill_retention(trials: pd.DataFrame, skills: list[str]):
-    """Per method (its best trial): the share of each skill LoRA's own validation accuracy
-    on that skill that the merged model keeps (100% = as good as the skill LoRA alone)."""
+    """Per method (its best trial): validation accuracy on each skill (bars), the skill
+    LoRA's own accuracy on it (dashed line: what a merge would keep in full), and the share
+    kept (bar labels, 100% = as good as the skill LoRA alone; n/a where that LoRA scores 0
+    or was not evaluated)."""
     table = summaries.retention(trials, skills)
-    columns = [f"retention/{s}" for s in skills]
+    columns = [s for s in skills if s in table]
     if table.empty or table[columns].isna().all().all():
-        return _no_data("no retention to show: the study has no scored skill-LoRA trial")
+        return _no_data("no skill accuracy to show: the study evaluated no skill")
+    refs = summaries.skill_references(trials, skills)
     fig, ((ax,),) = _subplots(figsize=(max(6.0, 0.9 * len(table) + 2), 4.0))
     width = 0.8 / len(skills)
     xs = np.arange(len(table))
     for i, skill in enumerate(skills):
-        values = 100 * table[f"retention/{skill}"].astype(float)
+        colour = STUDY_COLOURS[(i + 2) % len(STUDY_COLOURS)]
+        values = table[skill].astype(float)
+        kept = 100 * table[f"retention/{skill}"].astype(float)
         bars = ax.bar(xs + (i - (len(skills) - 1) / 2) * width, values, width * 0.9,
-                      label=f"{skill}", color=STUDY_COLOURS[(i + 2) % len(STUDY_COLOURS)])
-        ax.bar_label(bars, labels=[f"{v:.0f}%" if np.isfinite(v) else "n/a" for v in values],
+                      label=skill, color=colour)
+        ax.bar_label(bars, labels=[f"{k:.0f}%" if np.isfinite(k) else "n/a" for k in kept],
                      fontsize=7, padding=2)
-    ax.axhline(100, color="grey", linestyle="--", linewidth=1)
-    ax.text(len(table) - 0.5, 101, "skill LoRA alone", ha="right", va="bottom", fontsize=7,
-            color="grey")
+        if skill in refs:
+            ax.axhline(refs[skill], color=colour, linestyle="--", linewidth=1,
+                       label=f"{skill} LoRA alone on {skill}: {refs[skill]:.3f}")
     ax.set_xticks(xs, table["method"], rotation=30, ha="right")
     ax.set_xlabel("method (its best trial; ordered by target accuracy)")
-    ax.set_ylabel("skill accuracy kept (% of the skill LoRA's)")
-    ax.set_title("Per-skill retention (validation split)")
-    ax.set_ylim(0, max(110.0, 1.1 * np.nanmax(100 * table[columns].astype(float).to_numpy())))
-    ax.legend(title="skill", fontsize=8)
+    ax.set_ylabel("skill accuracy (validation, fraction correct)")
+    ax.set_title("Per-skill retention: accuracy on each skill; labels: % of the skill "
+                 "LoRA's own", fontsize=10)
+    ax.set_ylim(0, 1.3 * _top(table[columns].astype(float).to_numpy().ravel()))
+    ax.legend(fontsize=8, loc="upper right")
     ax.grid(axis="y", alpha=0.3)
     return fig
 

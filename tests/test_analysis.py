@@ -43,29 +43,30 @@ CAT_RECORD = {
 }
 
 
-def _write_fake_study(home: Path) -> str:
-    """A study in `home`'s MLflow store, written the way `soups run` writes one."""
+def _write_fake_study(home: Path, study: str = STUDY, shift: float = 0.0) -> str:
+    """A study in `home`'s MLflow store, written the way `soups run` writes one; `shift` is
+    added to every target accuracy."""
     from mlflow.tracking import MlflowClient
 
     from trainables import tracking
 
     uri = tracking.default_tracking_uri(home)
     tracking.configure(uri)
-    experiment = tracking.experiment_id(STUDY)
+    experiment = tracking.experiment_id(study)
     study_params = {"target": {"math_code": {"source": "generated"}},
                     "skills": {"math": {"source": "generated"}, "code": {"source": "generated"}}}
     (home / "study.yaml").write_text("name: fake\nsearch: {space: paper}\n")
-    with tracking.tracked_run(experiment, f"{STUDY}:parent", STUDY, "parent", STUDY) as parent:
+    with tracking.tracked_run(experiment, f"{study}:parent", study, "parent", study) as parent:
         tracking.log_params(parent, {"study": study_params})
         tracking.log_artifact(parent, home / "study.yaml")
         for skill in ("math", "code"):
-            with tracking.tracked_run(experiment, f"{STUDY}:ft:{skill}", f"ft-{skill}",
-                                      "finetune", STUDY, parent) as run:
+            with tracking.tracked_run(experiment, f"{study}:ft:{skill}", f"ft-{skill}",
+                                      "finetune", study, parent) as run:
                 tracking.log_params(run, {"skill": skill, "rank": 8})
                 for step, loss in enumerate((2.0, 1.5, 1.2)):
                     tracking.log_metrics(run, {"train_loss": loss}, step=step)
         for key, method, rank, seed, params, (target, math, code) in TRIALS:
-            with tracking.tracked_run(experiment, f"{STUDY}:{key}", key, "trial", STUDY, parent,
+            with tracking.tracked_run(experiment, f"{study}:{key}", key, "trial", study, parent,
                                       tags={"method": method, "trial_id": key}) as run:
                 tracking.log_params(run, {"method": method, "rank": rank, "seed": seed,
                                           **params})
@@ -77,26 +78,26 @@ def _write_fake_study(home: Path) -> str:
                     record.write_text(json.dumps(CAT_RECORD))
                     tracking.log_artifact(run, record)
                 tracking.log_metrics(run, {
-                    "validation/math_code/accuracy": target, "validation/math/accuracy": math,
-                    "validation/code/accuracy": code, "objective": target,
+                    "validation/math_code/accuracy": target + shift, "objective": target + shift,
+                    "validation/math/accuracy": math, "validation/code/accuracy": code,
                     "build_seconds": 1.5})
-        best = tracking.find_run(experiment, f"{STUDY}:cat-randn").info.run_id
+        best = tracking.find_run(experiment, f"{study}:cat-randn").info.run_id
         tracking.log_metrics(best, {"test/math_code/accuracy": 0.18})
         # A trial whose merge raised: its run ends FAILED.
         with pytest.raises(RuntimeError), tracking.tracked_run(
-                experiment, f"{STUDY}:ties", "ties", "trial", STUDY, parent,
+                experiment, f"{study}:ties", "ties", "trial", study, parent,
                 tags={"method": "ties", "trial_id": "ties"}) as run:
             tracking.log_params(run, {"method": "ties", "rank": 8, "seed": 0, "density": 0.5})
             raise RuntimeError("merge failed")
         client = MlflowClient()
         # A trial whose driver was SIGKILLed: its run stays RUNNING.
         client.create_run(experiment, run_name="svd", tags={
-            tracking.KEY_TAG: f"{STUDY}:svd", tracking.ROLE_TAG: "trial",
-            tracking.STUDY_TAG: STUDY, tracking.PARENT_TAG: parent, "method": "svd"})
+            tracking.KEY_TAG: f"{study}:svd", tracking.ROLE_TAG: "trial",
+            tracking.STUDY_TAG: study, tracking.PARENT_TAG: parent, "method": "svd"})
         # An older, failed run under the key of a trial that later finished (a duplicate).
         old = client.create_run(experiment, run_name="linear-8-s0", tags={
-            tracking.KEY_TAG: f"{STUDY}:linear-8-s0", tracking.ROLE_TAG: "trial",
-            tracking.STUDY_TAG: STUDY, tracking.PARENT_TAG: parent, "method": "linear"})
+            tracking.KEY_TAG: f"{study}:linear-8-s0", tracking.ROLE_TAG: "trial",
+            tracking.STUDY_TAG: study, tracking.PARENT_TAG: parent, "method": "linear"})
         client.set_terminated(old.info.run_id, status="FAILED")
     return uri
 
@@ -235,6 +236,28 @@ def test_report_has_every_section_links_and_configuration(fake, tmp_path):
     both = render([fake, fake], mlflow_ui="http://mlflow.example:5000")
     assert both.count("<h3>fake</h3>") >= 2
     assert "http://mlflow.example:5000/#/experiments/" in both
+
+
+@pytest.mark.unit
+def test_report_compares_several_studies(fake, tmp_path):
+    home = Path(fake.tracking_uri[len("sqlite:///"):]).parent  # a second study beside it
+    uri = _write_fake_study(home, "fake2", 0.05)
+    second = load_study("fake2", uri)
+    assert second.trials.iloc[0]["objective"] == pytest.approx(0.25)
+    both = combined([fake, second])
+    assert len(both) == 20 and set(both["study"]) == {"fake", "fake2"}
+    summary = summaries.method_summary(both, "math_code")
+    best = summary.set_index(["study", "method"])["best_validation"]
+    assert best[("fake", "cat_learned")] == 0.20
+    assert best[("fake2", "cat_learned")] == pytest.approx(0.25)
+    labels = figures.method_comparison(both, "math_code").axes[0].get_legend_handles_labels()[1]
+    assert {"best trial (fake)", "best trial (fake2)"} <= set(labels)
+    progress = figures.search_progress(both)
+    assert len(progress.axes[0].lines) == 2  # one best-so-far line per study
+    path = write_report([fake, second], tmp_path / "cmp")
+    page = path.read_text()
+    assert "<h3>fake</h3>" in page and "<h3>fake2</h3>" in page
+    assert len(pd.read_csv(tmp_path / "cmp" / "trials.csv")) == 20
 
 
 @pytest.mark.unit

@@ -189,6 +189,12 @@ def test_killed_study_resumes_without_repeats_or_duplicates(smoke, home, tmp_pat
     rows = json.loads((home / "resumed" / "leaderboard.json").read_text())
     assert len(rows) == 6 and {r["method"] for r in rows} == {"linear", "ties"}
     assert len(_runs(home, "resumed", "parent")) == 1
+    # The analysis table of the resumed study: one finished row per trial, one run each.
+    from analysis.runs import load_study
+
+    table = load_study("resumed", f"sqlite:///{home / 'mlflow.db'}").trials
+    assert len(table) == 6 and (table["status"] == "finished").all()
+    assert (table["n_runs"] == 1).all() and set(table["run_id"]) == {r["run_id"] for r in rows}
 
 
 def _terminated_run_keys(root: Path) -> set[str]:
