@@ -13,8 +13,8 @@ def report(
     out: Path = typer.Option(None, help="Folder for report.html and trials.csv (default: "
                              "$SOUPS_HOME/NAME/report, or $SOUPS_HOME/report-NAME1-NAME2...)."),
     tracking_uri: str = typer.Option(None, help="MLflow tracking URI (default: the study's "
-                                     "tracking.uri, $MLFLOW_TRACKING_URI, else the SQLite "
-                                     "store under $SOUPS_HOME)."),
+                                     "tracking.uri, else the SQLite store under $SOUPS_HOME, "
+                                     "as `soups run`)."),
     mlflow_ui: str = typer.Option(None, help="Base URL of the MLflow UI for run links "
                                   "(default: the tracking server, else http://127.0.0.1:5000)."),
 ) -> None:

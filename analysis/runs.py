@@ -11,7 +11,6 @@ else the newest, and the others are listed in `StudyRuns.duplicates`, never sile
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -64,7 +63,8 @@ class StudyRuns:
 
 def resolve_tracking_uri(name: str, tracking_uri: str | None = None) -> str:
     """Where a study's runs are: the given URI, else the study spec's `tracking.uri`, else
-    $MLFLOW_TRACKING_URI, else the default SQLite store under $SOUPS_HOME (as `soups run`)."""
+    the default SQLite store under $SOUPS_HOME: where `soups run` wrote them (it does not
+    read $MLFLOW_TRACKING_URI either, so neither does this)."""
     if tracking_uri:
         return tracking_uri
     from soups.home import soups_home
@@ -78,8 +78,6 @@ def resolve_tracking_uri(name: str, tracking_uri: str | None = None) -> str:
             uri = None
         if uri:
             return uri
-    if os.environ.get("MLFLOW_TRACKING_URI"):
-        return os.environ["MLFLOW_TRACKING_URI"]
     return f"sqlite:///{(soups_home() / 'mlflow.db').resolve()}"
 
 

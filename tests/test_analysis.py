@@ -106,13 +106,17 @@ def _write_fake_study(home: Path, study: str = STUDY, shift: float = 0.0) -> str
 def fake(tmp_path_factory):
     import os
 
+    import mlflow
+
     home = tmp_path_factory.mktemp("analysis_home")
     saved = {k: os.environ.get(k) for k in ("SOUPS_HOME", "MLFLOW_TRACKING_URI")}
+    saved_uri = mlflow.get_tracking_uri()
     os.environ["SOUPS_HOME"] = str(home)
     try:
         uri = _write_fake_study(home)
         yield load_study(STUDY, uri)
     finally:
+        mlflow.set_tracking_uri(saved_uri)
         for key, value in saved.items():
             if value is None:
                 os.environ.pop(key, None)
