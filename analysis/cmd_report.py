@@ -8,8 +8,9 @@ import typer
 
 
 def report(
-    names: list[str] = typer.Argument(..., help="Study name(s); several are compared in one "
-                                      "report (they must share the target task)."),
+    names: list[str] = typer.Argument(..., metavar="NAME", help="Study name(s); several "
+                                      "are compared in one report (they must share the target "
+                                      "task)."),
     out: Path = typer.Option(None, help="Folder for report.html and trials.csv (default: "
                              "$SOUPS_HOME/NAME/report, or $SOUPS_HOME/report-NAME1-NAME2...)."),
     tracking_uri: str = typer.Option(None, help="MLflow tracking URI (default: the study's "
