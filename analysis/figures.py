@@ -54,8 +54,9 @@ def _top(values, floor: float = 0.05) -> float:
 
 def method_comparison(trials: pd.DataFrame, target: str):
     """Bars: each method's best validation accuracy on the target (one bar per study);
-    error bars: standard deviation over seeds of each seed's best (with several seeds);
-    dots: every finished trial; diamonds: the test accuracy of a study's selected trial."""
+    grey markers: mean ± standard deviation over seeds of each seed's best (methods run with
+    several seeds); dots: every finished trial; diamonds: the test accuracy of a study's
+    selected trial."""
     summary = summaries.method_summary(trials, target)
     summary = summary[summary["best_validation"].notna()]
     if summary.empty:
@@ -76,7 +77,7 @@ def method_comparison(trials: pd.DataFrame, target: str):
                       label=f"best trial ({study})" if len(studies) > 1 else "best trial")
         ax.bar_label(bars, labels=[f"{v:.3f}" if np.isfinite(v) else "" for v in best],
                      fontsize=7, padding=2)
-        spread = rows[rows["seed_std"].notna()] if "seed_std" in rows else rows.iloc[0:0]
+        spread = rows[rows["seed_std"].notna()]
         if len(spread):  # spread over seeds, where a method ran with several
             at = [xs[methods.index(m)] + width / 4 for m in spread.index]
             ax.errorbar(at, spread["seed_mean"], yerr=spread["seed_std"], fmt="o",
@@ -88,12 +89,12 @@ def method_comparison(trials: pd.DataFrame, target: str):
             ax.scatter(x + rng.uniform(-width / 4, width / 4, len(points)), points, s=10,
                        color="black", zorder=3, label="every trial")
             plotted.extend(points)
-            test = rows["test"].get(method) if "test" in rows else None
-            if test is not None and not pd.isna(test):
+            test = rows["test"].get(method)
+            if not pd.isna(test):
                 ax.scatter([x], [test], marker="D", s=40, color="crimson", zorder=4,
                            label="test accuracy (selected trial)")
                 plotted.append(test)
-    ax.set_ylim(0, _top(plotted))
+    ax.set_ylim(0, 1.25 * _top(plotted))  # room for the legend above the bars
     ax.set_xticks(range(len(methods)), methods, rotation=30, ha="right")
     ax.set_xlabel("method (ordered by best validation accuracy)")
     ax.set_ylabel(f"{target} accuracy (fraction correct)")
@@ -101,7 +102,6 @@ def method_comparison(trials: pd.DataFrame, target: str):
     handles, labels = ax.get_legend_handles_labels()
     unique = dict(zip(labels, handles, strict=True))
     ax.legend(unique.values(), unique.keys(), fontsize=8, loc="upper right")
-    ax.set_ylim(0, 1.25 * ax.get_ylim()[1])  # room for the legend above the bars
     ax.grid(axis="y", alpha=0.3)
     return fig
 

@@ -112,12 +112,11 @@ def _summary(study: StudyRuns, ui: str) -> str:
             + (f", <b>{tested:.3f}</b> on the test split (scored once, after selection)"
                if tested is not None and not pd.isna(tested) else "")
             + f" ({_run_link(study, row['run_id'], ui)})")
-    if study.parent.get("start_time") is not None and study.parent.get("end_time") is not None:
-        start, end = study.parent["start_time"], study.parent["end_time"]
-        if not pd.isna(start) and not pd.isna(end):
-            items.append(f"study run time {(end - start).total_seconds() / 60:.1f} min "
-                         f"(started {start:%Y-%m-%d %H:%M} UTC; the parent run: base model, "
-                         "fine-tunes, search and test)")
+    start, end = study.parent.get("start_time"), study.parent.get("end_time")
+    if not pd.isna(start) and not pd.isna(end):
+        items.append(f"study run time {(end - start).total_seconds() / 60:.1f} min "
+                     f"(started {start:%Y-%m-%d %H:%M} UTC; the parent run: base model, "
+                     "fine-tunes, search and test)")
     if len(study.duplicates):
         items.append(f"{len(study.duplicates)} duplicate trial run(s) ignored (same run key "
                      "as a kept run)")
@@ -139,13 +138,11 @@ def _leaderboard(studies: list[StudyRuns], ui: str) -> str:
             "build s": trials.get("build_seconds"), "trial s": trials["duration_s"],
             "MLflow": [_run_link(study, r, ui) for r in trials["run_id"]],
         })
-        status = trials["status"].tolist()
 
-        def row_class(row, status=status):
-            index = row["#"] - 1
-            if status[index] != "finished":
+        def row_class(row):
+            if row["status"] != "finished":
                 return "failed"
-            return "best" if index == 0 else ""
+            return "best" if row["#"] == 1 else ""
 
         title = f"<h3>{html.escape(study.name)}</h3>" if len(studies) > 1 else ""
         parts.append(title + _table(frame, raw={"MLflow"}, row_class=row_class,
@@ -189,8 +186,7 @@ def _cat_settings(study: StudyRuns) -> str:
 
 
 def _cat_weights(study: StudyRuns, ui: str) -> str:
-    cat = summaries.finished(study.trials)
-    cat = cat[cat["method"] == "cat_learned"]
+    cat = summaries.cat_trials(study.trials)
     if cat.empty:
         return '<p class="note">No finished learned-CAT trial.</p>'
     best = cat.iloc[0]  # the trial table is sorted by the objective

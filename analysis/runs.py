@@ -65,24 +65,20 @@ def resolve_tracking_uri(name: str, tracking_uri: str | None = None) -> str:
     """Where a study's runs are: the given URI, else the study spec's `tracking.uri`, else
     the default SQLite store under $SOUPS_HOME: where `soups run` wrote them (it does not
     read $MLFLOW_TRACKING_URI either, so neither does this)."""
-    if tracking_uri:
-        return tracking_uri
     from soups.home import soups_home
-    from study.spec import SpecError, load_yaml
 
-    spec_file = soups_home() / name / "study.yaml"
-    if spec_file.is_file():
-        try:
-            uri = (load_yaml(spec_file).get("tracking") or {}).get("uri")
-        except (SpecError, AttributeError):
-            uri = None
-        if uri:
-            return uri
-    return f"sqlite:///{(soups_home() / 'mlflow.db').resolve()}"
+    return (tracking_uri or _spec_tracking(name).get("uri")
+            or f"sqlite:///{(soups_home() / 'mlflow.db').resolve()}")
 
 
 def _experiment_name(name: str) -> str:
     """The spec's `tracking.experiment` when the study set one, else the study name."""
+    return _spec_tracking(name).get("experiment") or name
+
+
+def _spec_tracking(name: str) -> dict:
+    """The `tracking` section of the study's saved spec ($SOUPS_HOME/NAME/study.yaml), or {}
+    when there is no such file or it is not a readable spec."""
     from soups.home import soups_home
     from study.spec import SpecError, load_yaml
 
@@ -90,9 +86,9 @@ def _experiment_name(name: str) -> str:
     try:
         data = load_yaml(spec_file) if spec_file.is_file() else {}
     except SpecError:
-        data = {}
-    return ((data.get("tracking") or {}).get("experiment") if isinstance(data, dict)
-            else None) or name
+        return {}
+    section = data.get("tracking") if isinstance(data, dict) else None
+    return section if isinstance(section, dict) else {}
 
 
 def _client(tracking_uri: str):
@@ -127,6 +123,10 @@ def _value(text: str):
     return text if isinstance(value, (list, dict)) else value
 
 
+def _status(run) -> str:
+    return STATUS.get(run.info.status, run.info.status.lower())
+
+
 def _time(ms: int | None):
     return pd.to_datetime(ms, unit="ms", utc=True) if ms else pd.NaT
 
@@ -150,7 +150,7 @@ def group(method: str, params: dict) -> str:
 def _trial_row(run, study: str) -> dict:
     params = {k: _value(v) for k, v in run.data.params.items()}
     metrics = dict(run.data.metrics)
-    status = STATUS.get(run.info.status, run.info.status.lower())
+    status = _status(run)
     if status == "finished" and "objective" not in metrics:
         status = "stopped early"  # ended by the scheduler (ASHA) before its evaluation
     method = params.pop("method", run.data.tags.get("method"))
@@ -198,8 +198,7 @@ def _order(table: pd.DataFrame) -> pd.DataFrame:
 def _finetune_row(run) -> dict:
     params = {k: _value(v) for k, v in run.data.params.items()}
     return {"skill": params.get("skill"), "rank": params.get("rank"),
-            "status": STATUS.get(run.info.status, run.info.status.lower()),
-            "run_id": run.info.run_id, **run.data.metrics,
+            "status": _status(run), "run_id": run.info.run_id, **run.data.metrics,
             **{f"param.{k}": v for k, v in params.items() if k not in ("skill", "rank")}}
 
 
@@ -229,8 +228,8 @@ def load_study(name: str, tracking_uri: str | None = None) -> StudyRuns:
         run = parents[-1]
         parent = {"run_id": run.info.run_id, "params": dict(run.data.params),
                   "tags": dict(run.data.tags), "metrics": dict(run.data.metrics),
-                  "status": STATUS.get(run.info.status, run.info.status.lower()),
-                  "start_time": _time(run.info.start_time), "end_time": _time(run.info.end_time)}
+                  "status": _status(run), "start_time": _time(run.info.start_time),
+                  "end_time": _time(run.info.end_time)}
     return StudyRuns(
         name=name, tracking_uri=uri, experiment_id=experiment.experiment_id,
         trials=_order(pd.DataFrame(kept)),
@@ -268,14 +267,8 @@ def _target_from(trials: pd.DataFrame) -> str | None:
 
 def cat_weights(study: StudyRuns, run_id: str) -> dict | None:
     """The learned CAT weights record (`cat_weights.json`) a trial run logged, or None."""
-    import tempfile
-
-    client = _client(study.tracking_uri)
-    if "cat_weights.json" not in {a.path for a in client.list_artifacts(run_id)}:
-        return None
-    with tempfile.TemporaryDirectory() as tmp:
-        path = client.download_artifacts(run_id, "cat_weights.json", tmp)
-        return json.loads(Path(path).read_text())
+    text = _artifact_text(study, run_id, "cat_weights.json")
+    return json.loads(text) if text is not None else None
 
 
 def parent_artifact_names(study: StudyRuns) -> list[str]:
@@ -287,15 +280,18 @@ def parent_artifact_names(study: StudyRuns) -> list[str]:
 
 def parent_artifact_text(study: StudyRuns, name: str) -> str | None:
     """A text artifact of the parent run (`study.yaml`, the search space), or None."""
+    return _artifact_text(study, study.parent["run_id"], name) if study.parent else None
+
+
+def _artifact_text(study: StudyRuns, run_id: str, name: str) -> str | None:
+    """A run's top-level text artifact, or None when the run did not log it."""
     import tempfile
 
-    if not study.parent:
-        return None
     client = _client(study.tracking_uri)
-    if name not in {a.path for a in client.list_artifacts(study.parent["run_id"])}:
+    if name not in {a.path for a in client.list_artifacts(run_id)}:
         return None
     with tempfile.TemporaryDirectory() as tmp:
-        return Path(client.download_artifacts(study.parent["run_id"], name, tmp)).read_text()
+        return Path(client.download_artifacts(run_id, name, tmp)).read_text()
 
 
 def metric_history(study: StudyRuns, run_id: str, key: str) -> pd.DataFrame:

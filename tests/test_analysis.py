@@ -104,24 +104,20 @@ def _write_fake_study(home: Path, study: str = STUDY, shift: float = 0.0) -> str
 
 @pytest.fixture(scope="module")
 def fake(tmp_path_factory):
-    import os
-
     import mlflow
 
     home = tmp_path_factory.mktemp("analysis_home")
-    saved = {k: os.environ.get(k) for k in ("SOUPS_HOME", "MLFLOW_TRACKING_URI")}
     saved_uri = mlflow.get_tracking_uri()
-    os.environ["SOUPS_HOME"] = str(home)
-    try:
-        uri = _write_fake_study(home)
-        yield load_study(STUDY, uri)
-    finally:
-        mlflow.set_tracking_uri(saved_uri)
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
+    # The writer (`tracking.configure`) sets MLFLOW_TRACKING_URI: setting it through the
+    # monkeypatch first (any value; the writer replaces it) restores the caller's value, or
+    # its absence, afterwards.
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("SOUPS_HOME", str(home))
+        patch.setenv("MLFLOW_TRACKING_URI", "replaced by the writer")
+        try:
+            yield load_study(STUDY, _write_fake_study(home))
+        finally:
+            mlflow.set_tracking_uri(saved_uri)
 
 
 def _non_empty(fig) -> bool:
