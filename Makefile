@@ -6,9 +6,23 @@ PY := $(VENV)/bin/python
 TORCH_VERSION ?= 2.13.0
 STAMP := $(VENV)/.installed
 
-.PHONY: venv demo test lint clean
+.PHONY: venv system demo test lint clean
 
 venv: $(STAMP)
+
+# The sandbox of generated programs (docs/sandbox.md) needs bubblewrap and libseccomp:
+# installed with apt-get where they are missing (root, or sudo), else named.
+system:
+	@if ! command -v bwrap >/dev/null 2>&1 || ! $(PYTHON) -c "import ctypes.util, sys; \
+	sys.exit(not ctypes.util.find_library('seccomp'))"; then \
+	  if command -v apt-get >/dev/null 2>&1; then \
+	    SUDO=$$([ "$$(id -u)" = 0 ] || echo sudo); \
+	    $$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq bubblewrap libseccomp2; \
+	  else \
+	    echo "install bubblewrap and libseccomp with your package manager (docs/sandbox.md)"; \
+	    exit 1; \
+	  fi; \
+	fi
 
 # torch first: deepspeed's `torch>=2.0` would otherwise pull a multi-GB CUDA build.
 $(STAMP): pyproject.toml
@@ -19,13 +33,13 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 # A new name each time, so `make demo` can be run again (a study name is never reused).
-demo: $(STAMP)
+demo: $(STAMP) system
 	$(VENV)/bin/soups run --name demo-$$(date +%Y%m%d-%H%M%S)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 
-test: $(STAMP) lint
+test: $(STAMP) system lint
 	$(VENV)/bin/pytest
 
 clean:

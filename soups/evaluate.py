@@ -1,26 +1,17 @@
-"""Evaluation: batched greedy generation with the KV cache, then per-task scoring.
-
-Scorers (the `scorer` column of a task row):
-- `final_number`: the last number of the answer must equal the reference (exact match);
-  partial credit `answered` = the answer states "The answer is N".
-- `program`: the answer is a Python program, executed in the sandbox (`soups.sandbox`) on
-  the row's calls; partial credit `parsed` (it parses and defines the function) and `ran`
-  (every call returned), then `accuracy` (every call returned the reference value).
-"""
+"""Evaluation: batched greedy generation with the KV cache, then per-task scoring
+(`soups.scoring`: stated numbers, or programs executed in the sandbox)."""
 
 from __future__ import annotations
 
-import json
-import re
 import time
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import torch
 
-NUMBER = re.compile(r"-?\d+(?:,\d{3})*(?:\.\d+)?")
-ANSWER_PHRASE = re.compile(r"answer is\s*(-?[\d,]+(?:\.\d+)?)", re.IGNORECASE)
+from soups.sandbox import BWRAP
+from soups.scoring import SCORERS, mean
+
 STOP_MARKERS = ("\n### Question", "\n### Answer")
 
 
@@ -76,77 +67,10 @@ def _cut(text: str) -> str:
     return text.strip()
 
 
-def final_number(text: str):
-    """The stated answer ("The answer is N") or else the last number in `text`."""
-    match = ANSWER_PHRASE.search(text)
-    raw = match.group(1) if match else (NUMBER.findall(text) or [None])[-1]
-    if raw is None:
-        return None
-    value = float(raw.replace(",", ""))
-    return int(value) if value.is_integer() else value
-
-
-def extract_program(text: str) -> str:
-    """The program in an answer: a fenced block when there is one, else the whole answer."""
-    fenced = re.search(r"```(?:python)?\n(.*?)```", text, re.DOTALL)
-    return fenced.group(1) if fenced else text
-
-
-def _equal(got, want) -> bool:
-    if isinstance(got, bool) or isinstance(want, bool):
-        return got == want
-    if isinstance(got, (int, float)) and isinstance(want, (int, float)):
-        return abs(got - want) <= 1e-6 * max(1.0, abs(want))
-    return got == want
-
-
-def score_final_number(rows: Sequence[dict], answers: Sequence[str]) -> tuple[list[dict], dict]:
-    records = []
-    for row, answer in zip(rows, answers, strict=True):
-        want = json.loads(row["expected"])[0]
-        got = final_number(answer)
-        records.append({"answer": answer, "predicted": got, "expected": want,
-                        "answered": bool(ANSWER_PHRASE.search(answer)),
-                        "correct": got is not None and _equal(got, want)})
-    return records, {"answered": _mean(r["answered"] for r in records)}
-
-
-def score_programs(rows: Sequence[dict], answers: Sequence[str], timeout_s: float = 2.0,
-                   workers: int = 4) -> tuple[list[dict], dict]:
-    from soups.sandbox import run_function
-
-    def run(pair):
-        row, answer = pair
-        calls = [tuple(c) for c in json.loads(row["calls"])] or [()]
-        return run_function(extract_program(answer), function=row["function"] or "solution",
-                            calls=calls, timeout_s=timeout_s)
-
-    with ThreadPoolExecutor(max_workers=workers) as pool:
-        results = list(pool.map(run, zip(rows, answers, strict=True)))
-    records = []
-    for row, answer, result in zip(rows, answers, results, strict=True):
-        want = json.loads(row["expected"])
-        correct = (result.ran and len(result.outputs) == len(want)
-                   and all(_equal(g, w) for g, w in zip(result.outputs, want, strict=True)))
-        records.append({"answer": answer, "parsed": result.parsed, "ran": result.ran,
-                        "outputs": list(result.outputs), "expected": want,
-                        "error": result.error, "correct": correct})
-    partial = {"parsed": _mean(r["parsed"] for r in records),
-               "ran": _mean(r["ran"] for r in records)}
-    return records, partial
-
-
-SCORERS = {"final_number": score_final_number, "program": score_programs}
-
-
-def _mean(values) -> float:
-    values = list(values)
-    return sum(map(float, values)) / len(values) if values else 0.0
-
-
 def evaluate_rows(model, tokenizer, task: str, rows: Sequence[dict], max_new_tokens: int = 96,
-                  batch_size: int = 32) -> TaskScores:
-    """Generate answers for `rows` (one task, one scorer) and score them."""
+                  batch_size: int = 32, sandbox: str = BWRAP) -> TaskScores:
+    """Generate answers for `rows` (one task, one scorer) and score them (programs run in
+    `sandbox`, `soups.sandbox.SANDBOXES`)."""
     rows = list(rows)
     scorers = {row["scorer"] for row in rows}
     if len(scorers) > 1:
@@ -156,8 +80,8 @@ def evaluate_rows(model, tokenizer, task: str, rows: Sequence[dict], max_new_tok
         raise ValueError(f"task {task}: unknown scorer {scorer!r}; known: {sorted(SCORERS)}")
     start = time.perf_counter()
     answers = generate(model, tokenizer, [r["prompt"] for r in rows], max_new_tokens, batch_size)
-    records, partial = SCORERS[scorer](rows, answers)
-    return TaskScores(task=task, n=len(rows), accuracy=_mean(r["correct"] for r in records),
+    records, partial = SCORERS[scorer](rows, answers, sandbox)
+    return TaskScores(task=task, n=len(rows), accuracy=mean(r["correct"] for r in records),
                       partial=partial, seconds=time.perf_counter() - start, records=records)
 
 

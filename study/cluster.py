@@ -1,5 +1,6 @@
-"""A study on a Ray cluster: the pre-flight storage check and the trial drivers (the
-`cluster` section of the spec; docs/cluster.md). On one machine both are no-ops."""
+"""A study on a Ray cluster: the pre-flight checks (the program sandbox on every node,
+shared storage) and the trial drivers (the `cluster` section of the spec; docs/cluster.md).
+On one machine the storage check and the drivers are no-ops; the sandbox is checked here."""
 
 from __future__ import annotations
 
@@ -33,10 +34,12 @@ def storage_folders(spec: StudySpec, root: Path) -> list[Path]:
 
 
 def preflight(spec: StudySpec, root: Path, log=print) -> None:
-    """Before anything is trained: every node must see the storage folders (on a
-    multi-node cluster; one node always sees its own disk)."""
+    """Before anything is trained: every node can run the program sandbox (when a task is
+    scored by running programs), and every node sees the storage folders (on a multi-node
+    cluster; one node always sees its own disk)."""
     import ray
 
+    check_sandbox(spec, log)
     if not spec.cluster.check_storage or len([n for n in ray.nodes() if n["Alive"]]) < 2:
         return
     from trainables.shared_storage import StorageNotShared, check_shared_storage
@@ -49,6 +52,25 @@ def preflight(spec: StudySpec, root: Path, log=print) -> None:
     except StorageNotShared as err:
         raise SpecError(str(err)) from None  # the CLI prints it as an error, no traceback
     log(f"shared storage: {len(folders)} folders seen by all {count} nodes")
+
+
+def check_sandbox(spec: StudySpec, log=print) -> None:
+    """Every alive node can run generated programs in `evaluation.sandbox` (SpecError
+    naming each node that cannot, and how to fix it)."""
+    from soups.sandbox import UNSAFE
+    from trainables.every_node import check_sandbox_on_nodes
+
+    if not any(task.scorer == "program" for task in spec.tasks().values()):
+        return
+    if spec.evaluation.sandbox == UNSAFE:
+        log(f"WARNING: evaluation.sandbox is {UNSAFE}: generated programs run without "
+            "isolation on every node")
+        return
+    problems = check_sandbox_on_nodes(spec.evaluation.sandbox)
+    if problems:
+        raise SpecError("generated programs cannot run in the sandbox "
+                        f"({spec.evaluation.sandbox}) on every node:\n  " + "\n  ".join(problems))
+    log(f"program sandbox: {spec.evaluation.sandbox} works on every node")
 
 
 def cluster_trainable(spec: StudySpec, context: TrialContext):

@@ -32,6 +32,7 @@ TOKEN_PATH = "~/.ray/auth_token"
 PLACEHOLDER = "CHANGE_ME"
 DATABASE_SCHEMES = ("sqlite:", "postgresql", "mysql", "mssql")
 EVERY_INTERFACE = {"0.0.0.0", "::", "[::]"}
+BWRAP_INSTALL = re.compile(r"\binstall\b.*\bbubblewrap\b")
 COMMAND_KEYS = ("initialization_commands", "setup_commands", "head_setup_commands",
                 "worker_setup_commands", "head_start_ray_commands", "worker_start_ray_commands")
 MOUNT = re.compile(r"\bmount\b[^;&|]*\s-t\s|\bmount\.(nfs4?|efs)\b|\bmount-s3\b|\bs3fs\b"
@@ -149,7 +150,8 @@ def _all_commands(config: dict) -> list[tuple[str, str]]:
 
 def project_findings(config: dict, base_dir: Path) -> list[Finding]:
     return (_head_findings(config) + _worker_findings(config) + _storage_findings(config)
-            + _install_findings(config, base_dir) + _auth_findings(config)
+            + _install_findings(config, base_dir) + _sandbox_findings(config)
+            + _auth_findings(config)
             + _exposure_findings(config) + _mlflow_findings(config)
             + _placeholder_findings(config))
 
@@ -252,6 +254,18 @@ def _install_findings(config: dict, base_dir: Path) -> list[Finding]:
         if gpu and torch and "whl/cpu" in setup[torch[0]] and "nvidia-smi" not in setup[torch[0]]:
             findings.append(Finding(key, f"node type {name} has GPUs but installs the CPU "
                                     "build of torch"))
+    return findings
+
+
+def _sandbox_findings(config: dict) -> list[Finding]:
+    """Every node runs generated programs in bubblewrap (docs/sandbox.md), so every node
+    type's setup installs it; the study checks on each node before it starts."""
+    findings = []
+    for name in config["available_node_types"]:
+        if not any(BWRAP_INSTALL.search(c) for c in node_setup(config, name)):
+            findings.append(Finding(f"available_node_types.{name}", f"node type {name}: no "
+                                    "setup command installs bubblewrap (the sandbox of "
+                                    "generated programs: apt-get install -y bubblewrap)"))
     return findings
 
 

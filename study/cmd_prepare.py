@@ -39,6 +39,9 @@ def evaluate(
     split: str = typer.Option("validation", help="Split to score (test only once, at the end)."),
     limit: int = typer.Option(0, help="Score only the first N examples (0 = all)."),
     out: Path = typer.Option(None, help="Write scores and every answer to this JSON file."),
+    sandbox: str = typer.Option("bwrap", help="Where generated programs run: bwrap (a kernel "
+                                "sandbox per program, docs/sandbox.md) or unsafe_subprocess "
+                                "(no isolation; only inside a container of your own)."),
 ) -> None:
     """Score a model (and optionally a LoRA adapter) on each task: accuracy with partial
     credit (answered / parsed / ran)."""
@@ -46,20 +49,30 @@ def evaluate(
     from soups.data import DataSettings, build_task_datasets, load_task_dataset
     from soups.evaluate import evaluate_rows, load_model
     from soups.home import cache_dir
+    from soups.sandbox import SANDBOXES, SandboxUnavailable, check_sandbox
 
+    if sandbox not in SANDBOXES:
+        raise typer.BadParameter(f"{sandbox!r} is not one of {', '.join(SANDBOXES)}",
+                                 param_hint="--sandbox")
     model_dir = model or build_base_model(cache_dir("base_models"), BaseModelSettings())
     data_dir = data or build_task_datasets(cache_dir("datasets"), DataSettings())
     for name in task:
         if not (Path(data_dir) / name).exists():
             raise typer.BadParameter(f"no dataset for task {name!r} in {data_dir}",
                                      param_hint="--task")
+    rows = {name: load_task_dataset(Path(data_dir) / name, split) for name in task}
+    if limit:
+        rows = {name: r.select(range(min(limit, len(r)))) for name, r in rows.items()}
+    if any("program" in r.unique("scorer") for r in rows.values()):
+        try:
+            check_sandbox(sandbox)  # before the model loads: fail in a second, not a minute
+        except SandboxUnavailable as err:
+            typer.secho(f"error: {err}", fg="red", err=True)
+            raise typer.Exit(2) from None
     lm, tokenizer = load_model(model_dir, adapter)
     report = {}
     for name in task:
-        rows = load_task_dataset(Path(data_dir) / name, split)
-        if limit:
-            rows = rows.select(range(min(limit, len(rows))))
-        scores = evaluate_rows(lm, tokenizer, name, rows)
+        scores = evaluate_rows(lm, tokenizer, name, rows[name], sandbox=sandbox)
         partial = "  ".join(f"{k} {v:.3f}" for k, v in scores.partial.items())
         typer.echo(f"{name:<10} {split:<10} n={scores.n:<4} accuracy {scores.accuracy:.3f}  "
                    f"{partial}  ({scores.seconds:.1f} s)")

@@ -121,6 +121,10 @@ class Evaluation(Strict):
     max_new_tokens: int = 96
     batch_size: int = 32
     skills: bool = True  # also score every skill's validation split (retention)
+    # Where model-generated programs run (docs/sandbox.md): `bwrap`, a kernel sandbox per
+    # program; `unsafe_subprocess` runs them with no isolation at all, only for users who
+    # run the whole study inside a throw-away container of their own.
+    sandbox: Literal["bwrap", "unsafe_subprocess"] = "bwrap"
 
 
 class Tracking(Strict):

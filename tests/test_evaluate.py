@@ -6,15 +6,8 @@ import json
 import pytest
 import torch
 
-from soups.evaluate import (
-    evaluate_rows,
-    extract_program,
-    final_number,
-    generate,
-    load_model,
-    score_final_number,
-    score_programs,
-)
+from soups.evaluate import evaluate_rows, generate, load_model
+from soups.scoring import extract_program, final_number, score_final_number, score_programs
 
 pytestmark = pytest.mark.unit
 

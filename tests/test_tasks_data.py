@@ -14,7 +14,7 @@ from soups.data import (
     generate_rows,
     load_task_dataset,
 )
-from soups.evaluate import final_number
+from soups.scoring import final_number
 from soups.tasks import TARGET_INSTRUCTION
 from soups.tasks.pretrain import pretraining_example
 from soups.tasks.problems import word_problem

@@ -21,6 +21,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from soups.sandbox import BWRAP
 from trainables import tracking
 
 ADAPTER_DIR = "adapter"
@@ -142,7 +143,8 @@ def evaluate_candidate(ctx: TrialContext, adapter: str | None, split: str, tasks
         rows = load_rows(ctx, task, split, limit)
         scores = evaluate_rows(model, tokenizer, task, rows,
                                ctx.evaluation.get("max_new_tokens", 96),
-                               ctx.evaluation.get("batch_size", 32))
+                               ctx.evaluation.get("batch_size", 32),
+                               ctx.evaluation.get("sandbox", BWRAP))
         metrics.update({f"{split}/{k}": v for k, v in scores.metrics().items()})
         metrics[f"{split}/{task}/eval_seconds"] = scores.seconds
     return metrics

@@ -16,6 +16,8 @@ import socket
 import uuid
 from pathlib import Path
 
+from trainables.every_node import on_every_node
+
 PROBE_DIR = ".soups-shared-check"
 
 
@@ -62,29 +64,18 @@ def unshared(folders: list[str], answers: dict[str, dict[str, str]], token: str
 def check_shared_storage(folders: list[str | Path], timeout_s: float = 120) -> int:
     """Raise `StorageNotShared` unless every alive Ray node sees every folder (created here
     if missing). Returns the number of nodes checked. Needs `ray.init()` first."""
-    import ray
-    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
-
     names = sorted({str(Path(f).resolve()) for f in folders})
     token = uuid.uuid4().hex
     for folder in names:
         probe_dir = Path(folder) / PROBE_DIR / token
         probe_dir.mkdir(parents=True, exist_ok=True)
         (probe_dir / "token").write_text(token)
-    nodes = [n["NodeID"] for n in ray.nodes() if n["Alive"]]
-    task = ray.remote(probe)
     try:
-        refs = {node: task.options(num_cpus=0, max_retries=0,
-                                   scheduling_strategy=NodeAffinitySchedulingStrategy(
-                                       node, soft=False)).remote(names, token, node)
-                for node in nodes}
-        answers = {}
-        for node, ref in refs.items():
-            try:
-                answers[node] = ray.get(ref, timeout=timeout_s)
-            except ray.exceptions.RayError as err:
-                answers[node] = {f: f"the check could not run there ({type(err).__name__})"
-                                 for f in names}
+        answers = {node: answer if isinstance(answer, dict) else
+                   {f: f"the check could not run there ({type(answer).__name__})"
+                    for f in names}
+                   for node, answer in on_every_node(probe, names, token,
+                                                     timeout_s=timeout_s).items()}
         problems = unshared(names, answers, token)
     finally:
         for folder in names:
@@ -99,4 +90,4 @@ def check_shared_storage(folders: list[str | Path], timeout_s: float = 120) -> i
             + "\n  ".join(problems) + "\nput SOUPS_HOME (or the study's `storage`) on a file "
             "system mounted at the same path on every node (cluster.yaml: SOUPS_SHARED), "
             "or set cluster.check_storage: false if you know better")
-    return len(nodes)
+    return len(answers)
