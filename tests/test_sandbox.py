@@ -1,16 +1,43 @@
-"""The sandbox: correct programs return their values; programs that loop, allocate without
-bound, write outside their directory, spawn processes, read our secrets or kill their
-parent are scored as not run, and harm nothing."""
+"""The program sandbox (docs/sandbox.md): honest programs return their values; hostile ones
+(tests/sandbox_attacks.py) are scored wrong, change nothing outside, leave no process behind,
+and never cost another row its score; under this user and under an unprivileged one."""
 
+from __future__ import annotations
+
+import json
 import os
+import shutil
+import socket
+import stat
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import pytest
+import sandbox_attacks  # tests/ is on sys.path (rootdir conftest)
 
-from soups.sandbox import ExecutionResult, run_function, run_many
+from soups.sandbox import (
+    UNSAFE,
+    ExecutionResult,
+    ProgramJob,
+    SandboxUnavailable,
+    bwrap,
+    check_sandbox,
+    run,
+    run_function,
+    run_many,
+    seccomp,
+)
+from soups.sandbox.result import MAX_RESULT_BYTES, parse_result
+from soups.scoring import values_equal
 
 pytestmark = pytest.mark.unit
+ROOT = Path(__file__).resolve().parents[1]
+NOBODY = 65534
 
+
+# ---- honest programs -------------------------------------------------------------------
 
 def test_correct_program_returns_its_values():
     program = "def add(a, b):\n    return a + b"
@@ -22,6 +49,8 @@ def test_syntax_error_and_missing_function_do_not_parse():
     assert not run_function("def solution(:\n    return 1").parsed
     result = run_function("def other():\n    return 1")
     assert not result.parsed and "solution" in result.error
+    nested = run_function("class A:\n    def solution():\n        return 1")  # not top level
+    assert not nested.parsed and "solution" in nested.error
 
 
 def test_exception_is_not_ran():
@@ -29,46 +58,160 @@ def test_exception_is_not_ran():
     assert result.parsed and not result.ran and "ZeroDivisionError" in result.error
 
 
-def test_infinite_loop_and_sleep_time_out():
-    start = time.monotonic()
-    spin = run_function("def solution():\n    while True:\n        pass", timeout_s=1)
-    sleep = run_function("import time\ndef solution():\n    time.sleep(60)", timeout_s=1)
-    assert not spin.ran and "timeout" in spin.error
-    assert not sleep.ran and sleep.error == "timeout"
-    assert time.monotonic() - start < 10
+def test_standard_library_works():
+    program = ("import math, itertools, fractions, decimal, re, collections, functools, json\n"
+               "import statistics, datetime, heapq, bisect, string, random, operator\n"
+               "def solution():\n    random.seed(0)\n"
+               "    return [math.factorial(5), statistics.median([3, 1, 2]),\n"
+               "            str(fractions.Fraction(2, 4)), heapq.nsmallest(1, [5, 2])[0]]")
+    assert run_function(program).outputs == ([120, 2, "1/2", 2],)
 
 
-def test_unbounded_allocation_is_stopped():
-    result = run_function("def solution():\n    x = []\n    while True:\n"
-                          "        x.append(bytearray(10**7))", memory_mb=128)
-    assert not result.ran and "MemoryError" in result.error
+def test_stdout_noise_and_odd_values():
+    program = "def solution():\n    print('noise ' * 1000)\n    return {1, 2}"
+    assert run_function(program).outputs == ("{1, 2}",)
 
 
-def test_writes_outside_the_work_dir_are_refused(tmp_path):
-    target = tmp_path / "owned.txt"
-    program = f"def solution():\n    open({str(target)!r}, 'w').write('x')\n    return 1"
-    assert not run_function(program).ran
-    assert not target.exists()
-    inside = "def solution():\n    open('a.txt', 'w').write('ok')\n    return open('a.txt').read()"
-    assert run_function(inside).outputs == ("ok",)
+def test_run_many_keeps_order():
+    jobs = [ProgramJob(f"def solution():\n    return {i}") for i in range(24)]
+    results = run_many(jobs, workers=4)
+    assert [r.outputs for r in results] == [(i,) for i in range(24)]
 
 
-def test_parent_survives_kill_attempts():
-    for program in ("import os\ndef solution():\n    os.kill(os.getppid(), 9)",
-                    "import os\ndef solution():\n    os.killpg(0, 9)",
-                    "import os, signal\ndef solution():\n    os.kill(1, signal.SIGTERM)"):
-        assert not run_function(program).ran
-    assert run_function("def solution():\n    return 1").outputs == (1,)  # we are alive
+def test_the_sandbox_sees_only_the_interpreter_and_libraries():
+    program = ("import os\ndef solution(paths):\n"
+               "    return [sorted(os.listdir('/')), os.getuid(), os.getpid(),\n"
+               "            [p for p in paths if os.path.exists(p)]]")
+    secret_places = [str(ROOT), sys.prefix, "/proc/self", "/dev/null", "/etc/passwd",
+                     "/home", "/usr/bin", os.environ.get("SOUPS_HOME", "/nonexistent")]
+    ((top, uid, pid, visible),) = run_function(program, calls=[(secret_places,)]).outputs
+    assert set(top) <= {"tmp", "usr", "lib", "lib64", "lib32", "etc", "root", "opt", "home"}
+    assert uid == NOBODY and pid == 2  # own user and pid namespaces
+    assert visible == []
 
 
-def test_process_creation_is_refused():
-    fork_bomb = "import os\ndef solution():\n    while True:\n        os.fork()"
-    spawn = "import subprocess\ndef solution():\n    subprocess.run(['sleep', '30'])"
-    system = "import os\ndef solution():\n    os.system('touch /tmp/soups-pwned')"
-    for program in (fork_bomb, spawn, system):
-        result = run_function(program, timeout_s=2)
-        assert not result.ran
-    assert not os.path.exists("/tmp/soups-pwned")
+def test_the_seccomp_filter_is_a_bpf_program():
+    program = seccomp.filter_program()
+    assert len(program) % 8 == 0 and len(program) // 8 > len(seccomp.DENIED)
+
+
+# ---- hostile programs ------------------------------------------------------------------
+
+# attack name -> text its record must show (in its outputs or its error)
+EXPECTED_FAILURES = {
+    "tcp connect": "PermissionError", "native tcp connect": "AssertionError",
+    "unix socket": "PermissionError", "dns": "gaierror", "fork": "PermissionError",
+    "subprocess": "PermissionError", "native memfd": "AssertionError",
+    "memfd beyond the memory limit": "PermissionError", "read answer key": "FileNotFoundError",
+    "write evaluator file": "FileNotFoundError", "write the root": "OSError",
+    "mknod": "PermissionError", "mkfifo": "PermissionError", "memory": "MemoryError",
+    "fill the tmpfs": "OSError", "one big file": "OSError", "open files": "OSError",
+    "cpu": "timeout", "sleep": "timeout", "threads": "RuntimeError", "x32 system call": "crashed",
+    "see other processes": "AssertionError", "read /proc of others": "FileNotFoundError",
+    "forged result: empty list": "malformed result", "forged result: huge integer":
+    "<int of 5001 digits>", "site-packages native modules": "ModuleNotFoundError",
+    "forged result: deep nesting": "malformed result",
+    "forged result: not utf-8": "malformed result", "forged result: two objects":
+    "malformed result", "forged result: too large": "malformed result",
+    "forged result: wrong count": "malformed result",
+    "forged result: missing keys": "malformed result",
+    "unary minus parser bomb": "", "return huge string": "result too large",
+}
+
+
+def _snapshot(folder: Path) -> dict:
+    out = {}
+    for path in sorted(folder.rglob("*")):
+        info = path.lstat()
+        out[str(path.relative_to(folder))] = (info.st_mode, info.st_size, info.st_mtime_ns,
+                                              path.read_bytes() if path.is_file() else None)
+    return out
+
+
+def _canary(folder: Path, owner: int | None = None) -> Path:
+    """The evaluator's files a program must not read or touch: the answer key (world
+    readable, as datasets are) and a file of the evaluator's own."""
+    folder.mkdir(mode=0o755)
+    (folder / "answers.json").write_text(json.dumps({"expected": sandbox_attacks.SECRET}))
+    (folder / "mine.txt").write_text("evaluator's file")
+    for path in (folder, *folder.iterdir()):
+        os.chmod(path, 0o755 if path.is_dir() else 0o644)
+        if owner is not None:
+            os.chown(path, owner, owner)
+    return folder
+
+
+def _listener() -> socket.socket:
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen()
+    server.setblocking(False)
+    return server
+
+
+def _check_battery(records: list[dict], canary: Path, before: dict, server: socket.socket,
+                   tmp_before: set) -> None:
+    names = [r["name"] for r in sandbox_attacks.rows(str(canary), 1)]
+    assert [r["name"] for r in records] == names  # a record for every row, in order
+    broken = [r for r in records if r["kind"] == "attack" and r["correct"]]
+    assert not broken, broken
+    honest = [r for r in records if r["kind"] == "honest"]
+    assert len(honest) == len(sandbox_attacks.HONEST)
+    assert all(r["correct"] for r in honest), [r for r in honest if not r["correct"]]
+    by_name = {r["name"]: r for r in records}
+    for name, text in EXPECTED_FAILURES.items():
+        shown = " ".join(by_name[name]["outputs"]) + " " + (by_name[name]["error"] or "")
+        assert text in shown, (name, by_name[name])
+    assert by_name["return huge integer"]["ran"] and by_name["deep directory chain"]["ran"]
+    assert _snapshot(canary) == before  # nothing read back, written, renamed or linked
+    with pytest.raises(BlockingIOError):
+        server.accept()  # nobody connected to the evaluator's loopback port
+    assert not Path("/planted").exists()
+    assert set(os.listdir("/tmp")) == tmp_before
+    assert sandbox_attacks.sandbox_processes() == []  # no sandbox survives its row
+
+
+def test_hostile_programs_as_this_user(tmp_path):
+    canary = _canary(tmp_path / "canary")
+    before, tmp_before = _snapshot(canary), set(os.listdir("/tmp"))
+    with _listener() as server:
+        records = sandbox_attacks.run_battery(str(canary), server.getsockname()[1])
+        _check_battery(records, canary, before, server, tmp_before)
+
+
+SYSTEM_PYTHON = "/usr/bin/python3"
+
+
+@pytest.mark.skipif(os.getuid() != 0, reason="needs root to become an unprivileged user")
+@pytest.mark.skipif(not os.access(SYSTEM_PYTHON, os.X_OK), reason="no system Python")
+def test_hostile_programs_as_an_unprivileged_user():
+    """As a typical cluster node runs it: the evaluator is an ordinary user, whose files
+    and environment the program must not reach either."""
+    import tempfile
+
+    work = Path(tempfile.mkdtemp(prefix="soups-nonroot-"))
+    try:
+        os.chmod(work, 0o755)
+        shutil.copytree(ROOT / "soups", work / "soups",
+                        ignore=shutil.ignore_patterns("__pycache__"))
+        shutil.copy(ROOT / "tests" / "sandbox_attacks.py", work)
+        for path in work.rglob("*"):
+            os.chmod(path, 0o755 if path.is_dir() else 0o644)
+        canary = _canary(work / "canary", owner=NOBODY)
+        before, tmp_before = _snapshot(canary), set(os.listdir("/tmp"))
+        with _listener() as server:
+            done = subprocess.run(
+                [SYSTEM_PYTHON, str(work / "sandbox_attacks.py"), str(canary),
+                 str(server.getsockname()[1])], cwd=work, user=NOBODY, group=NOBODY,
+                extra_groups=[], env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(work),
+                                      "SECRET_TOKEN": "hunter2"},
+                capture_output=True, text=True, timeout=600, stdin=subprocess.DEVNULL)
+            assert done.returncode == 0, done.stderr[-3000:]
+            records = json.loads(done.stdout)
+            _check_battery(records, canary, before, server, tmp_before)
+        assert "hunter2" not in done.stdout
+    finally:
+        shutil.rmtree(work)
 
 
 def test_secrets_are_not_inherited(monkeypatch):
@@ -79,17 +222,110 @@ def test_secrets_are_not_inherited(monkeypatch):
     assert "secret-token" not in str(env) and "hunter2" not in str(env)
 
 
-def test_network_is_refused():
-    program = "import socket\ndef solution():\n    socket.socket()\n    return 1"
-    assert not run_function(program).ran
+def test_a_timed_out_sandbox_is_gone_within_its_deadline():
+    start = time.monotonic()
+    result = run_function("import time\ndef solution():\n    time.sleep(60)", timeout_s=0.5)
+    assert result.error == "timeout" and time.monotonic() - start < 5
+    assert sandbox_attacks.sandbox_processes() == []
 
 
-def test_stdout_noise_and_odd_values():
-    program = "def solution():\n    print('noise ' * 1000)\n    return {1, 2}"
-    assert run_function(program).outputs == ("{1, 2}",)
+# ---- the parent's reading of results, and comparison -----------------------------------
+
+@pytest.mark.parametrize("data", [
+    b"", b"[]", b"null", b"{}", b'{"ran": true}', b"\xff\xfe",
+    b'{"parsed": true, "ran": true, "outputs": [' + b"[" * 50000 + b"]" * 50000 + b'], '
+    b'"error": null}',
+    b'{"parsed": true, "ran": true, "outputs": [1, 2], "error": null}',  # 2 values, 1 call
+    b'{"parsed": false, "ran": true, "outputs": [1], "error": null}',
+    b'{"parsed": true, "ran": false, "outputs": [1], "error": "x"}',
+    b'{"parsed": true, "ran": true, "outputs": ["' + b"x" * 20000 + b'"], "error": null}',
+    b'{"parsed": "yes", "ran": true, "outputs": [1], "error": null}',
+    b'{"parsed": true, "ran": true, "outputs": [1], "error": null, "extra": 1}',
+    b"[" * (MAX_RESULT_BYTES + 1),
+])
+def test_malformed_results_never_raise(data):
+    assert isinstance(parse_result(data, 1), str)
 
 
-def test_run_many_keeps_order():
-    programs = [f"def solution():\n    return {i}" for i in range(24)]
-    results = run_many(programs, workers=4)
-    assert [r.outputs for r in results] == [(i,) for i in range(24)]
+def test_well_formed_results_are_read_exactly():
+    data = b'{"parsed": true, "ran": true, "outputs": [[1, 2.5, "a", null, NaN]], "error": null}'
+    result = parse_result(data, 1)
+    assert result.ran and result.outputs[0][:4] == [1, 2.5, "a", None]
+    assert parse_result(b'{"parsed": true, "ran": true, "outputs": [1' + b"0" * 450 + b'], '
+                        b'"error": null}', 1).outputs == ("<int of 451 digits>",)
+    huge = b'{"parsed": true, "ran": true, "outputs": [1' + b"0" * 5000 + b'], "error": null}'
+    assert parse_result(huge, 1).outputs == ("<int of 5001 digits>",)  # never int() it
+
+
+@pytest.mark.parametrize("got, want, equal", [
+    (10 ** 400, 1.5, False), (10 ** 400, 10 ** 400, True), (float("inf"), 1.0, False),
+    (float("inf"), float("inf"), True), (float("nan"), float("nan"), False),
+    (0.1 + 0.2, 0.3, True), (3, 3.0000001, True), (3, 3.01, False), ("3", 3, False),
+    (True, 1, False), (1, True, False), (True, True, True), ([1, [2.0]], [1, [2]], True),
+    ([1], [1, 2], False), ({"a": 1}, {"a": 1.0}, True), (None, None, True), (None, 0, False),
+    ("<int of 451 digits>", 10 ** 450, False), (1e308 * 10, 1e308, False),
+])
+def test_comparison_is_total(got, want, equal):
+    assert values_equal(got, want) is equal
+
+
+def test_deep_values_compare_without_recursion_errors():
+    deep = []
+    for _ in range(10000):
+        deep = [deep]
+    assert values_equal(deep, deep) is False  # beyond the depth bound: not the reference
+
+
+# ---- where the sandbox cannot run ------------------------------------------------------
+
+@pytest.fixture()
+def fresh_probe():
+    run._probe_bwrap.cache_clear()
+    yield
+    run._probe_bwrap.cache_clear()
+
+
+def test_missing_bubblewrap_says_how_to_install_it(fresh_probe, monkeypatch):
+    monkeypatch.setattr(bwrap, "find_bwrap", lambda: None)
+    with pytest.raises(SandboxUnavailable, match="apt-get install bubblewrap"):
+        check_sandbox()
+    with pytest.raises(SandboxUnavailable, match=UNSAFE):
+        run_function("def solution():\n    return 1")
+
+
+def test_forbidden_user_namespaces_name_the_fix(fresh_probe, monkeypatch, tmp_path):
+    fake = tmp_path / "bwrap"
+    fake.write_text("#!/bin/sh\necho 'bwrap: setting up uid map: Permission denied' >&2\n"
+                    "exit 1\n")
+    fake.chmod(fake.stat().st_mode | stat.S_IEXEC)
+    monkeypatch.setattr(bwrap, "find_bwrap", lambda: str(fake))
+    with pytest.raises(SandboxUnavailable, match="apparmor_restrict_unprivileged_userns"):
+        check_sandbox()
+
+
+def test_missing_libseccomp_says_how_to_install_it(fresh_probe, monkeypatch):
+    def missing():
+        raise seccomp.SeccompUnavailable("libseccomp is not installed; apt-get install "
+                                         "libseccomp2")
+
+    monkeypatch.setattr(seccomp, "filter_program", missing)
+    with pytest.raises(SandboxUnavailable, match="libseccomp2"):
+        check_sandbox()
+
+
+def test_unknown_sandbox_is_refused():
+    with pytest.raises(ValueError, match="'docker'"):
+        check_sandbox("docker")
+
+
+def test_unsafe_subprocess_runs_programs_and_says_so(capfd):
+    run._warn_unsafe.cache_clear()
+    deep = ("import os\ndef solution():\n    for _ in range(3000):\n        os.mkdir('d')\n"
+            "        os.chdir('d')\n    return 7")
+    results = run_many([ProgramJob("def solution():\n    return 41 + 1"), ProgramJob(deep),
+                        ProgramJob("def solution():\n    while True:\n        pass")],
+                       timeout_s=1, sandbox=UNSAFE)
+    assert [r.outputs for r in results[:2]] == [(42,), (7,)]
+    assert "timeout" in results[2].error
+    assert "WITHOUT isolation" in capfd.readouterr().err
+    assert not [p for p in os.listdir("/tmp") if p.startswith("soups-unsafe-")]

@@ -80,8 +80,8 @@ def mount_args() -> tuple[str, ...]:
     return tuple(args)
 
 
-def command(bwrap: str, harness: str, result_fd: int, seccomp_fd: int, tmp_mb: int
-            ) -> list[str]:
+def command(bwrap: str, harness: str, result_fd: int, seccomp_fd: int, info_fd: int,
+            tmp_mb: int) -> list[str]:
     """The full command: bwrap, its options, then the interpreter running `harness`."""
     return [
         bwrap, "--unshare-all", "--unshare-user", "--disable-userns", "--die-with-parent",
@@ -90,6 +90,6 @@ def command(bwrap: str, harness: str, result_fd: int, seccomp_fd: int, tmp_mb: i
         *mount_args(),
         "--size", str(tmp_mb << 20), "--tmpfs", WORK_DIR, "--chdir", WORK_DIR,
         "--remount-ro", "/",
-        "--seccomp", str(seccomp_fd),
+        "--seccomp", str(seccomp_fd), "--info-fd", str(info_fd),
         "--", interpreter(), *INTERPRETER_FLAGS, "-c", harness, str(result_fd),
     ]

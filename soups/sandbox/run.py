@@ -62,27 +62,37 @@ def _defines(program: str, function: str) -> bool:
                      program, re.MULTILINE) is not None
 
 
-def _spawn(sandbox: str, work: str | None, result_w: int, stderr) -> subprocess.Popen:
+def _spawn(sandbox: str, work: str | None, result_w: int, stderr
+           ) -> tuple[subprocess.Popen, int]:
+    """Start the sandbox; returns it and the read end of bwrap's info pipe (-1 without
+    bwrap), which tells the pid of the sandbox's init process."""
     if sandbox == BWRAP:
         program = bwrap.find_bwrap()
         if program is None:
             raise SandboxUnavailable(f"bubblewrap (bwrap) is not installed; {INSTALL_HINT}")
         filter_r, filter_w = os.pipe()
+        info_r, info_w = os.pipe()
         try:
             os.write(filter_w, seccomp.filter_program())  # a few KiB: fits the pipe buffer
             os.close(filter_w)
-            return subprocess.Popen(
-                bwrap.command(program, HARNESS, result_w, filter_r, TMP_MB), cwd="/",
+            proc = subprocess.Popen(
+                bwrap.command(program, HARNESS, result_w, filter_r, info_w, TMP_MB), cwd="/",
                 env={}, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=stderr,
-                pass_fds=(result_w, filter_r), start_new_session=True)
+                pass_fds=(result_w, filter_r, info_w), start_new_session=True)
+        except BaseException:
+            os.close(info_r)
+            raise
         finally:
             os.close(filter_r)
+            os.close(info_w)
+        return proc, info_r
     _warn_unsafe()
-    return subprocess.Popen(
+    proc = subprocess.Popen(
         [bwrap.interpreter(), *bwrap.INTERPRETER_FLAGS, "-c", HARNESS, str(result_w)],
         cwd=work, env={"PATH": "/usr/bin:/bin"}, stdin=subprocess.PIPE,
         stdout=subprocess.DEVNULL, stderr=stderr, pass_fds=(result_w,),
         start_new_session=True)
+    return proc, -1
 
 
 @functools.cache
@@ -125,13 +135,21 @@ def _exchange(proc: subprocess.Popen, job: bytes, result_r: int, deadline_s: flo
             return b"".join(chunks), False
 
 
-def _stop(proc: subprocess.Popen, grace_s: float) -> None:
+def _stop(proc: subprocess.Popen, info_r: int, grace_s: float) -> None:
     """Give the sandbox `grace_s` to exit by itself (the result pipe closes just before
-    bwrap exits), then kill its process group (bwrap; its pid namespace dies with it)."""
+    bwrap exits), then kill it. Killing the sandbox's init (pid 1 of its namespace) makes the
+    kernel kill and reap every process in the namespace before init is reaped, and bwrap
+    exits after init: once `proc` is reaped, nothing of the sandbox is left."""
     try:
         proc.wait(timeout=max(0.0, grace_s))
     except subprocess.TimeoutExpired:
-        pass
+        init = _sandbox_init(proc.pid, info_r)
+        if init is not None:
+            try:
+                os.kill(init, signal.SIGKILL)
+                proc.wait(timeout=10)
+            except (ProcessLookupError, PermissionError, subprocess.TimeoutExpired):
+                pass
     try:
         os.killpg(proc.pid, signal.SIGKILL)
     except (ProcessLookupError, PermissionError):
@@ -142,6 +160,20 @@ def _stop(proc: subprocess.Popen, grace_s: float) -> None:
             proc.stdin.close()
         except OSError:
             pass
+
+
+def _sandbox_init(bwrap_pid: int, info_r: int) -> int | None:
+    """The pid bwrap reported for the sandbox's init, if it is still bwrap's child (the
+    check keeps a forged report from naming any other process)."""
+    if info_r < 0 or not select.select([info_r], [], [], 0)[0]:
+        return None
+    try:
+        pid = int(json.loads(os.read(info_r, 65536).decode())["child-pid"])
+        with open(f"/proc/{pid}/stat") as handle:
+            parent = int(handle.read().rsplit(")", 1)[1].split()[1])
+    except (OSError, ValueError, KeyError, TypeError, IndexError):
+        return None
+    return pid if parent == bwrap_pid else None
 
 
 def _crash_reason(code: int | None) -> str:
@@ -169,17 +201,17 @@ def run_job(job: ProgramJob, timeout_s: float = 2.0, memory_mb: int = 256,
                "open_files": OPEN_FILES, "result_bytes": MAX_RESULT_BYTES}
     work = tempfile.mkdtemp(prefix="soups-unsafe-") if sandbox == UNSAFE else None
     result_r, result_w = os.pipe()
-    proc, timed_out = None, True
+    proc, info_r, timed_out = None, -1, True
     try:
-        proc = _spawn(sandbox, work, result_w, stderr)
+        proc, info_r = _spawn(sandbox, work, result_w, stderr)
         os.close(result_w)
         result_w = -1
         data, timed_out = _exchange(proc, json.dumps(payload).encode(), result_r,
                                     timeout_s + STARTUP_SLACK_S)
     finally:
         if proc is not None:
-            _stop(proc, grace_s=0 if timed_out else EXIT_GRACE_S)
-        for fd in (result_r, result_w):
+            _stop(proc, info_r, grace_s=0 if timed_out else EXIT_GRACE_S)
+        for fd in (result_r, result_w, info_r):
             if fd >= 0:
                 os.close(fd)
         if work is not None:

@@ -22,14 +22,12 @@ import functools
 import os
 
 ALLOW = 0x7FFF0000  # SCMP_ACT_ALLOW
-CMP_MASKED_EQ = 7  # SCMP_CMP_MASKED_EQ: (arg & datum_a) == datum_b
-CLONE_THREAD = 0x00010000
 
 # Each refused with EPERM. Names missing on an architecture (fork on aarch64) are skipped.
 DENIED = (
-    # new processes (threads stay allowed: clone with CLONE_THREAD, below) and other processes
-    "fork", "vfork", "ptrace", "process_vm_readv", "process_vm_writev", "process_madvise",
-    "kcmp", "pidfd_open", "pidfd_getfd", "pidfd_send_signal",
+    # new processes and threads (a scored function needs neither), and other processes
+    "fork", "vfork", "clone", "clone3", "ptrace", "process_vm_readv", "process_vm_writev",
+    "process_madvise", "kcmp", "pidfd_open", "pidfd_getfd", "pidfd_send_signal",
     # network and local IPC (the network namespace has only a loopback, this closes it too)
     "socket", "socketpair", "mq_open", "msgget", "semget", "shmget",
     # memory that RLIMIT_AS does not count, and files that bypass the tmpfs size limit
@@ -52,11 +50,6 @@ class SeccompUnavailable(RuntimeError):
     """libseccomp cannot be loaded or refused to build the filter."""
 
 
-class _ArgCmp(ctypes.Structure):  # struct scmp_arg_cmp
-    _fields_ = [("arg", ctypes.c_uint), ("op", ctypes.c_int),
-                ("datum_a", ctypes.c_uint64), ("datum_b", ctypes.c_uint64)]
-
-
 def _errno_action(code: int) -> int:  # SCMP_ACT_ERRNO(code)
     return 0x00050000 | (code & 0xFFFF)
 
@@ -72,8 +65,8 @@ def _library() -> ctypes.CDLL:
     lib.seccomp_init.restype = ctypes.c_void_p
     lib.seccomp_init.argtypes = [ctypes.c_uint32]
     lib.seccomp_syscall_resolve_name.argtypes = [ctypes.c_char_p]
-    lib.seccomp_rule_add_array.argtypes = [ctypes.c_void_p, ctypes.c_uint32, ctypes.c_int,
-                                           ctypes.c_uint, ctypes.POINTER(_ArgCmp)]
+    lib.seccomp_rule_add_exact.argtypes = [ctypes.c_void_p, ctypes.c_uint32, ctypes.c_int,
+                                           ctypes.c_uint]
     lib.seccomp_export_bpf.argtypes = [ctypes.c_void_p, ctypes.c_int]
     lib.seccomp_release.argtypes = [ctypes.c_void_p]
     return lib
@@ -87,21 +80,13 @@ def filter_program() -> bytes:
     if not ctx:
         raise SeccompUnavailable("seccomp_init failed")
     try:
-        def rule(name: str, action: int, *cmps: _ArgCmp) -> None:
+        for name in DENIED:
             number = lib.seccomp_syscall_resolve_name(name.encode())
             if number < 0:  # not a system call of this architecture
-                return
-            array = (_ArgCmp * len(cmps))(*cmps) if cmps else None
-            code = lib.seccomp_rule_add_array(ctx, action, number, len(cmps), array)
+                continue
+            code = lib.seccomp_rule_add_exact(ctx, _errno_action(errno.EPERM), number, 0)
             if code != 0:
                 raise SeccompUnavailable(f"libseccomp refused the rule for {name} ({code})")
-
-        for name in DENIED:
-            rule(name, _errno_action(errno.EPERM))
-        # clone without CLONE_THREAD is fork; clone3 keeps its flags in memory a filter
-        # cannot read, so it reports ENOSYS and the C library falls back to clone.
-        rule("clone", _errno_action(errno.EPERM), _ArgCmp(0, CMP_MASKED_EQ, CLONE_THREAD, 0))
-        rule("clone3", _errno_action(errno.ENOSYS))
         read_fd, write_fd = os.pipe()
         try:
             code = lib.seccomp_export_bpf(ctx, write_fd)
