@@ -81,6 +81,15 @@ def _edit_commands(key: str, old: str, new: str):
     return change
 
 
+def _move_after(key: str, needle: str, after: str):
+    """Move the command holding `needle` to just after the one holding `after`."""
+    def change(config):
+        commands = config[key]
+        moved = commands.pop(next(i for i, c in enumerate(commands) if needle in c))
+        commands.insert(next(i for i, c in enumerate(commands) if after in c) + 1, moved)
+    return change
+
+
 def _drop_commands(key: str, needle: str):
     def change(config):
         config[key] = [c for c in config[key] if needle not in c]
@@ -134,9 +143,11 @@ BROKEN = [
      "file_mounts: no file mount copies this project"),
     ("torch unpinned", _edit_commands("setup_commands", "torch==2.13.0", "torch"),
      "no setup command installs a pinned torch"),
-    ("torch after the project", lambda c: c["setup_commands"].insert(
-        4, c["setup_commands"].pop(3)) if "torch==" in c["setup_commands"][3] else None,
+    ("torch after the project", _move_after("setup_commands", "torch==", "-e ~/lora-soups"),
      "torch is installed after the project"),
+    ("no program sandbox", _edit_commands("setup_commands", "install -y -q bubblewrap",
+                                          "install -y -q nothing"),
+     "available_node_types.gpu_1x: node type gpu_1x: no setup command installs bubblewrap"),
     ("CPU torch on GPU nodes",
      _edit_commands("setup_commands", "$(nvidia-smi -L > /dev/null 2>&1 || echo --index-url "
                     "https://download.pytorch.org/whl/cpu)",

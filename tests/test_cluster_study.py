@@ -206,6 +206,36 @@ def test_smoke_study_runs_across_the_nodes(env):
     assert (env.home / "cl_smoke" / "best_adapter" / "adapter_config.json").is_file()
 
 
+def test_program_sandbox_is_checked_on_every_node(env):
+    """Every node runs a test program in bubblewrap; a node where bubblewrap is missing
+    (w2, made so) is named with the fix, and the others are not."""
+    code = """
+import ray
+from trainables import every_node
+ray.init(address="auto", log_to_driver=False, logging_level="ERROR")
+print("ALL:", every_node.check_sandbox_on_nodes("bwrap"))
+w2 = next(n["NodeID"] for n in ray.nodes() if n["Alive"] and "node_w2" in n["Resources"])
+real = every_node.sandbox_problem
+def problem(sandbox, node):
+    if node == w2:
+        from soups.sandbox import bwrap, run
+        bwrap.find_bwrap = lambda: None
+        run._probe_bwrap.cache_clear()
+    return real(sandbox, node)
+every_node.sandbox_problem = problem
+print("W2:", w2)
+print("MISSING:", every_node.check_sandbox_on_nodes("bwrap"))
+"""
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env.process_env(),
+                          capture_output=True, text=True, timeout=180)
+    assert "MISSING:" in done.stdout, done.stdout + done.stderr[-3000:]
+    assert "ALL: []" in done.stdout
+    w2 = done.stdout.split("W2: ")[1].split()[0]
+    missing = done.stdout.split("MISSING: ")[1]
+    assert missing.count("node ") == 1 and f"node {w2}: bubblewrap (bwrap) is not installed" \
+        in missing and "apt-get install bubblewrap" in missing
+
+
 def test_storage_not_shared_by_a_node_stops_the_study_before_it_starts(env, tmp_path):
     """Node w2 is made to see another disk at the study's paths (its probe looks elsewhere):
     the check names the node and the folder, and nothing is trained."""

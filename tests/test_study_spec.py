@@ -35,6 +35,12 @@ def test_bad_value_is_named(tmp_path):
         load_study(bad)
 
 
+def test_unknown_sandbox_is_named():
+    with pytest.raises(SpecError, match=r"evaluation.sandbox.*got 'docker'"):
+        parse_model(StudySpec, {"evaluation": {"sandbox": "docker"}}, "s.yaml")
+    assert StudySpec().evaluation.sandbox == "bwrap"
+
+
 def test_test_split_refused_as_objective():
     with pytest.raises(SpecError, match="objective.split.*validation split.*got 'test'"):
         parse_model(StudySpec, {"objective": {"split": "test"}}, "s.yaml")
