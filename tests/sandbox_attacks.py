@@ -17,6 +17,8 @@ from pathlib import Path
 PWNED = "pwned"
 SECRET = "the-answer-key-7f3a"  # inside CANARY/answers.json: what a forger would return
 HARNESS_MARK = "runs first inside the sandbox"  # from the harness docstring, in its argv
+# names the attacks give files in their working directory (/tmp inside the sandbox)
+PLANTED = {"x", "fifo", "node", "planted", "big", "d", "a.txt", "dirfd", "f0", "renamed"}
 
 
 def _try(body: str) -> str:

@@ -37,11 +37,13 @@ INSTALL_HINT = ("install bubblewrap: `sudo apt-get install bubblewrap` (Debian/U
                 "`sudo dnf install bubblewrap` (Fedora/RHEL); or, only inside a container of "
                 f"your own, set `evaluation.sandbox: {UNSAFE}`")
 USERNS_HINT = (
-    "this system forbids unprivileged user namespaces (Ubuntu 24.04+ and Debian 13+ set "
-    "kernel.apparmor_restrict_unprivileged_userns=1; bubblewrap issue #632): install an "
-    "AppArmor profile for /usr/bin/bwrap (`bwrap-userns-restrict`, shipped with Ubuntu "
-    "25.04's apparmor package) or, as root, `sysctl kernel.apparmor_restrict_unprivileged_"
-    "userns=0`")
+    "this system forbids unprivileged user namespaces. On Ubuntu 23.10+ / Debian 13+ "
+    "(kernel.apparmor_restrict_unprivileged_userns=1, bubblewrap issue #632) install an "
+    "AppArmor profile for /usr/bin/bwrap (as cluster.yaml does; Ubuntu 25.04 ships "
+    "`bwrap-userns-restrict`) or, as root, `sysctl kernel.apparmor_restrict_unprivileged_"
+    "userns=0`. Inside a Docker container (its default seccomp profile refuses namespaces) "
+    "run it with `--security-opt seccomp=unconfined`, or, the container being your "
+    f"boundary, set `evaluation.sandbox: {UNSAFE}`")
 
 
 class SandboxUnavailable(RuntimeError):
@@ -104,18 +106,21 @@ def _warn_unsafe() -> None:
 def _exchange(proc: subprocess.Popen, job: bytes, result_r: int, deadline_s: float
               ) -> tuple[bytes, bool]:
     """Feed the job to stdin and read the result pipe until the child is done or the
-    deadline passes. Returns (result bytes, capped at MAX_RESULT_BYTES + 1; timed out)."""
+    deadline passes. Returns (result bytes, capped at MAX_RESULT_BYTES + 1; timed out).
+    poll(), not select(): a long-lived worker's descriptors may be numbered above 1024."""
     stdin = proc.stdin.fileno()
     os.set_blocking(stdin, False)
     pending = memoryview(job)
+    poller = select.poll()
+    poller.register(result_r, select.POLLIN)
+    poller.register(stdin, select.POLLOUT)
     chunks, size, end = [], 0, time.monotonic() + deadline_s
     while True:
         left = end - time.monotonic()
         if left <= 0:
             return b"".join(chunks), True
-        writers = [stdin] if pending else []
-        readable, writable, _ = select.select([result_r], writers, [], min(left, 0.05))
-        if writable:
+        events = dict(poller.poll(min(left, 0.05) * 1000))
+        if pending and stdin in events:
             try:
                 pending = pending[os.write(stdin, pending):]
             except BlockingIOError:
@@ -123,8 +128,9 @@ def _exchange(proc: subprocess.Popen, job: bytes, result_r: int, deadline_s: flo
             except OSError:  # the child stopped reading (it exited): nothing more to send
                 pending = pending[len(pending):]
             if not pending:
+                poller.unregister(stdin)
                 proc.stdin.close()
-        if readable:
+        if result_r in events:
             chunk = os.read(result_r, 65536)
             if not chunk:  # every writer closed: the child is done
                 return b"".join(chunks), False
@@ -165,7 +171,11 @@ def _stop(proc: subprocess.Popen, info_r: int, grace_s: float) -> None:
 def _sandbox_init(bwrap_pid: int, info_r: int) -> int | None:
     """The pid bwrap reported for the sandbox's init, if it is still bwrap's child (the
     check keeps a forged report from naming any other process)."""
-    if info_r < 0 or not select.select([info_r], [], [], 0)[0]:
+    if info_r < 0:
+        return None
+    poller = select.poll()
+    poller.register(info_r, select.POLLIN)
+    if not poller.poll(0):
         return None
     try:
         pid = int(json.loads(os.read(info_r, 65536).decode())["child-pid"])
