@@ -105,9 +105,10 @@ def _warn_unsafe() -> None:
 
 def _exchange(proc: subprocess.Popen, job: bytes, result_r: int, deadline_s: float
               ) -> tuple[bytes, bool]:
-    """Feed the job to stdin and read the result pipe until the child is done or the
-    deadline passes. Returns (result bytes, capped at MAX_RESULT_BYTES + 1; timed out).
-    poll(), not select(): a long-lived worker's descriptors may be numbered above 1024."""
+    """Feed the job to stdin and read the result pipe to its end (every holder of its
+    write end gone) or until the deadline passes. Returns (result bytes, capped at
+    MAX_RESULT_BYTES + 1; timed out). poll(), not select(): a long-lived worker's
+    descriptors may be numbered above 1024."""
     stdin = proc.stdin.fileno()
     os.set_blocking(stdin, False)
     pending = memoryview(job)
@@ -132,13 +133,13 @@ def _exchange(proc: subprocess.Popen, job: bytes, result_r: int, deadline_s: flo
                 proc.stdin.close()
         if result_r in events:
             chunk = os.read(result_r, 65536)
-            if not chunk:  # every writer closed: the child is done
+            if not chunk:  # every writer closed: the sandbox is done, all of it read
                 return b"".join(chunks), False
             if size <= MAX_RESULT_BYTES:
                 chunks.append(chunk[: MAX_RESULT_BYTES + 1 - size])
                 size += len(chunks[-1])
-        elif proc.poll() is not None and not pending:
-            return b"".join(chunks), False
+        # No shortcut on the process having exited: its last bytes may still be in the
+        # pipe, and only end-of-file says they have all been read.
 
 
 def _stop(proc: subprocess.Popen, info_r: int, grace_s: float) -> None:
