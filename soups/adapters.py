@@ -6,9 +6,11 @@ Module `m` contributes dW_m = s_m * B_m @ A_m with s_m = alpha_m / r_m, where r_
 alpha_m come from `rank_pattern` / `alpha_pattern` when a pattern matches the module
 (PEFT's `get_pattern_key` rule), else from `r` / `lora_alpha`.
 
-Only safetensors are read (never pickle). Variants whose dW is not s * B @ A (DoRA, rslora
-scaling, trained biases, fan-in-fan-out layouts) are refused with an error naming the
-adapter, rather than merged silently wrong.
+With rslora, s_m = alpha_m / sqrt(r_m). Conv1D layers (GPT-2; `fan_in_fan_out`) store the
+factors as linear layers do; only the base weight is transposed, so they merge alike.
+Only safetensors are read (never pickle). Variants whose dW is not s * B @ A (DoRA, trained
+biases, embedding LoRA, ...) are refused with an error naming the adapter, rather than merged
+silently wrong. Written adapters describe exactly their modules (`save_adapter`).
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from safetensors.torch import save_file
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
+PROVENANCE_FILE = "soups_provenance.json"  # beside the adapter: how it was made
 KEY_PREFIX = "base_model.model."
 _A_SUFFIX = ".lora_A.weight"
 _B_SUFFIX = ".lora_B.weight"
@@ -103,10 +106,11 @@ class LoraAdapter:
         return int(_pattern_value(self.config.get("rank_pattern") or {}, module, self.config["r"]))
 
     def scaling_of(self, module: str) -> float:
+        """PEFT's scaling: alpha / r, or alpha / sqrt(r) with rslora."""
         rank = self.rank_of(module)
         alpha = _pattern_value(self.config.get("alpha_pattern") or {}, module,
                                self.config["lora_alpha"])
-        return float(alpha) / rank
+        return float(alpha) / (math.sqrt(rank) if self.config.get("use_rslora") else rank)
 
     def module(self, name: str) -> LoraModule:
         """Read one module's factors (float32) and check shapes and finiteness."""
@@ -130,6 +134,20 @@ class LoraAdapter:
             yield name, self.module(name)
 
 
+# Config fields whose adapters are not s * B @ A on the wrapped weight; refused by name.
+UNSUPPORTED = {
+    "use_dora": "DoRA (magnitude vectors)",
+    "lora_bias": "LoRA with a trained bias on B",
+    "target_parameters": "LoRA on bare parameters (target_parameters)",
+    "layer_replication": "layer replication",
+    "use_qalora": "QA-LoRA",
+    "use_bdlora": "block-diagonal LoRA",
+    "alora_invocation_tokens": "activated LoRA (aLoRA)",
+    "trainable_token_indices": "trainable tokens",
+    "modules_to_save": "fully trained modules (modules_to_save)",
+}
+
+
 def _check_supported(path: Path, config: dict) -> None:
     peft_type = config.get("peft_type", "LORA")
     if peft_type != "LORA":
@@ -137,23 +155,20 @@ def _check_supported(path: Path, config: dict) -> None:
     for key in ("r", "lora_alpha"):
         if key not in config:
             raise AdapterError(f"adapter {path}: {CONFIG_FILE} lacks {key!r}")
-    unsupported = {
-        "use_dora": "DoRA",
-        "use_rslora": "rslora scaling",
-        "fan_in_fan_out": "fan_in_fan_out layout",
-    }
-    for key, what in unsupported.items():
+    for key, what in UNSUPPORTED.items():
         if config.get(key):
-            raise AdapterError(f"adapter {path}: {what} ({key}=true) is not supported")
+            raise AdapterError(f"adapter {path}: {what} ({key}={config[key]!r}) is not "
+                               "supported")
     if config.get("bias", "none") != "none":
         raise AdapterError(f"adapter {path}: trained biases (bias={config['bias']!r}) "
                            "are not supported")
-    if config.get("modules_to_save"):
-        raise AdapterError(f"adapter {path}: modules_to_save {config['modules_to_save']} "
-                           "(fully trained modules) cannot be merged as LoRA")
 
 
 def _module_names(path: Path, keys: list[str]) -> list[str]:
+    embedding = next((key for key in keys if ".lora_embedding_" in key), None)
+    if embedding is not None:
+        raise AdapterError(f"adapter {path}: embedding LoRA is not supported ({embedding!r}); "
+                           "train LoRA on linear layers only")
     a_names, b_names = set(), set()
     for key in keys:
         if not key.startswith(KEY_PREFIX):
@@ -172,18 +187,27 @@ def _module_names(path: Path, keys: list[str]) -> list[str]:
     return sorted(a_names)
 
 
+# PEFT fields a merged adapter takes from its inputs: what the adapter is for and how its
+# base layers store weights. Every other field describes modules, initialisation or
+# training, so it is written anew for exactly the modules in the folder.
+INHERITED = ("base_model_name_or_path", "revision", "task_type", "fan_in_fan_out")
+
+
 def save_adapter(
     out_dir: str | Path,
     modules: dict[str, LoraModule] | Iterator[tuple[str, LoraModule]],
     base_config: dict,
-    extra_config: dict | None = None,
+    provenance: dict | None = None,
 ) -> Path:
     """Write a PEFT LoRA folder from per-module factors.
 
-    Each module keeps its own rank and scaling through `rank_pattern` / `alpha_pattern`
-    (exact module names), so the folder loads with `PeftModel.from_pretrained`.
-    `base_config` supplies the PEFT fields (base model, task type, ...); `extra_config`
-    is recorded under `soups` (how the adapter was made).
+    The config describes exactly the modules written: `target_modules` lists their full
+    names (PEFT matches a name exactly), layer selections and exclusions are reset, and
+    `init_lora_weights` is true, so PEFT creates these modules and no other, and a module
+    without weights (there is none) would start at zero, never at random. Each module keeps
+    its own rank and scaling through `rank_pattern` / `alpha_pattern`. `base_config` supplies
+    the `INHERITED` fields; `provenance` (how the adapter was made) goes to a sidecar file,
+    so `adapter_config.json` stays exactly PEFT's.
     """
     out = Path(out_dir)
     items = dict(modules)
@@ -206,35 +230,47 @@ def save_adapter(
         alpha_pattern = {}
     else:
         default_alpha = float(default_rank)
-    target_modules = sorted({name.rsplit(".", 1)[-1] for name in items})
-    config = {
-        key: value for key, value in base_config.items()
-        if key not in ("r", "lora_alpha", "rank_pattern", "alpha_pattern", "target_modules",
-                       "soups")
-    }
+    config = {key: base_config[key] for key in INHERITED if base_config.get(key) is not None}
     config.update(
         peft_type="LORA",
         r=default_rank,
         lora_alpha=default_alpha,
         rank_pattern=rank_pattern,
         alpha_pattern=alpha_pattern,
-        target_modules=target_modules,
+        target_modules=sorted(items),
+        layers_to_transform=None,
+        layers_pattern=None,
+        exclude_modules=None,
+        modules_to_save=None,
+        init_lora_weights=True,
         use_rslora=False,
         use_dora=False,
         bias="none",
+        lora_dropout=0.0,
+        inference_mode=True,
     )
     config.setdefault("task_type", "CAUSAL_LM")
-    config.setdefault("lora_dropout", 0.0)
-    if extra_config is not None:
-        config["soups"] = extra_config
+    config.setdefault("fan_in_fan_out", False)
     out.mkdir(parents=True, exist_ok=True)
     # Write to temporary names and rename, so a crash never leaves a half-written adapter.
-    tmp_weights, tmp_config = out / (WEIGHTS_FILE + ".tmp"), out / (CONFIG_FILE + ".tmp")
-    save_file(tensors, str(tmp_weights), metadata={"format": "pt"})
-    tmp_config.write_text(json.dumps(config, indent=2, sort_keys=True))
-    tmp_weights.replace(out / WEIGHTS_FILE)
-    tmp_config.replace(out / CONFIG_FILE)
+    files = {WEIGHTS_FILE: None, CONFIG_FILE: json.dumps(config, indent=2, sort_keys=True)}
+    if provenance is not None:
+        files[PROVENANCE_FILE] = json.dumps(provenance, indent=2, sort_keys=True, default=str)
+    for name, text in files.items():
+        tmp = out / (name + ".tmp")
+        if text is None:
+            save_file(tensors, str(tmp), metadata={"format": "pt"})
+        else:
+            tmp.write_text(text)
+    for name in files:
+        (out / (name + ".tmp")).replace(out / name)
     return out
+
+
+def read_provenance(adapter_dir: str | Path) -> dict | None:
+    """How an adapter written by `save_adapter` was made (None for other adapters)."""
+    path = Path(adapter_dir) / PROVENANCE_FILE
+    return json.loads(path.read_text()) if path.is_file() else None
 
 
 def _exact(name: str) -> str:

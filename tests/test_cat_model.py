@@ -9,7 +9,7 @@ import math
 import pytest
 import torch
 
-from soups.adapters import LoraAdapter, LoraModule, save_adapter
+from soups.adapters import LoraAdapter, LoraModule, read_provenance, save_adapter
 from soups.cat import CatModel, CatSettings, StopTraining, export_cat, train_cat
 from soups.cat.export import WEIGHTS_JSON
 from soups.lora_training import TrainSettings, held_out_loss
@@ -119,7 +119,7 @@ def test_export_with_fixed_weights_equals_static_cat(tiny_model_dir, adapters, t
         torch.testing.assert_close(module.delta(), _dense_weighted_sum(adapters, name, carried),
                                    rtol=1e-5, atol=1e-6)
     config = json.loads((out / "adapter_config.json").read_text())
-    assert config["use_rslora"] is False and config["soups"]["method"] == "cat_learned"
+    assert config["use_rslora"] is False and read_provenance(out)["method"] == "cat_learned"
     recorded = json.loads((out / WEIGHTS_JSON).read_text())["weights"]
     assert recorded["model.layers.1.mlp.down_proj"] == pytest.approx([0.7, -0.3, None])
 

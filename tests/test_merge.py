@@ -10,7 +10,7 @@ import math
 import pytest
 import torch
 
-from soups.adapters import AdapterError, LoraAdapter, LoraModule, save_adapter
+from soups.adapters import AdapterError, LoraAdapter, LoraModule, read_provenance, save_adapter
 from soups.merge import MergeError, merge_adapters, method_parameters
 from soups.merge import sparsify as sparsify_module
 from soups.merge.lowrank import (
@@ -237,7 +237,8 @@ def test_random_merges_are_reproducible_by_seed(same_rank, tmp_path):
 def test_default_weights_and_recorded_provenance(same_rank, tmp_path):
     out = merge_adapters(same_rank, "linear", tmp_path / "mean")
     _assert_same_deltas(_deltas(out), _peft_merge_free_mean(same_rank), rtol=1e-5, atol=1e-6)
-    record = json.loads((out / "adapter_config.json").read_text())["soups"]["merge"]
+    record = read_provenance(out)["merge"]
+    assert "soups" not in json.loads((out / "adapter_config.json").read_text())
     assert record["method"] == "linear" and record["parameters"]["weights"] == [1 / 3] * 3
     assert record["adapters"] == [str(p) for p in same_rank]
 

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from soups.adapters import LoraModule, save_adapter
+from soups.adapters import INHERITED, LoraModule, save_adapter
 from soups.cat.model import CatModel
 
 WEIGHTS_JSON = "cat_weights.json"
@@ -42,17 +42,14 @@ def folded_modules(cat: CatModel) -> dict[str, LoraModule]:
 def export_cat(cat: CatModel, out_dir: str | Path, summary: dict | None = None) -> Path:
     """Write the folded PEFT adapter and `cat_weights.json` (a_i^m per module) to `out_dir`."""
     first = cat.adapters[0]
-    base_config = {
-        "base_model_name_or_path": first.base_model,
-        "task_type": first.config.get("task_type") or "CAUSAL_LM",
-    }
+    base_config = {key: first.config.get(key) for key in INHERITED}
     record = {
         "method": "cat_learned",
         "adapters": cat.adapter_names,
         "settings": asdict(cat.settings),
         "training": summary or {},
     }
-    out = save_adapter(out_dir, folded_modules(cat), base_config, extra_config=record)
+    out = save_adapter(out_dir, folded_modules(cat), base_config, provenance=record)
     weights = {**record, "groups": cat.group_names, "weights": cat.mixtures()}
     (out / WEIGHTS_JSON).write_text(json.dumps(weights, indent=2))
     return out

@@ -2,8 +2,8 @@
 
 The base model is never loaded: a module's merge needs only the adapters' factors for that
 module. Checks run before anything is written, and name the adapter and module at fault.
-The output folder is written atomically by `save_adapter`, and its `adapter_config.json`
-records, under `soups`, the method, its parameters and the input adapters.
+The output folder is written atomically by `save_adapter`; its provenance file records the
+method, its parameters and the input adapters.
 """
 
 from __future__ import annotations
@@ -61,7 +61,7 @@ def merge_adapters(
         "parameters": bound,
         "adapters": [str(a.path) for a in adapters],
     }
-    return save_adapter(out_dir, merged, adapters[0].config, extra_config={"merge": record})
+    return save_adapter(out_dir, merged, adapters[0].config, provenance={"merge": record})
 
 
 def _check_compatible(spec: MergeMethod, adapters: list[LoraAdapter]) -> list[str]:
@@ -72,6 +72,10 @@ def _check_compatible(spec: MergeMethod, adapters: list[LoraAdapter]) -> list[st
         if other.base_model != first.base_model:
             raise MergeError(f"adapter {other.path} is for base model {other.base_model!r}, "
                              f"adapter {first.path} for {first.base_model!r}")
+        if bool(other.config.get("fan_in_fan_out")) != bool(first.config.get("fan_in_fan_out")):
+            raise MergeError(f"adapter {other.path} has fan_in_fan_out="
+                             f"{bool(other.config.get('fan_in_fan_out'))}, adapter {first.path} "
+                             f"{bool(first.config.get('fan_in_fan_out'))}: not the same layers")
     names = sorted(set().union(*(a.module_names for a in adapters)))
     if not spec.mixes_factors:
         return names
