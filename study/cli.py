@@ -36,8 +36,48 @@ def _register() -> None:
 _register()
 
 
+def _is_list_option(param) -> bool:
+    """An option of a list type (typer vendors its own click: no isinstance check)."""
+    return param.param_type_name == "option" and bool(getattr(param, "multiple", False))
+
+
+def _is_number(arg: str) -> bool:
+    try:
+        float(arg)
+    except ValueError:
+        return False
+    return True
+
+
+def expand_list_options(args: list[str]) -> list[str]:
+    """Let every list option take several values after one flag, as argparse's nargs='+'
+    does: `--weights 0.4 0.6` becomes `--weights 0.4 --weights 0.6` (click wants the flag
+    repeated). Values run to the next option or `--`; negative numbers are values."""
+    group = typer.main.get_command(app)
+    name = next((a for a in args if not a.startswith("-")), None)
+    command = getattr(group, "commands", {}).get(name)
+    if command is None:
+        return list(args)
+    multiple = {flag for p in command.params if _is_list_option(p) for flag in p.opts}
+    out: list[str] = []
+    current, has_value = None, False
+    for i, arg in enumerate(args):
+        if arg == "--":
+            return out + list(args[i:])
+        if arg.startswith("-") and not _is_number(arg):
+            current, has_value = (arg if arg in multiple else None), False
+        elif current is not None:
+            if has_value:
+                out.append(current)
+            has_value = True
+        out.append(arg)
+    return out
+
+
 def main() -> None:
-    app()
+    import sys
+
+    app(args=expand_list_options(sys.argv[1:]), prog_name="soups")
 
 
 if __name__ == "__main__":

@@ -43,8 +43,9 @@ def merge(
                                           "safetensors), in the order of --weights."),
     method: str = typer.Option(None, help="Merge method; `--list` shows them all."),
     out: Path = typer.Option(None, help="Folder for the merged adapter (PEFT LoRA)."),
-    weights: list[float] = typer.Option(None, help="One weight per adapter (repeat the "
-                                        "flag); default depends on the method."),
+    weights: list[float] = typer.Option(None, help="One weight per adapter: --weights 0.4 0.6 "
+                                        "(values run to the next option); default depends "
+                                        "on the method."),
     density: float = typer.Option(None, help="Fraction of entries kept (TIES, DARE, "
                                   "magnitude pruning)."),
     rank: int = typer.Option(None, help="Output rank (svd and *_svd methods)."),

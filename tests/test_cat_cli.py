@@ -101,3 +101,31 @@ def test_cat_command_rejects_bad_flags(tmp_path, flags, message):
     result = CliRunner().invoke(_app(), ["a", "--out", str(tmp_path / "o"), *flags])
     assert result.exit_code != 0
     assert message in result.output
+
+
+def test_every_list_option_takes_several_values_after_one_flag():
+    """`--weights 0.4 0.6` (argparse style) and `--weights 0.4 --weights 0.6` (click style)
+    mean the same for every list option of every command; negatives are values."""
+    import typer
+
+    from study.cli import _is_list_option, app, expand_list_options
+
+    group = typer.main.get_command(app)
+    checked = 0
+    for name, command in group.commands.items():
+        for param in command.params:
+            if not _is_list_option(param):
+                continue
+            flag = param.opts[0]
+            values = ["0.4", "-0.6"]
+            greedy = expand_list_options([name, flag, *values, "--help"])
+            assert greedy == [name, flag, values[0], flag, values[1], "--help"]
+            checked += 1
+    assert checked >= 4  # merge --weights/--data, cat --data, evaluate --task
+    args = expand_list_options(["merge", "--weights", "1", "-1", "--method", "linear",
+                                "--out", "o", "a", "b"])
+    context = group.commands["merge"].make_context("merge", args[1:])
+    assert context.params["weights"] == [1.0, -1.0]
+    assert [str(p) for p in context.params["adapters"]] == ["a", "b"]
+    assert expand_list_options(["merge", "--", "--weights", "1", "2"]) == \
+        ["merge", "--", "--weights", "1", "2"]
