@@ -62,12 +62,15 @@ class StudyRuns:
 
 
 def resolve_tracking_uri(name: str, tracking_uri: str | None = None) -> str:
-    """Where a study's runs are: the given URI, else the study spec's `tracking.uri`, else
-    the default SQLite store under $SOUPS_HOME: where `soups run` wrote them (it does not
-    read $MLFLOW_TRACKING_URI either, so neither does this)."""
+    """Where a study's runs are, by the precedence `soups run` used: the given URI, else the
+    saved spec's `tracking.uri` (which holds $MLFLOW_TRACKING_URI if that chose the store at
+    run time), else $MLFLOW_TRACKING_URI, else the default SQLite store under $SOUPS_HOME."""
+    import os
+
     from soups.home import soups_home
 
     return (tracking_uri or _spec_tracking(name).get("uri")
+            or os.environ.get("MLFLOW_TRACKING_URI")
             or f"sqlite:///{(soups_home() / 'mlflow.db').resolve()}")
 
 

@@ -24,6 +24,7 @@ SPEC_FILE = "study.yaml"
 TUNE_DIR = "tune"
 LEADERBOARD_FILE = "leaderboard.json"
 BEST_DIR = "best_adapter"
+TRACKING_ENV = "MLFLOW_TRACKING_URI"
 ADAPTER_METHODS_NEED = {"skill", "data_mix", "cat_learned"}  # plus every merge method
 
 
@@ -34,13 +35,46 @@ def study_dir(spec: StudySpec) -> Path:
 
 
 def tracking_uri(spec: StudySpec) -> str:
+    """Where the study logs, by precedence: its `tracking.uri`, else $MLFLOW_TRACKING_URI
+    (MLflow's own convention), else an SQLite database under $SOUPS_HOME."""
     from soups.home import soups_home
+    from study.spec import Tracking, parse_model
 
     if spec.tracking.uri:
         return spec.tracking.uri
+    env = os.environ.get(TRACKING_ENV)
+    if env:  # checked as a study's own uri would be (a relative sqlite path is refused)
+        return parse_model(Tracking, {"uri": env}, f"${TRACKING_ENV}").uri
     home = soups_home()
     home.mkdir(parents=True, exist_ok=True)
     return tracking.default_tracking_uri(home)
+
+
+def register_study(spec: StudySpec, resume: bool = False) -> StudySpec:
+    """Save the study's resolved spec in its folder, and, when its `storage` lies
+    elsewhere, under $SOUPS_HOME/NAME too, so every command finds the study by name. A
+    tracking URI taken from $MLFLOW_TRACKING_URI is written into the saved spec: later
+    commands read the same store whatever their environment. Returns the spec as saved."""
+    from soups.home import soups_home
+
+    root = study_dir(spec)
+    files = [root / SPEC_FILE]
+    if spec.storage:
+        files.append(soups_home() / spec.name / SPEC_FILE)
+    if not resume:
+        existing = next((f for f in files if f.exists()), None)
+        if existing is not None:
+            raise SpecError(f"study {spec.name!r} already exists ({existing}): use `soups "
+                            f"resume {spec.name}` or another --name")
+        if not spec.tracking.uri and os.environ.get(TRACKING_ENV):
+            pinned = spec.tracking.model_copy(update={"uri": tracking_uri(spec)})
+            spec = spec.model_copy(update={"tracking": pinned})
+    text = yaml.safe_dump(spec.model_dump(mode="json"), sort_keys=False)
+    for path in files:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if not path.exists():
+            path.write_text(text)
+    return spec
 
 
 def method_parameters(name: str) -> set[str] | None:
@@ -292,14 +326,9 @@ def run_study(spec: StudySpec, resume: bool = False, log=print) -> list[dict]:
 
     root = study_dir(spec)
     spec_file = root / SPEC_FILE
-    if spec_file.exists() and not resume:
-        raise SpecError(f"study {spec.name!r} already exists at {root}: use `soups resume "
-                        f"{spec.name}` or another --name")
     space = load_search_space(spec)  # fails before anything is trained
-    root.mkdir(parents=True, exist_ok=True)
-    if not spec_file.exists():
-        spec_file.write_text(yaml.safe_dump(spec.model_dump(mode="json"), sort_keys=False))
-    uri = tracking_uri(spec)
+    uri = tracking_uri(spec)  # a bad $MLFLOW_TRACKING_URI fails here, before anything
+    spec = register_study(spec, resume)
     tracking.configure(uri)
     experiment = tracking.experiment_id(spec.tracking.experiment or spec.name)
     started = time.time()

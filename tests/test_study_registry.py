@@ -1,0 +1,62 @@
+"""Studies are found by name wherever their storage is, and the MLflow store follows
+MLflow's convention: a study's `tracking.uri`, else $MLFLOW_TRACKING_URI, else SQLite under
+$SOUPS_HOME; the store chosen at run time is the one every later command reads."""
+
+from __future__ import annotations
+
+import pytest
+from typer.testing import CliRunner
+
+from analysis.runs import resolve_tracking_uri
+from study.cli import app
+from study.runner import register_study, study_dir, tracking_uri
+from study.spec import SpecError, StudySpec
+
+pytestmark = pytest.mark.unit
+
+
+@pytest.fixture()
+def home(tmp_path, monkeypatch):
+    monkeypatch.setenv("SOUPS_HOME", str(tmp_path / "home"))
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    return tmp_path / "home"
+
+
+def test_tracking_precedence(home, monkeypatch, tmp_path):
+    default = f"sqlite:///{(home / 'mlflow.db').resolve()}"
+    assert tracking_uri(StudySpec()) == default
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:5000")
+    assert tracking_uri(StudySpec()) == "http://127.0.0.1:5000"
+    own = StudySpec(tracking={"uri": f"sqlite:///{tmp_path}/own.db"})
+    assert tracking_uri(own) == f"sqlite:///{tmp_path}/own.db"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "sqlite:///relative.db")
+    with pytest.raises(SpecError, match=r"\$MLFLOW_TRACKING_URI.*relative"):
+        tracking_uri(StudySpec())
+
+
+def test_the_store_chosen_at_run_time_is_pinned_in_the_saved_spec(home, monkeypatch):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:5000")
+    saved = register_study(StudySpec(name="pinned"))
+    assert saved.tracking.uri == "http://127.0.0.1:5000"
+    monkeypatch.delenv("MLFLOW_TRACKING_URI")
+    assert resolve_tracking_uri("pinned") == "http://127.0.0.1:5000"  # report, later
+    assert resolve_tracking_uri("other") == f"sqlite:///{(home / 'mlflow.db').resolve()}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://10.0.0.1:5000")
+    assert resolve_tracking_uri("other") == "http://10.0.0.1:5000"
+    assert resolve_tracking_uri("pinned", "http://given:1") == "http://given:1"
+
+
+def test_a_study_with_its_own_storage_is_found_by_name(home, tmp_path):
+    storage = tmp_path / "elsewhere"
+    spec = register_study(StudySpec(name="far", storage=str(storage)))
+    assert study_dir(spec) == storage.resolve() / "far"
+    assert (storage / "far" / "study.yaml").is_file() and (home / "far" / "study.yaml").is_file()
+    runner = CliRunner()
+    shown = runner.invoke(app, ["status", "far"])
+    assert shown.exit_code == 0 and str(storage.resolve() / "far") in shown.output
+    assert "not complete" in shown.output
+    exported = runner.invoke(app, ["export", "far", "--out", str(tmp_path / "out")])
+    assert exported.exit_code == 2 and "has not finished" in exported.output
+    with pytest.raises(SpecError, match="already exists"):
+        register_study(StudySpec(name="far", storage=str(tmp_path / "third")))
+    assert register_study(spec, resume=True) == spec
