@@ -52,9 +52,10 @@ def tracking_uri(spec: StudySpec) -> str:
 
 def register_study(spec: StudySpec, resume: bool = False) -> StudySpec:
     """Save the study's resolved spec in its folder, and, when its `storage` lies
-    elsewhere, under $SOUPS_HOME/NAME too, so every command finds the study by name. A
-    tracking URI taken from $MLFLOW_TRACKING_URI is written into the saved spec: later
-    commands read the same store whatever their environment. Returns the spec as saved."""
+    elsewhere, under $SOUPS_HOME/NAME too, so every command finds the study by name. The
+    tracking URI chosen now (`tracking_uri`) is written into the saved spec: a resume, a
+    status or a report reads the same store whatever its environment. Returns the spec as
+    saved."""
     from soups.home import soups_home
 
     root = study_dir(spec)
@@ -66,7 +67,7 @@ def register_study(spec: StudySpec, resume: bool = False) -> StudySpec:
         if existing is not None:
             raise SpecError(f"study {spec.name!r} already exists ({existing}): use `soups "
                             f"resume {spec.name}` or another --name")
-        if not spec.tracking.uri and os.environ.get(TRACKING_ENV):
+        if not spec.tracking.uri:
             pinned = spec.tracking.model_copy(update={"uri": tracking_uri(spec)})
             spec = spec.model_copy(update={"tracking": pinned})
     text = yaml.safe_dump(spec.model_dump(mode="json"), sort_keys=False)

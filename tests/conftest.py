@@ -53,6 +53,7 @@ def run_soups(home, *args: str, timeout: int = 1500):
     from pathlib import Path
 
     env = {**os.environ, "SOUPS_HOME": str(home), "PYTHONUNBUFFERED": "1"}
+    env.pop("MLFLOW_TRACKING_URI", None)  # each test's store is the one under its SOUPS_HOME
     return subprocess.run([sys.executable, "-m", "study.cli", *args],
                           cwd=Path(__file__).resolve().parents[1], env=env,
                           capture_output=True, text=True, timeout=timeout,

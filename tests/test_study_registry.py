@@ -40,6 +40,11 @@ def test_the_store_chosen_at_run_time_is_pinned_in_the_saved_spec(home, monkeypa
     assert saved.tracking.uri == "http://127.0.0.1:5000"
     monkeypatch.delenv("MLFLOW_TRACKING_URI")
     assert resolve_tracking_uri("pinned") == "http://127.0.0.1:5000"  # report, later
+    plain = register_study(StudySpec(name="plain"))  # the default store, pinned as well
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://10.0.0.9:5000")
+    assert tracking_uri(plain) == resolve_tracking_uri("plain") == \
+        f"sqlite:///{(home / 'mlflow.db').resolve()}"  # a resume logs where the run did
+    monkeypatch.delenv("MLFLOW_TRACKING_URI")
     assert resolve_tracking_uri("other") == f"sqlite:///{(home / 'mlflow.db').resolve()}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://10.0.0.1:5000")
     assert resolve_tracking_uri("other") == "http://10.0.0.1:5000"
