@@ -130,6 +130,10 @@ def build_base_model(
     return out
 
 
+def _duration(seconds: float) -> str:
+    return f"{seconds:.0f} s" if seconds < 90 else f"{seconds / 60:.0f} min"
+
+
 def _pretrain(model, blocks: torch.Tensor, settings: BaseModelSettings,
               log: Callable[[str], None]) -> float:
     generator = torch.Generator().manual_seed(settings.seed)
@@ -146,6 +150,7 @@ def _pretrain(model, blocks: torch.Tensor, settings: BaseModelSettings,
     model.train()
     recent: list[float] = []
     report_every = max(1, settings.steps // 10)
+    started = time.perf_counter()
     for step in range(settings.steps):
         rows = torch.randint(len(blocks), (settings.batch_size,), generator=generator)
         batch = blocks[rows]
@@ -158,6 +163,9 @@ def _pretrain(model, blocks: torch.Tensor, settings: BaseModelSettings,
         recent = (recent + [float(loss.detach())])[-50:]
         if (step + 1) % report_every == 0 or step + 1 == settings.steps:
             mean = sum(recent) / len(recent)
-            log(f"  pretrain step {step + 1}/{settings.steps}  loss {mean:.3f}")
+            spent = time.perf_counter() - started
+            left = spent / (step + 1) * (settings.steps - step - 1)
+            log(f"  pretrain step {step + 1}/{settings.steps}  loss {mean:.3f}  "
+                f"{spent:.0f} s, about {_duration(left)} left")
     model.eval()
     return sum(recent) / max(len(recent), 1)

@@ -21,6 +21,16 @@ def _fail(err: Exception) -> None:
     raise typer.Exit(2)
 
 
+def _run_in_console(spec, resume: bool = False) -> None:
+    """The study with its terminal kept for progress; everything else in its log file."""
+    from study.console import StudyConsole
+    from study.runner import run_study, study_dir
+
+    with StudyConsole(study_dir(spec)) as console:
+        console.say(f"study {spec.name}: Ray's and the libraries' logs are in {console.path}")
+        run_study(spec, resume=resume, log=console.say)
+
+
 def _merge(base: dict, extra: dict) -> dict:
     out = dict(base)
     for key, value in extra.items():
@@ -38,7 +48,6 @@ def run(
     """Run a study end to end: fine-tune skill LoRAs, search merges with Ray Tune, evaluate
     the best on the test split once, export and register it."""
     from search_spaces import SearchSpaceError
-    from study.runner import run_study
     from study.spec import SpecError, StudySpec, load_yaml, parse_model
 
     try:
@@ -50,7 +59,7 @@ def run(
         elif smoke and "name" not in data:
             data["name"] = "smoke"
         spec = parse_model(StudySpec, data, str(study or "default study"))
-        run_study(spec)
+        _run_in_console(spec)
     except (SpecError, SearchSpaceError) as err:
         _fail(err)
 
@@ -69,11 +78,10 @@ def _spec(name: str):
 def resume(name: str = typer.Argument(..., help="Name of an interrupted study.")) -> None:
     """Continue an interrupted study: finished trials are kept, unfinished ones rerun."""
     from search_spaces import SearchSpaceError
-    from study.runner import run_study
     from study.spec import SpecError
 
     try:
-        run_study(_spec(name), resume=True)
+        _run_in_console(_spec(name), resume=True)
     except (SpecError, SearchSpaceError, FileNotFoundError) as err:
         _fail(err)
 

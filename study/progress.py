@@ -48,4 +48,15 @@ class StudyProgress(Callback):
         self._line(trials, f"finished {describe(trial.config)}: {shown}")
 
     def on_trial_error(self, iteration, trials, trial, **info):
-        self._line(trials, f"FAILED {describe(trial.config)}")
+        where = f" (traceback: {trial.error_file})" if trial.error_file else ""
+        self._line(trials, f"FAILED {describe(trial.config)}: {_last_line(trial)}{where}")
+
+
+def _last_line(trial) -> str:
+    """The exception line of a failed trial (its full traceback is in its error file)."""
+    try:
+        error = trial.get_error()
+        text = str(error).strip().splitlines() if error is not None else []
+    except Exception:
+        text = []
+    return text[-1][:300] if text else "error"

@@ -243,7 +243,8 @@ def _trainable(spec: StudySpec, context: TrialContext):
     return tune.with_resources(tune.with_parameters(merge_trial, context=context), resources)
 
 
-def _tuner(spec: StudySpec, space, ranks: list[int], context: TrialContext, root: Path):
+def _tuner(spec: StudySpec, space, ranks: list[int], context: TrialContext, root: Path,
+           log=print):
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
 
@@ -274,7 +275,7 @@ def _tuner(spec: StudySpec, space, ranks: list[int], context: TrialContext, root
     run_config = tune.RunConfig(
         name=TUNE_DIR, storage_path=str(root),
         failure_config=tune.FailureConfig(max_failures=spec.search.max_failures),
-        callbacks=[StudyProgress()], verbose=0,
+        callbacks=[StudyProgress(log)], verbose=0,
     )
     return tune.Tuner(_trainable(spec, context), param_space=params, tune_config=tune_config,
                       run_config=run_config)
@@ -346,6 +347,10 @@ def run_study(spec: StudySpec, resume: bool = False, log=print) -> list[dict]:
             ray.init(address=spec.cluster.address,
                      runtime_env={"env_vars": {"MLFLOW_TRACKING_URI": uri, **quiet}},
                      include_dashboard=False, log_to_driver=True)
+        from study.console import active
+
+        if active() is not None:  # worker lines to the study's log, step bars to the terminal
+            active().route_ray_logs()
         from study.cluster import preflight
 
         preflight(spec, root, log)  # every node sees the storage (multi-node only)
@@ -395,7 +400,7 @@ def _fit(spec, space, ranks, context, root: Path, resume: bool, log):
         tuner = tune.Tuner.restore(str(path), trainable=_trainable(spec, context),
                                    resume_errored=True)
     else:
-        tuner = _tuner(spec, space, ranks, context, root)
+        tuner = _tuner(spec, space, ranks, context, root, log)
     return tuner.fit()
 
 

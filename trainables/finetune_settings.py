@@ -12,6 +12,10 @@ from typing import Literal
 
 from soups.lora_training import TrainSettings
 
+# Marks a fine-tune worker's progress line: the study console shows these lines on the
+# terminal, and sends every other worker line to the study's log.
+PROGRESS_PREFIX = "soups-progress: "
+
 Precision = Literal["auto", "fp32", "bf16", "fp16"]
 
 

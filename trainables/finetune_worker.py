@@ -40,6 +40,7 @@ import torch
 from soups.lora_training import LoraSettings, TrainSettings, warmup_lambda
 from soups.text_batches import collate
 from trainables.finetune_settings import (
+    PROGRESS_PREFIX,
     DeepSpeedSettings,
     ScalingSettings,
     deepspeed_config,
@@ -198,7 +199,7 @@ def train_worker(config: dict) -> None:
                                                      spec.pad_id, rank, world)
             state.history.append(record)
             if rank == 0:
-                print(_format_record(spec.name, record, total), flush=True)
+                print(PROGRESS_PREFIX + _format_record(spec.name, record, total), flush=True)
             _report(engine, state, record, rank, ds.zero_stage, final=state.step >= total)
     if bar is not None:
         bar.close()
