@@ -1,23 +1,27 @@
-"""The terminal during a study: the study's own lines, the fine-tune step bars (with their
-ETA) and the trial lines; everything else goes to `<study>/logs/study.log`.
+"""The terminal during a study: the study's own lines, the fine-tunes' progress (their step
+bars with ETA on a terminal, their loss lines) and the trial lines; everything else goes to
+`<study>/logs/study.log`, whose path the study prints first.
 
-"Everything else" is Ray's and the libraries' output: the driver's C++ logs and anything
-written to its file descriptors 1 and 2 (redirected to the log file), Python warnings and
-the lines of every Ray worker and actor (Ray's driver-side log handler is replaced by one
-that writes them to the log file, keeping for the terminal the fine-tunes' progress lines
-and, on a terminal, their distributed tqdm step bars with ETA).
-Python's `sys.stdout` / `sys.stderr` stay the terminal, so the study's prints, the bars and
-a failure's traceback are shown in full. Each line shown is also written to the log.
+Everything else is sent to the log by default, not filtered out one noise at a time: file
+descriptors 1 and 2 of the driver point at the log file while the study runs, so Ray's C++
+logs, every logger, warning, print and library progress bar of the driver land there; and
+Ray's driver-side handler of worker output is replaced by one that writes every worker and
+actor line to the log, except the fine-tunes' progress, which it shows. The terminal is
+written to only through `say` and the step bars, on descriptors kept aside. A failure's
+traceback reaches the terminal in full: the study's exception leaves the console (which
+restores the descriptors) before Python or the command line prints it.
 """
 
 from __future__ import annotations
 
+import functools
 import os
 import sys
 import threading
 import time
-import warnings
 from pathlib import Path
+
+from trainables.finetune_settings import PROGRESS_PREFIX
 
 LOG_DIR = "logs"
 LOG_FILE = "study.log"
@@ -31,8 +35,9 @@ class StudyConsole:
 
     def __init__(self, study_dir: str | Path):
         self.path = Path(study_dir) / LOG_DIR / LOG_FILE
-        self._lock = threading.Lock()
-        self._saved: dict = {}
+        self._lock = threading.RLock()
+        self._shown: set[str] = set()  # progress lines already shown (Ray may send twice)
+        self._ray = None
 
     def __enter__(self) -> StudyConsole:
         global _active
@@ -40,17 +45,13 @@ class StudyConsole:
         self._log = open(self.path, "a", buffering=1, encoding="utf-8", errors="replace")
         sys.stdout.flush()
         sys.stderr.flush()
-        # The terminal, on descriptors of its own; 1 and 2 then point at the log file.
-        terminal_out, terminal_err = os.dup(1), os.dup(2)
-        self._saved = {"stdout": sys.stdout, "stderr": sys.stderr, "fds": (terminal_out,
-                       terminal_err), "showwarning": warnings.showwarning}
-        sys.stdout = os.fdopen(os.dup(terminal_out), "w", buffering=1, encoding="utf-8",
-                               errors="replace")
-        sys.stderr = os.fdopen(os.dup(terminal_err), "w", buffering=1, encoding="utf-8",
-                               errors="replace")
+        self._fds = (os.dup(1), os.dup(2))  # the terminal, kept aside
+        self.out = os.fdopen(os.dup(self._fds[0]), "w", buffering=1, encoding="utf-8",
+                             errors="replace")
+        self.err = os.fdopen(os.dup(self._fds[1]), "w", buffering=1, encoding="utf-8",
+                             errors="replace")
         os.dup2(self._log.fileno(), 1)
         os.dup2(self._log.fileno(), 2)
-        warnings.showwarning = self._warning
         _quiet_transformers()
         _active = self
         self._write(f"--- {time.strftime('%Y-%m-%d %H:%M:%S')} {' '.join(sys.argv)}")
@@ -58,7 +59,7 @@ class StudyConsole:
 
     def __exit__(self, kind, error, trace) -> None:
         global _active
-        if error is not None:  # the terminal gets the traceback from Python; the log too
+        if error is not None:  # logged here; shown in full by whoever catches it outside
             import traceback
 
             self._write("".join(traceback.format_exception(kind, error, trace)).rstrip())
@@ -66,94 +67,114 @@ class StudyConsole:
         self._release_ray()
         sys.stdout.flush()
         sys.stderr.flush()
-        out_fd, err_fd = self._saved["fds"]
-        os.dup2(out_fd, 1)
-        os.dup2(err_fd, 2)
-        os.close(out_fd)
-        os.close(err_fd)
-        sys.stdout.flush()  # left open: a bar created during the study may still hold it
-        sys.stdout, sys.stderr = self._saved["stdout"], self._saved["stderr"]
-        warnings.showwarning = self._saved["showwarning"]
+        for fd, saved in zip((1, 2), self._fds, strict=True):
+            os.dup2(saved, fd)
+            os.close(saved)
+        self.out.flush()
+        self.err.flush()  # left open: a step bar made during the study may still hold it
         self._log.close()
 
     def say(self, line: str = "") -> None:
-        """Show `line` on the terminal (above any progress bar) and log it."""
-        hide, show = _tqdm_hiding()
+        """Show `line` on the terminal (above any step bar) and log it."""
+        hide, show = _bar_hiding() if self._ray is not None else (_nothing, _nothing)
         with self._lock:
             hide()
-            print(line, file=sys.stdout, flush=True)
+            print(line, file=self.out, flush=True)
             show()
-        self._write(line)
+            self._log.write(line + "\n")
 
     def _write(self, line: str) -> None:
         with self._lock:
             self._log.write(line + "\n")
 
-    def _warning(self, message, category, filename, lineno, file=None, line=None) -> None:
-        self._write(warnings.formatwarning(message, category, filename, lineno, line).rstrip())
-
     def route_ray_logs(self) -> None:
-        """After `ray.init`: worker and actor lines go to the log, bars to the terminal."""
+        """After `ray.init`: worker and actor lines to the log, progress to the terminal."""
         try:
             from ray._private import worker as ray_worker
-            from ray.experimental.tqdm_ray import RAY_TQDM_MAGIC
-        except ImportError:  # a Ray without these private hooks: its lines stay visible
+            from ray.experimental import tqdm_ray
+        except ImportError:  # a Ray without these private hooks: its lines stay in the log
             return
-        from trainables.finetune_settings import PROGRESS_PREFIX
-
-        dispatcher = ray_worker.global_worker_stdstream_dispatcher
-        bars = sys.stderr.isatty()  # redrawn bars only garble a file or a CI log
+        bars = self.err.isatty()  # redrawn bars would only garble a file or a CI log
+        if bars and tqdm_ray.real_tqdm is not None:
+            tqdm_ray.real_tqdm = _BarsOn(tqdm_ray.real_tqdm, self.err)
 
         def handler(data: dict) -> None:
             source = data.get("actor_name") or data.get("task_name") or ""
-            prefix = f"({source} pid={data.get('pid')}, ip={data.get('ip')})"
-            for line in data.get("lines", []):
-                if RAY_TQDM_MAGIC in line:
+            prefix = f"({source} pid={data.get('pid')}, ip={data.get('ip')})".replace("( ", "(")
+            lines = data.get("lines", [])
+            if data.get("pid") == "autoscaler":  # its events, not its status every 5 s
+                lines = list(ray_worker.filter_autoscaler_events(lines))
+            for line in lines:
+                if tqdm_ray.RAY_TQDM_MAGIC in line:
                     if bars:
                         ray_worker.process_tqdm(line)
                 elif PROGRESS_PREFIX in line:
-                    self.say("  " + line.split(PROGRESS_PREFIX, 1)[1])
+                    text = "  " + line.split(PROGRESS_PREFIX, 1)[1]
+                    if text not in self._shown:
+                        self._shown.add(text)
+                        self.say(text)
                 else:
                     self._write(f"{prefix} {line}")
 
+        dispatcher = ray_worker.global_worker_stdstream_dispatcher
         dispatcher.remove_handler("ray_print_logs")
         dispatcher.add_handler(_HANDLER, handler)
-        self._ray = (dispatcher, ray_worker)
+        self._ray = (dispatcher, ray_worker, tqdm_ray)
 
     def _release_ray(self) -> None:
-        """Give the worker lines back to Ray's own handler."""
-        ray = getattr(self, "_ray", None)
-        if ray is None:
+        """Give worker output back to Ray's own handler."""
+        if self._ray is None:
             return
-        import functools
-
-        dispatcher, ray_worker = ray
+        dispatcher, ray_worker, tqdm_ray = self._ray
         dispatcher.remove_handler(_HANDLER)
         dispatcher.add_handler("ray_print_logs", functools.partial(
             ray_worker.print_to_stdstream, ignore_prefix=False))
-        del self._ray
+        if isinstance(tqdm_ray.real_tqdm, _BarsOn):
+            tqdm_ray.real_tqdm = tqdm_ray.real_tqdm.module
+        self._ray = None
+
+
+class _BarsOn:
+    """`tqdm.auto` with its bars drawn on the kept-aside terminal (Ray's distributed tqdm
+    draws with `real_tqdm.tqdm(...)`, which would write to the log's descriptor)."""
+
+    def __init__(self, module, stream):
+        self.module = module
+        self.tqdm = functools.partial(module.tqdm, file=stream)
+
+    def __getattr__(self, name):
+        return getattr(self.module, name)
+
+
+def _nothing() -> None:
+    return None
+
+
+def _bar_hiding():
+    """Functions that hide and show Ray's distributed bars around a printed line."""
+    from ray.experimental import tqdm_ray
+
+    manager = tqdm_ray.instance()
+    return manager.hide_bars, manager.unhide_bars
 
 
 def _quiet_transformers() -> None:
-    """The driver's weight-loading and shard-writing bars and info lines are library noise
-    (the workers are quieted through their environment)."""
+    """No weight-loading or shard-writing bars in the log (the workers are quieted through
+    their environment)."""
     try:
         from transformers.utils import logging as hf_logging
     except ImportError:
         return
     hf_logging.disable_progress_bar()
-    hf_logging.set_verbosity_error()
 
 
-def _tqdm_hiding():
-    """Functions that hide and show Ray's distributed bars around a printed line."""
-    try:
-        from ray.experimental import tqdm_ray
-
-        manager = tqdm_ray.instance()
-        return manager.hide_bars, manager.unhide_bars
-    except Exception:
-        return (lambda: None), (lambda: None)
+def say(line: str = "") -> None:
+    """Show a line through the running study's console, else print it. A module function,
+    so a callback that Ray pickles (the Tune progress callback) can hold it."""
+    if _active is not None:
+        _active.say(line)
+    else:
+        print(line, flush=True)
 
 
 def active() -> StudyConsole | None:

@@ -243,11 +243,11 @@ def _trainable(spec: StudySpec, context: TrialContext):
     return tune.with_resources(tune.with_parameters(merge_trial, context=context), resources)
 
 
-def _tuner(spec: StudySpec, space, ranks: list[int], context: TrialContext, root: Path,
-           log=print):
+def _tuner(spec: StudySpec, space, ranks: list[int], context: TrialContext, root: Path):
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
 
+    from study.console import say
     from study.progress import StudyProgress
     from trainables.search import FinalResultOptuna, optuna_define_by_run, param_space
 
@@ -275,7 +275,7 @@ def _tuner(spec: StudySpec, space, ranks: list[int], context: TrialContext, root
     run_config = tune.RunConfig(
         name=TUNE_DIR, storage_path=str(root),
         failure_config=tune.FailureConfig(max_failures=spec.search.max_failures),
-        callbacks=[StudyProgress(log)], verbose=0,
+        callbacks=[StudyProgress(say)], verbose=0,
     )
     return tune.Tuner(_trainable(spec, context), param_space=params, tune_config=tune_config,
                       run_config=run_config)
@@ -400,7 +400,7 @@ def _fit(spec, space, ranks, context, root: Path, resume: bool, log):
         tuner = tune.Tuner.restore(str(path), trainable=_trainable(spec, context),
                                    resume_errored=True)
     else:
-        tuner = _tuner(spec, space, ranks, context, root, log)
+        tuner = _tuner(spec, space, ranks, context, root)
     return tuner.fit()
 
 

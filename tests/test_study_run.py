@@ -67,6 +67,25 @@ def test_smoke_study_prints_a_leaderboard_of_every_paper_method(smoke, home):
     assert "trials: " in smoke.stdout  # live progress lines
 
 
+# What the terminal must not show during a study (it all belongs in the study's log).
+CONSOLE_NOISE = ("PlacementGroupCleaner", "core_worker", "Warning", "WARNING", "INFO",
+                 "Traceback", "pid=", "%|", "it/s", "step/s", "Started a local Ray")
+
+
+def test_console_shows_progress_and_the_log_holds_the_rest(smoke, home):
+    console = smoke.stdout + smoke.stderr
+    for noise in CONSOLE_NOISE:
+        assert noise not in console, f"{noise!r} on the console"
+    log = home / "smoke" / "logs" / "study.log"
+    assert f"logs are in {log}" in smoke.stdout
+    text = log.read_text(errors="replace")
+    assert "pid=" in text  # the workers' and Ray's lines went there
+    progress = [line for line in smoke.stdout.splitlines() if line.startswith("  [finetune-")]
+    assert progress and len(progress) == len(set(progress))  # each fine-tune line once
+    assert all(line in text for line in progress)  # and in the log too
+    assert "about" in smoke.stdout and "left" in smoke.stdout  # pretraining shows its ETA
+
+
 def test_every_fine_tune_and_trial_is_one_finished_mlflow_run(smoke, home):
     runs = _runs(home, "smoke")
     assert all(r.info.status == "FINISHED" for r in runs)
