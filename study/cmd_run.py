@@ -24,8 +24,9 @@ def _fail(err: Exception) -> None:
 def _run_in_console(spec, resume: bool = False) -> None:
     """The study with its terminal kept for progress; everything else in its log file."""
     from study.console import StudyConsole
-    from study.runner import run_study, study_dir
+    from study.runner import check_study, run_study, study_dir
 
+    check_study(spec, resume)  # a study that cannot start leaves no folder (nor log) behind
     with StudyConsole(study_dir(spec)) as console:
         console.say(f"study {spec.name}: Ray's and the libraries' logs are in {console.path}")
         run_study(spec, resume=resume, log=console.say)

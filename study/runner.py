@@ -63,10 +63,7 @@ def register_study(spec: StudySpec, resume: bool = False) -> StudySpec:
     if spec.storage:
         files.append(soups_home() / spec.name / SPEC_FILE)
     if not resume:
-        existing = next((f for f in files if f.exists()), None)
-        if existing is not None:
-            raise SpecError(f"study {spec.name!r} already exists ({existing}): use `soups "
-                            f"resume {spec.name}` or another --name")
+        check_study(spec)
         if not spec.tracking.uri:
             pinned = spec.tracking.model_copy(update={"uri": tracking_uri(spec)})
             spec = spec.model_copy(update={"tracking": pinned})
@@ -322,14 +319,28 @@ def print_leaderboard(rows: list[dict], target: str, print_fn=print) -> None:
                  f"{seconds:>5.0f}s")
 
 
+def check_study(spec: StudySpec, resume: bool = False):
+    """What can fail before anything exists (a new study's name taken, its search space,
+    its tracking store): raises SpecError / SearchSpaceError, writes nothing. Returns the
+    search space and the tracking URI."""
+    from soups.home import soups_home
+
+    if not resume:
+        taken = [p for p in (study_dir(spec) / SPEC_FILE, soups_home() / spec.name / SPEC_FILE)
+                 if p.exists()]
+        if taken:
+            raise SpecError(f"study {spec.name!r} already exists ({taken[0]}): use `soups "
+                            f"resume {spec.name}` or another --name")
+    return load_search_space(spec), tracking_uri(spec)
+
+
 def run_study(spec: StudySpec, resume: bool = False, log=print) -> list[dict]:
     """Run (or resume) a study end to end; returns the leaderboard rows."""
     import ray
 
     root = study_dir(spec)
     spec_file = root / SPEC_FILE
-    space = load_search_space(spec)  # fails before anything is trained
-    uri = tracking_uri(spec)  # a bad $MLFLOW_TRACKING_URI fails here, before anything
+    space, uri = check_study(spec, resume)
     spec = register_study(spec, resume)
     tracking.configure(uri)
     experiment = tracking.experiment_id(spec.tracking.experiment or spec.name)
