@@ -12,6 +12,7 @@ import json
 import os
 import re
 import select
+import shutil
 import signal
 import subprocess
 import sys
@@ -240,8 +241,6 @@ def run_job(job: ProgramJob, timeout_s: float = 2.0, memory_mb: int = 256,
 def _remove_tree(path: str) -> None:
     """Remove the unsafe mode's work dir, however deep the program made it."""
     try:
-        import shutil
-
         shutil.rmtree(path)
     except Exception:  # RecursionError on a deep chain, permissions changed by the program
         subprocess.run(["rm", "-rf", "--one-file-system", path], check=False,
