@@ -22,9 +22,11 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
+
+from soups.lazy import lazy
+
+torch = lazy("torch")  # imported on first use (soups/lazy.py)
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
@@ -256,6 +258,8 @@ def save_adapter(
     files = {WEIGHTS_FILE: None, CONFIG_FILE: json.dumps(config, indent=2, sort_keys=True)}
     if provenance is not None:
         files[PROVENANCE_FILE] = json.dumps(provenance, indent=2, sort_keys=True, default=str)
+    from safetensors.torch import save_file
+
     for name, text in files.items():
         tmp = out / (name + ".tmp")
         if text is None:

@@ -22,9 +22,9 @@ FLAGS = {"majority_sign_method": "--majority-sign"}  # method parameter -> its C
 
 
 def _print_methods() -> None:
-    from soups.merge import list_methods
+    from soups.merge.methods import REGISTRY  # not soups.merge: the engine needs torch
 
-    for method in list_methods():
+    for method in (REGISTRY.get(name) for name in REGISTRY.names()):
         typer.echo(f"{method.name}  ({method.space.value} space)  {method.summary}")
         typer.echo(f"    {method.reference}")
         for name, parameter in method.parameters.items():

@@ -76,3 +76,22 @@ def test_checker_catches_a_violation(tmp_path):
     bad = tmp_path / "bad.py"
     bad.write_text("import ray\nfrom mlflow import log_metric\nfrom trainables import x\n")
     assert {"ray", "mlflow", "trainables"} <= _imports(bad)
+
+
+def test_cheap_commands_do_not_import_torch():
+    """`soups --help` and `soups merge --list` answer without torch's seconds of import."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\n"
+        "from typer.testing import CliRunner\n"
+        "from study.cli import app\n"
+        "listed = CliRunner().invoke(app, ['merge', '--list'])\n"
+        "assert listed.exit_code == 0 and 'ties' in listed.output, listed.output\n"
+        "assert CliRunner().invoke(app, ['--help']).exit_code == 0\n"
+        "assert 'torch' not in sys.modules, 'torch was imported'\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True,
+                            text=True)
+    assert result.returncode == 0, result.stderr[-2000:]

@@ -13,12 +13,13 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from soups.adapters import LoraAdapter, LoraModule, save_adapter
+from soups.lazy import lazy
 from soups.merge.lowrank import truncate_dense
 from soups.merge.methods import REGISTRY
 from soups.merge.registry import MergeError, MergeMethod, Space
+
+torch = lazy("torch")  # imported on first use (soups/lazy.py)
 
 
 def list_methods() -> list[MergeMethod]:

@@ -17,9 +17,10 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-import torch
-
 from soups.adapters import LoraModule
+from soups.lazy import lazy
+
+torch = lazy("torch")  # imported on first use (soups/lazy.py)
 
 # Dense SVD by LAPACK when the short side is at most this or the block would be over half of
 # it: iterating saves nothing there.

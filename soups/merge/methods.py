@@ -13,12 +13,13 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-import torch
-
 from soups.adapters import LoraModule
+from soups.lazy import lazy
 from soups.merge.lowrank import concatenate, truncate_lora
 from soups.merge.registry import Density, MajoritySign, MethodRegistry, Rank, Space
 from soups.merge.sparsify import dare_drop, magnitude_trim, sparsify_and_merge
+
+torch = lazy("torch")  # imported on first use (soups/lazy.py)
 
 REGISTRY = MethodRegistry()
 register = REGISTRY.register

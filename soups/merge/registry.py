@@ -17,7 +17,7 @@ import enum
 import inspect
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Annotated, Any, Literal, get_type_hints
+from typing import Annotated, Any, Literal
 
 from pydantic import Field, TypeAdapter, ValidationError
 
@@ -164,16 +164,20 @@ class MethodRegistry:
 
 
 def _declared_parameters(fn: Callable, space: Space) -> dict[str, Parameter]:
-    hints = get_type_hints(fn, include_extras=True)
+    """The method's parameters from its signature. Only their annotations are evaluated,
+    not the tensor inputs' (so registering needs no torch: `soups merge --list` is fast)."""
     signature = inspect.signature(fn)
     params = {"weights": Parameter("weights", Weights, None)}
     for name, p in signature.parameters.items():
         if name in INPUTS:
             continue
-        if name not in hints:
+        if p.annotation is inspect.Parameter.empty:
             raise MergeError(f"merge method {fn.__qualname__}: parameter {name!r} needs a type "
                              "annotation (it is the parameter's check)")
-        params[name] = Parameter(name, hints[name], p.default)
+        annotation = p.annotation
+        if isinstance(annotation, str):  # postponed (from __future__ import annotations)
+            annotation = eval(annotation, fn.__globals__)  # noqa: S307 (our own source)
+        params[name] = Parameter(name, annotation, p.default)
     if space is Space.DELTA:
         params["rank"] = Parameter("rank", Rank, None)
     if "generator" in signature.parameters:

@@ -21,10 +21,13 @@ from collections.abc import Callable
 from typing import Literal
 
 import numpy as np
-import torch
+
+from soups.lazy import lazy
+
+torch = lazy("torch")  # imported on first use (soups/lazy.py)
 
 # (tensor, index of its adapter) -> sparsified tensor of the same shape
-Sparsifier = Callable[[torch.Tensor, int], torch.Tensor]
+Sparsifier = Callable[["torch.Tensor", int], "torch.Tensor"]  # strings: torch loads lazily
 
 
 def magnitude_trim(tensor: torch.Tensor, density: float) -> torch.Tensor:
