@@ -56,14 +56,9 @@ def register_study(spec: StudySpec, resume: bool = False) -> StudySpec:
     tracking URI chosen now (`tracking_uri`) is written into the saved spec: a resume, a
     status or a report reads the same store whatever its environment. Returns the spec as
     saved."""
-    from soups.home import soups_home
-
-    root = study_dir(spec)
-    files = [root / SPEC_FILE]
-    if spec.storage:
-        files.append(soups_home() / spec.name / SPEC_FILE)
+    files = _spec_files(spec)
     if not resume:
-        check_study(spec)
+        _refuse_taken(spec)
         if not spec.tracking.uri:
             pinned = spec.tracking.model_copy(update={"uri": tracking_uri(spec)})
             spec = spec.model_copy(update={"tracking": pinned})
@@ -319,18 +314,29 @@ def print_leaderboard(rows: list[dict], target: str, print_fn=print) -> None:
                  f"{seconds:>5.0f}s")
 
 
+def _spec_files(spec: StudySpec) -> list[Path]:
+    """Where a study's spec is saved: its folder, and $SOUPS_HOME/NAME when that differs."""
+    from soups.home import soups_home
+
+    files = [study_dir(spec) / SPEC_FILE]
+    if spec.storage:
+        files.append(soups_home() / spec.name / SPEC_FILE)
+    return files
+
+
+def _refuse_taken(spec: StudySpec) -> None:
+    taken = [path for path in _spec_files(spec) if path.exists()]
+    if taken:
+        raise SpecError(f"study {spec.name!r} already exists ({taken[0]}): use `soups resume "
+                        f"{spec.name}` or another --name")
+
+
 def check_study(spec: StudySpec, resume: bool = False):
     """What can fail before anything exists (a new study's name taken, its search space,
     its tracking store): raises SpecError / SearchSpaceError, writes nothing. Returns the
     search space and the tracking URI."""
-    from soups.home import soups_home
-
     if not resume:
-        taken = [p for p in (study_dir(spec) / SPEC_FILE, soups_home() / spec.name / SPEC_FILE)
-                 if p.exists()]
-        if taken:
-            raise SpecError(f"study {spec.name!r} already exists ({taken[0]}): use `soups "
-                            f"resume {spec.name}` or another --name")
+        _refuse_taken(spec)
     return load_search_space(spec), tracking_uri(spec)
 
 
