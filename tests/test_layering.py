@@ -56,20 +56,24 @@ def test_package_respects_layering(package):
             assert "mlflow" not in imported, f"{rel} imports mlflow; the core stays pure"
 
 
-def test_core_import_does_not_load_ray_or_mlflow():
+def _in_a_fresh_interpreter(code: str) -> None:
+    """Run `code` in a new Python at the repository root (nothing imported before it)."""
     import subprocess
     import sys
 
-    code = (
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True,
+                            text=True)
+    assert result.returncode == 0, result.stderr[-2000:]
+
+
+def test_core_import_does_not_load_ray_or_mlflow():
+    _in_a_fresh_interpreter(
         "import sys, pkgutil, importlib, soups\n"
         "for m in pkgutil.walk_packages(soups.__path__, 'soups.'):\n"
         "    importlib.import_module(m.name)\n"
         "bad = [n for n in ('ray', 'mlflow') if n in sys.modules]\n"
         "assert not bad, bad\n"
     )
-    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True,
-                            text=True)
-    assert result.returncode == 0, result.stderr
 
 
 def test_checker_catches_a_violation(tmp_path):
@@ -80,10 +84,7 @@ def test_checker_catches_a_violation(tmp_path):
 
 def test_cheap_commands_do_not_import_torch():
     """`soups --help` and `soups merge --list` answer without torch's seconds of import."""
-    import subprocess
-    import sys
-
-    code = (
+    _in_a_fresh_interpreter(
         "import sys\n"
         "from typer.testing import CliRunner\n"
         "from study.cli import app\n"
@@ -92,6 +93,3 @@ def test_cheap_commands_do_not_import_torch():
         "assert CliRunner().invoke(app, ['--help']).exit_code == 0\n"
         "assert 'torch' not in sys.modules, 'torch was imported'\n"
     )
-    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True,
-                            text=True)
-    assert result.returncode == 0, result.stderr[-2000:]
