@@ -81,7 +81,7 @@ class StudyConsole:
             hide()
             print(line, file=self.out, flush=True)
             show()
-            self._log.write(line + "\n")
+            self._write(line)  # the lock is reentrant
 
     def _write(self, line: str) -> None:
         with self._lock:

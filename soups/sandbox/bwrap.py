@@ -7,8 +7,8 @@ cgroup, mount. The mount namespace holds only, read-only: the shared libraries o
 system (`/usr/lib`, `/lib*`), the interpreter, its standard library and the directory of
 `libpython`, with every site-packages folder masked by an empty tmpfs; and one writable
 tmpfs of bounded size as the working directory. No `/proc`, no `/dev`, no `/etc` (but the
-loader cache), no
-home, no project files, no datasets. The root itself is remounted read-only.
+loader cache), no home, no project files, no datasets. The root itself is remounted
+read-only.
 """
 
 from __future__ import annotations
