@@ -47,6 +47,18 @@ class SearchSpace:
     methods: dict[str, dict[str, object]]  # method -> parameter -> constant or Domain
     rank: object | None  # constant, Domain or None (use the study's ranks)
 
+    def ranks(self, default: list[int]) -> list[int]:
+        """The skill-LoRA ranks the space searches (`default`, the study's, when it names
+        none): stage 1 trains each of them before the search, so a sampled rank is refused."""
+        if self.rank is None:
+            return list(default)
+        if isinstance(self.rank, Domain):
+            if self.rank.kind not in ("grid", "choice"):
+                raise SearchSpaceError(f"{self.source}: rank must be a constant, grid or choice "
+                                       "(stage 1 trains every rank before the search)")
+            return [int(r) for r in self.rank.values]
+        return [int(self.rank)]
+
 
 def space_path(name_or_path: str | Path) -> Path:
     """A shipped space by name (`paper`) or a YAML path."""

@@ -1,21 +1,13 @@
 """A study on a Ray cluster: the pre-flight checks (the program sandbox on every node,
-shared storage) and the trial drivers (the `cluster` section of the spec; docs/cluster.md).
-On one machine the storage check and the drivers are no-ops; the sandbox is checked here."""
+shared storage; the `cluster` section of the spec, docs/cluster.md). On one machine the
+storage check is a no-op; the sandbox is checked here too. The trial drivers that a cluster
+gets are chosen in `trainables/tuner.py`."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 from study.spec import SpecError, StudySpec
-from trainables.merge_trial import TrialContext
-
-
-def is_cluster(spec: StudySpec) -> bool:
-    """True when the connected Ray instance offers the spec's trial-driver resource."""
-    import ray
-
-    resource = spec.cluster.driver_resource
-    return bool(resource) and ray.cluster_resources().get(resource, 0) > 0
 
 
 def storage_folders(spec: StudySpec, root: Path) -> list[Path]:
@@ -71,19 +63,3 @@ def check_sandbox(spec: StudySpec, log=print) -> None:
         raise SpecError("generated programs cannot run in the sandbox "
                         f"({spec.evaluation.sandbox}) on every node:\n  " + "\n  ".join(problems))
     log(f"program sandbox: {spec.evaluation.sandbox} works on every node")
-
-
-def cluster_trainable(spec: StudySpec, context: TrialContext):
-    """The Tune trainable of a cluster study (a driver holding one unit of the driver
-    resource, its work on worker nodes), or None when not on such a cluster."""
-    if not is_cluster(spec):
-        return None
-    from ray import tune
-
-    from trainables.cluster_trial import cluster_trial
-
-    work = {"num_cpus": spec.search.cpus_per_trial, "num_gpus": spec.search.gpus_per_trial,
-            "resources": dict(spec.cluster.worker_resources)}
-    trainable = tune.with_parameters(cluster_trial, context=context, work_options=work,
-                                     node_retries=spec.cluster.node_retries)
-    return tune.with_resources(trainable, {"cpu": 0, spec.cluster.driver_resource: 1})

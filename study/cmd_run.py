@@ -24,7 +24,9 @@ def _fail(err: Exception) -> None:
 def _run_in_console(spec, resume: bool = False) -> None:
     """The study with its terminal kept for progress; everything else in its log file."""
     from study.console import StudyConsole
-    from study.runner import check_study, run_study, study_dir
+    from study.layout import study_dir
+    from study.registry import check_study
+    from study.runner import run_study
 
     check_study(spec, resume)  # a study that cannot start leaves no folder (nor log) behind
     with StudyConsole(study_dir(spec)) as console:
@@ -65,39 +67,31 @@ def run(
         _fail(err)
 
 
-def _spec(name: str):
-    from soups.home import soups_home
-    from study.runner import SPEC_FILE
-    from study.spec import StudySpec, load_yaml, parse_model
-
-    path = soups_home() / name / SPEC_FILE
-    if not path.is_file():
-        raise FileNotFoundError(f"no study {name!r} under {soups_home()}")
-    return parse_model(StudySpec, load_yaml(path), str(path))
-
-
 def resume(name: str = typer.Argument(..., help="Name of an interrupted study.")) -> None:
     """Continue an interrupted study: finished trials are kept, unfinished ones rerun."""
     from search_spaces import SearchSpaceError
+    from study.registry import saved_spec
     from study.spec import SpecError
 
     try:
-        _run_in_console(_spec(name), resume=True)
+        _run_in_console(saved_spec(name), resume=True)
     except (SpecError, SearchSpaceError, FileNotFoundError) as err:
         _fail(err)
 
 
 def status(name: str = typer.Argument(..., help="Study name.")) -> None:
     """Print a study's progress: trials by state and the best so far."""
-    from study.runner import LEADERBOARD_FILE, study_dir, trial_states
+    from study.layout import LEADERBOARD_FILE, TUNE_DIR, study_dir
+    from study.registry import saved_spec
+    from trainables.tuner import trial_states
 
     try:
-        spec = _spec(name)
+        spec = saved_spec(name)
     except (FileNotFoundError, ValueError) as err:
         _fail(err)
     root = study_dir(spec)
     board = root / LEADERBOARD_FILE
-    states = trial_states(root)
+    states = trial_states(root / TUNE_DIR)
     typer.echo(f"study {name} ({root})")
     typer.echo("trials: " + (", ".join(f"{n} {s}" for s, n in sorted(states.items()))
                              or "none started"))
@@ -116,11 +110,13 @@ def export(
     trial: str = typer.Option(None, help="Trial to export (default: the best)."),
 ) -> None:
     """Write the best (or --trial) merged adapter of a finished study as a PEFT folder."""
-    from study.runner import LEADERBOARD_FILE, export_adapter, study_dir
+    from study.export import export_adapter
+    from study.layout import LEADERBOARD_FILE, study_dir
+    from study.registry import saved_spec
     from study.spec import SpecError
 
     try:
-        spec = _spec(name)
+        spec = saved_spec(name)
         board = study_dir(spec) / LEADERBOARD_FILE
         if not board.is_file():
             raise SpecError(f"study {name} has not finished (no {LEADERBOARD_FILE})")

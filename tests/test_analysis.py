@@ -108,12 +108,10 @@ def fake(tmp_path_factory):
 
     home = tmp_path_factory.mktemp("analysis_home")
     saved_uri = mlflow.get_tracking_uri()
-    # The writer (`tracking.configure`) sets MLFLOW_TRACKING_URI: setting it through the
-    # monkeypatch first (any value; the writer replaces it) restores the caller's value, or
-    # its absence, afterwards.
+    # The store is the one passed: a caller's $MLFLOW_TRACKING_URI must not choose it.
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("SOUPS_HOME", str(home))
-        patch.setenv("MLFLOW_TRACKING_URI", "replaced by the writer")
+        patch.delenv("MLFLOW_TRACKING_URI", raising=False)
         try:
             yield load_study(STUDY, _write_fake_study(home))
         finally:

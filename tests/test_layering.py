@@ -1,5 +1,6 @@
-"""The import layering of design.md: `soups` (core) imports neither ray nor mlflow; ray is
-imported only in `trainables/` (and the study driver that starts Ray)."""
+"""The import layering of design.md: `soups` (core) imports neither ray nor mlflow;
+`ray.train` and `ray.tune` are imported only in `trainables/` (the study driver in `study/`
+starts Ray and reads its logs, with ray core only)."""
 
 import ast
 from pathlib import Path
@@ -22,6 +23,8 @@ ALLOWED_FIRST_PARTY = {
 ENTRY_POINT_EXTRA = {"study/cli.py": {"analysis"}}
 FIRST_PARTY = {"soups", "trainables", "study", "search_spaces", "analysis", "benchmarks"}
 RAY_ALLOWED = {"trainables", "study"}
+RAY_LIBRARIES = {"ray.train", "ray.tune"}
+RAY_LIBRARIES_ALLOWED = {"trainables"}
 MLFLOW_ALLOWED = {"study", "analysis", "trainables"}
 
 
@@ -34,6 +37,23 @@ def _imports(path: Path) -> set[str]:
         elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
             names.add(node.module.split(".")[0])
     return names
+
+
+def _ray_libraries(path: Path) -> set[str]:
+    """Which of ray.train / ray.tune a module imports (`import ray.tune`, `from ray import
+    tune`, `from ray.tune.x import y`)."""
+    tree = ast.parse(path.read_text(), filename=str(path))
+    found = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            modules = [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            modules = [node.module] + [f"{node.module}.{alias.name}" for alias in node.names]
+        else:
+            continue
+        found |= {lib for lib in RAY_LIBRARIES for m in modules
+                  if m == lib or m.startswith(lib + ".")}
+    return found
 
 
 def _package_files(package: str) -> list[Path]:
@@ -52,6 +72,9 @@ def test_package_respects_layering(package):
         assert not bad, f"{rel} imports {sorted(bad)}, against the layering"
         if package not in RAY_ALLOWED:
             assert "ray" not in imported, f"{rel} imports ray; ray lives in trainables/"
+        if package not in RAY_LIBRARIES_ALLOWED:
+            libraries = _ray_libraries(path)
+            assert not libraries, f"{rel} imports {sorted(libraries)}; only trainables/ may"
         if package not in MLFLOW_ALLOWED:
             assert "mlflow" not in imported, f"{rel} imports mlflow; the core stays pure"
 
@@ -80,6 +103,9 @@ def test_checker_catches_a_violation(tmp_path):
     bad = tmp_path / "bad.py"
     bad.write_text("import ray\nfrom mlflow import log_metric\nfrom trainables import x\n")
     assert {"ray", "mlflow", "trainables"} <= _imports(bad)
+    tuned = tmp_path / "tuned.py"
+    tuned.write_text("from ray import tune\nimport ray.train.torch\n")
+    assert _ray_libraries(tuned) == {"ray.tune", "ray.train"}
 
 
 def test_cheap_commands_do_not_import_torch():

@@ -9,7 +9,8 @@ from typer.testing import CliRunner
 
 from analysis.runs import resolve_tracking_uri
 from study.cli import app
-from study.runner import register_study, study_dir, tracking_uri
+from study.layout import study_dir
+from study.registry import register_study, tracking_uri
 from study.spec import SpecError, StudySpec
 
 pytestmark = pytest.mark.unit

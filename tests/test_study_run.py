@@ -18,7 +18,7 @@ import pytest
 import torch
 from conftest import run_soups as _soups
 
-from study.runner import trial_states
+from trainables.tuner import trial_states
 
 pytestmark = pytest.mark.integration
 
@@ -184,7 +184,7 @@ def test_killed_study_resumes_without_repeats_or_duplicates(smoke, home, tmp_pat
         time.sleep(2)
         # Kill once Tune's saved experiment state records two finished trials (a trial that
         # finished after the last save is legitimately run again, reusing its MLflow run).
-        if trial_states(home / "resumed").get("TERMINATED", 0) >= 2:
+        if trial_states(home / "resumed" / "tune").get("TERMINATED", 0) >= 2:
             finished = [r for r in _runs(home, "resumed", "trial")
                         if r.info.status == "FINISHED"]
             break

@@ -98,7 +98,7 @@ def test_space_parses_domains():
 
 @pytest.mark.parametrize("name", ["paper", "cat", "wide"])
 def test_shipped_spaces_check_against_real_signatures(name):
-    from study.runner import method_parameters
+    from study.resolve import method_parameters
 
     space = load_space(name, method_parameters)
     assert space.methods

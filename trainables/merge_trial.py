@@ -34,6 +34,14 @@ class TaskData:
     splits: dict[str, str]
     mapping: dict | None = None  # soups.data.FieldMapping fields for foreign datasets
 
+    def rows(self, split: str, limit: int | None = None):
+        """The split's rows (a `datasets.Dataset`), the first `limit` of them when given."""
+        from soups.data import FieldMapping, load_task_dataset
+
+        mapping = FieldMapping(**self.mapping) if self.mapping else None
+        rows = load_task_dataset(self.source, self.splits[split], mapping)
+        return rows.select(range(min(limit, len(rows)))) if limit else rows
+
 
 @dataclass(frozen=True)
 class TrialContext:
@@ -54,14 +62,7 @@ class TrialContext:
 
 
 def load_rows(ctx: TrialContext, task: str, split: str, limit: int | None = None) -> list[dict]:
-    from soups.data import FieldMapping, load_task_dataset
-
-    data = ctx.tasks[task]
-    mapping = FieldMapping(**data.mapping) if data.mapping else None
-    rows = load_task_dataset(data.source, data.splits[split], mapping)
-    if limit:
-        rows = rows.select(range(min(limit, len(rows))))
-    return list(rows)
+    return list(ctx.tasks[task].rows(split, limit))
 
 
 def _stage1(ctx: TrialContext, rank, name: str) -> str:

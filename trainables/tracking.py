@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import subprocess
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -20,6 +19,7 @@ STUDY_TAG = "soups.study"
 ROLE_TAG = "soups.role"  # parent | finetune | trial
 KEY_TAG = "soups.run_key"
 PARENT_TAG = "mlflow.parentRunId"
+TRACKING_ENV = "MLFLOW_TRACKING_URI"  # MLflow's own variable
 
 
 def default_tracking_uri(home: Path) -> str:
@@ -28,10 +28,10 @@ def default_tracking_uri(home: Path) -> str:
 
 
 def configure(uri: str) -> None:
+    """This process's MLflow store (each trial and the driver call it with the study's URI;
+    processes it starts get the URI passed, never through this process's environment)."""
     import mlflow
 
-    # MLflow reads this in every process, so trial workers and the driver agree.
-    os.environ["MLFLOW_TRACKING_URI"] = uri
     mlflow.set_tracking_uri(uri)
 
 

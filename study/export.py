@@ -1,0 +1,58 @@
+"""Export: a trial's adapter as a PEFT folder with a model card; the best one is also copied
+to `<study>/best_adapter`, logged to its trial's MLflow run and registered as the study's
+champion."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+from study.layout import BEST_DIR
+from study.selection import checkpoint_adapter
+from study.spec import SpecError, StudySpec
+from trainables import tracking
+from trainables.merge_trial import TRIAL_FILE
+
+
+def export_best(spec: StudySpec, best: dict, root: Path, log) -> None:
+    """Copy the best adapter to `<study>/best_adapter`, log it to the best trial's run and
+    register it with alias `champion` (the base model alone has nothing to export)."""
+    if checkpoint_adapter(best) is None:
+        log("the best candidate is the base model without adapter: nothing to export")
+        return
+    export_adapter(best, root / BEST_DIR, spec)
+    if best["run_id"]:
+        tracking.log_artifact(best["run_id"], root / BEST_DIR, "adapter")
+        name = spec.tracking.register_model or f"{spec.name}-champion"
+        version = tracking.register_champion(best["run_id"], "adapter", name)
+        log(f"registered {name} version {version} as models:/{name}@champion")
+
+
+def export_adapter(row: dict, out: Path, spec: StudySpec) -> Path:
+    """Write a trial's adapter as a PEFT folder with a model card."""
+    adapter = checkpoint_adapter(row)
+    if adapter is None:
+        raise SpecError(f"trial {row['trial']} is the base model alone: no adapter to export")
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(adapter, tmp)
+    trial = json.loads((Path(row["checkpoint"]) / TRIAL_FILE).read_text())
+    (tmp / "README.md").write_text(_model_card(spec, row, trial))
+    shutil.rmtree(out, ignore_errors=True)
+    tmp.rename(out)
+    return out
+
+
+def _model_card(spec: StudySpec, row: dict, trial: dict) -> str:
+    metrics = "\n".join(f"| {k} | {v:.4f} |" for k, v in sorted(trial["metrics"].items())
+                        if isinstance(v, float))
+    return (f"# {spec.name}: {row['candidate']}\n\nA LoRA adapter made by study `{spec.name}` "
+            f"(LoRA Soups skill composition).\nSkills: {', '.join(spec.skills)}; target: "
+            f"{spec.target_name}; base model: `{spec.base_model}`.\n\n"
+            "Load it with `PeftModel.from_pretrained(base_model, this_folder)`.\n\n"
+            f"Method `{row['method']}`, rank {row['rank']}, parameters "
+            f"`{json.dumps(row['params'], default=str)}`.\n\n"
+            f"| metric | value |\n|---|---|\n{metrics}\n"
+            + (f"| test/{spec.target_name}/accuracy | {row['test']:.4f} |\n"
+               if row.get("test") is not None else ""))

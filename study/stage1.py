@@ -1,0 +1,95 @@
+"""Stage 1: every (skill, rank) LoRA and the DATA-MIX LoRA per rank, fine-tuned with Ray
+Train + DeepSpeed through the adapter cache (trained once, reused by every trial and every
+later study with the same inputs), each recorded as an MLflow child run of the study."""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict
+from pathlib import Path
+
+from study.layout import adapter_cache_dir, study_dir
+from study.spec import StudySpec
+from trainables import tracking
+from trainables.merge_trial import TaskData
+
+HELD_OUT_ROWS = 64  # validation rows per skill for each fine-tune's held-out loss
+DATA_MIX = "data_mix"
+
+
+def _skill_sets(spec: StudySpec, tasks: dict[str, TaskData], data_mix: bool):
+    """Training and held-out rows per fine-tune: each skill, and their DATA-MIX."""
+    from soups.data_mix import mix_datasets
+
+    train = {s: tasks[s].rows("train") for s in spec.skills}
+    held_out = {s: tasks[s].rows("validation", HELD_OUT_ROWS) for s in spec.skills}
+    if data_mix:
+        equal = {s: 1.0 for s in spec.skills}
+        train[DATA_MIX] = mix_datasets(train, equal, seed=spec.finetune.seed)
+        held_out[DATA_MIX] = mix_datasets(held_out, equal, seed=spec.finetune.seed)
+    return train, held_out
+
+
+def stage1(spec: StudySpec, model_dir: str, tasks: dict[str, TaskData], ranks: list[int],
+           need_data_mix: bool, tracking_uri: str, experiment: str, parent_run_id: str,
+           log=print) -> dict[str, dict[str, str]]:
+    """The adapter folder of every fine-tune: `{str(rank): {skill or "data_mix": folder}}`."""
+    from soups.lora_training import LoraSettings, TrainSettings
+    from trainables.finetune import DeepSpeedSettings, ScalingSettings, cached_finetune
+
+    ft = spec.finetune
+    train_sets, eval_sets = _skill_sets(spec, tasks, need_data_mix)
+    scaling = ScalingSettings(
+        num_workers=ft.num_workers, use_gpu=ft.use_gpu,
+        cpus_per_worker=ft.cpus_per_worker or max(1, (os.cpu_count() or 1) // ft.num_workers),
+        custom_resources=dict(spec.cluster.worker_resources))
+    adapters: dict[str, dict[str, str]] = {}
+    for rank in ranks:
+        lora = LoraSettings(rank=rank, alpha=ft.alpha_ratio * rank, dropout=ft.dropout,
+                            target_modules=tuple(ft.target_modules))
+        train = TrainSettings(learning_rate=ft.learning_rate, epochs=ft.epochs,
+                              max_steps=ft.max_steps, micro_batch_size=ft.micro_batch_size,
+                              grad_accumulation=ft.grad_accumulation, max_length=ft.max_length,
+                              seed=ft.seed)
+        adapters[str(rank)] = {}
+        for name, dataset in train_sets.items():
+            log(f"stage 1: LoRA {name} rank {rank} ({len(dataset)} examples)")
+            entry, result = cached_finetune(
+                adapter_cache_dir(spec), model_dir, dataset, lora, train, eval_sets[name],
+                DeepSpeedSettings(zero_stage=ft.zero_stage), scaling,
+                storage_path=study_dir(spec) / "finetunes",
+                env={tracking.TRACKING_ENV: tracking_uri},
+            )
+            adapters[str(rank)][name] = str(entry.path)
+            if result is None:
+                log(f"  cached: {entry.path}")
+            else:
+                held = f", held-out loss {result.eval_loss:.3f}" if result.eval_loss else ""
+                log(f"  trained {result.steps} steps in {result.wall_seconds:.0f} s: train loss "
+                    f"{result.train_loss:.3f}{held}")
+            _log_finetune(spec, experiment, parent_run_id, name, rank, entry, result,
+                          asdict(lora), asdict(train))
+    return adapters
+
+
+def _log_finetune(spec, experiment, parent_run_id, name, rank, entry, result, lora, train):
+    """One MLflow child run per fine-tune (found again by its cache key, never duplicated)."""
+    key = f"{spec.name}:finetune:{entry.key}"
+    if tracking.find_run(experiment, key) is not None:
+        return
+    with tracking.tracked_run(experiment, key, f"finetune-{name}-r{rank}", "finetune",
+                              spec.name, parent_run_id,
+                              tags={"skill": name, "cache_key": entry.key}) as run_id:
+        tracking.log_params(run_id, {"skill": name, "rank": rank, "lora": lora,
+                                     "train": train, "adapter_dir": str(entry.path),
+                                     "cached": result is None})
+        history_file = Path(entry.path) / "finetune_history.json"
+        history = json.loads(history_file.read_text()) if history_file.is_file() else []
+        for record in history:
+            tracking.log_metrics(run_id, {k: v for k, v in record.items()
+                                          if k in ("train_loss", "eval_loss", "epoch")},
+                                 step=int(record.get("step", 0)))
+        if result is not None:
+            tracking.log_metrics(run_id, {"wall_seconds": result.wall_seconds,
+                                          "tokens": result.tokens})

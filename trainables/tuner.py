@@ -1,0 +1,131 @@
+"""Stage 2 on Ray Tune: the trial trainable (whole where Tune places it, or a driver on the
+head with its work on worker nodes when the cluster offers the driver resource), the Tuner
+(search algorithm, ASHA, failure handling, progress lines), fitting or restoring it, and the
+saved trials' states.
+
+The study passes its spec sections (`search`, `cat`, `cluster`) as they are: only their
+attributes are read here, so this package needs nothing of `study/`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+from trainables.merge_trial import TrialContext
+
+# CAT trials report held-out loss per evaluation step (for ASHA) before their final result
+# with `objective`; other trials report once. Tune's strict check would reject the
+# intermediate reports, and an environment variable is Tune's only switch for it.
+STRICT_METRIC_ENV = "TUNE_DISABLE_STRICT_METRIC_CHECKING"
+
+
+def on_cluster(driver_resource: str) -> bool:
+    """True when the connected Ray instance offers the trial-driver resource."""
+    import ray
+
+    return bool(driver_resource) and ray.cluster_resources().get(driver_resource, 0) > 0
+
+
+def trainable(search, cluster, context: TrialContext):
+    """The trial trainable with its resources: on a cluster (the driver resource offered) a
+    driver holding one unit of it, its work on worker nodes; otherwise the whole trial."""
+    from ray import tune
+
+    from trainables.cluster_trial import cluster_trial
+    from trainables.merge_trial import merge_trial
+
+    if on_cluster(cluster.driver_resource):
+        work = {"num_cpus": search.cpus_per_trial, "num_gpus": search.gpus_per_trial,
+                "resources": dict(cluster.worker_resources)}
+        driver = tune.with_parameters(cluster_trial, context=context, work_options=work,
+                                      node_retries=cluster.node_retries)
+        return tune.with_resources(driver, {"cpu": 0, cluster.driver_resource: 1})
+    resources = {"cpu": search.cpus_per_trial, "gpu": search.gpus_per_trial}
+    return tune.with_resources(tune.with_parameters(merge_trial, context=context), resources)
+
+
+def build_tuner(search, cat, cluster, space, ranks: list[int], context: TrialContext,
+                path: Path, progress: Callable[[str], None]):
+    """A new Tuner over the space's variants; its experiment lives in the folder `path`."""
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler
+
+    from trainables.progress import StudyProgress
+    from trainables.search import FinalResultOptuna, optuna_define_by_run, param_space
+
+    search_alg = None
+    params = {}
+    if search.algorithm == "optuna":
+        search_alg = FinalResultOptuna(space=optuna_define_by_run(space, ranks),
+                                       metric="objective", mode="max", seed=search.seed)
+    else:
+        params = param_space(space, ranks, search.algorithm)
+    scheduler = None
+    if search.scheduler == "asha":
+        # ASHA ranks CAT trials by held-out loss at each evaluation step; trials that are not
+        # CAT never report `cat_eval_loss` and are left alone.
+        scheduler = ASHAScheduler(time_attr="cat_step", metric="cat_eval_loss", mode="min",
+                                  max_t=cat.max_steps, grace_period=cat.eval_every,
+                                  reduction_factor=2, stop_last_trials=False)
+    tune_config = tune.TuneConfig(
+        search_alg=search_alg, scheduler=scheduler,
+        num_samples=search.num_samples if search.algorithm != "grid" else 1,
+        max_concurrent_trials=search.max_concurrent_trials,
+        **({} if scheduler else {"metric": "objective", "mode": "max"}),
+    )
+    run_config = tune.RunConfig(
+        name=path.name, storage_path=str(path.parent),
+        failure_config=tune.FailureConfig(max_failures=search.max_failures),
+        callbacks=[StudyProgress(progress)], verbose=0,
+    )
+    return tune.Tuner(trainable(search, cluster, context), param_space=params,
+                      tune_config=tune_config, run_config=run_config)
+
+
+@contextlib.contextmanager
+def _intermediate_results_allowed():
+    """Tune's strict metric check off while the search runs (each consumer - ASHA, Optuna,
+    the leaderboard - looks only at results that carry its metric), as it was after."""
+    before = os.environ.get(STRICT_METRIC_ENV)
+    os.environ[STRICT_METRIC_ENV] = "1"
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop(STRICT_METRIC_ENV, None)
+        else:
+            os.environ[STRICT_METRIC_ENV] = before
+
+
+def fit(search, cat, cluster, space, ranks: list[int], context: TrialContext, path: Path,
+        resume: bool, log: Callable[[str], None], progress: Callable[[str], None]):
+    """Run the search (or continue the one saved in `path`); returns Tune's ResultGrid."""
+    from ray import tune
+
+    if resume and tune.Tuner.can_restore(str(path)):
+        log(f"resuming the search in {path}")
+        tuner = tune.Tuner.restore(str(path), trainable=trainable(search, cluster, context),
+                                   resume_errored=True)
+    else:
+        tuner = build_tuner(search, cat, cluster, space, ranks, context, path, progress)
+    with _intermediate_results_allowed():
+        return tuner.fit()
+
+
+def trial_states(path: Path) -> dict[str, int]:
+    """Trials of the Tune experiment saved in `path` by state (read from disk, no cluster)."""
+    from ray.tune import ExperimentAnalysis
+
+    if not path.is_dir():
+        return {}
+    try:
+        analysis = ExperimentAnalysis(str(path))
+    except (ValueError, FileNotFoundError):
+        return {}
+    counts: dict[str, int] = {}
+    for trial in analysis.trials:
+        counts[trial.status] = counts.get(trial.status, 0) + 1
+    return counts
