@@ -62,9 +62,9 @@ def check_cluster_file(path: str | Path, study: str | Path | None = None) -> lis
         return [Finding("", f"{path}: a cluster file is a mapping of keys")]
     findings = check_cluster(config, path.resolve().parent)
     if study is not None and not any(f.level == "error" for f in findings):
-        from study.spec import load_study
+        from study.spec import load_spec
 
-        findings += check_study(load_study(study), config)
+        findings += check_study(load_spec(study), config)
     return findings
 
 

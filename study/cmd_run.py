@@ -34,13 +34,6 @@ def _run_in_console(spec, resume: bool = False) -> None:
         run_study(spec, resume=resume, log=console.say)
 
 
-def _merge(base: dict, extra: dict) -> dict:
-    out = dict(base)
-    for key, value in extra.items():
-        out[key] = _merge(out.get(key, {}), value) if isinstance(value, dict) else value
-    return out
-
-
 def run(
     study: Path = typer.Argument(None, help="Study YAML (default: the embedded study)."),
     name: str = typer.Option(None, help="Study name (default: the spec's name; "
@@ -51,16 +44,14 @@ def run(
     """Run a study end to end: fine-tune skill LoRAs, search merges with Ray Tune, evaluate
     the best on the test split once, export and register it."""
     from search_spaces import SearchSpaceError
-    from study.spec import SpecError, StudySpec, load_yaml, parse_model
+    from study.spec import SpecError, StudySpec, overlay, parse_model, study_data
 
     try:
-        data = load_yaml(study) if study else {}
+        data = study_data(study)
         if smoke:
-            data = _merge(SMOKE, data) if not study else _merge(data, SMOKE)
+            data = overlay(data, {**SMOKE, "name": data.get("name", "smoke")})
         if name:
             data["name"] = name
-        elif smoke and "name" not in data:
-            data["name"] = "smoke"
         spec = parse_model(StudySpec, data, str(study or "default study"))
         _run_in_console(spec)
     except (SpecError, SearchSpaceError) as err:

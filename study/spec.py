@@ -230,10 +230,24 @@ def load_yaml(path: str | Path):
         raise SpecError(f"{path}: not valid YAML: {err}") from None
 
 
-def load_study(path: str | Path | None = None, overrides: dict | None = None) -> StudySpec:
-    """The study in `path` (None: the embedded default), with top-level `overrides`."""
+def overlay(base: dict, extra: dict) -> dict:
+    """`base` with `extra` put over it, mapping by mapping (`{"cat": {"max_steps": 20}}`
+    changes one key of the `cat` section)."""
+    out = dict(base)
+    for key, value in extra.items():
+        out[key] = overlay(out.get(key, {}), value) if isinstance(value, dict) else value
+    return out
+
+
+def study_data(path: str | Path | None) -> dict:
+    """The mapping in a study file (None: the embedded default, `{}`), not yet validated."""
     data = load_yaml(path) if path is not None else {}
     if not isinstance(data, dict):
         raise SpecError(f"{path}: a study is a mapping of keys, got {type(data).__name__}")
-    data = {**data, **(overrides or {})}
+    return data
+
+
+def load_spec(path: str | Path | None = None, overrides: dict | None = None) -> StudySpec:
+    """The study in `path` (None: the embedded default), with `overrides` put over it."""
+    data = overlay(study_data(path), overrides or {})
     return parse_model(StudySpec, data, str(path or "default study"))

@@ -18,7 +18,7 @@ from study.cluster_check import (
     check_study,
     ray_schema,
 )
-from study.spec import load_study, parse_model
+from study.spec import load_spec, parse_model
 
 pytestmark = pytest.mark.unit
 ROOT = Path(__file__).resolve().parents[1]
@@ -55,7 +55,7 @@ def test_shipped_cluster_file_is_valid():
 def test_shipped_cluster_study_fits_the_cluster():
     findings = check_cluster_file(CLUSTER, STUDY)
     assert [f for f in findings if f.level == "error"] == []
-    spec = load_study(STUDY)
+    spec = load_spec(STUDY)
     assert spec.cluster.address == "auto" and spec.cluster.driver_resource == DRIVER_RESOURCE
 
 

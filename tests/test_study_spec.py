@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from search_spaces import Domain, SearchSpaceError, load_space, parse_space, space_path
-from study.spec import SpecError, StudySpec, load_study, parse_model
+from study.spec import SpecError, StudySpec, load_spec, parse_model
 
 pytestmark = pytest.mark.unit
 ROOT = Path(__file__).resolve().parents[1]
@@ -16,7 +16,7 @@ PARAMS = {"base": set(), "skill": {"skill"}, "data_mix": set(), "ties": {"densit
 
 
 def test_default_study_is_valid():
-    spec = load_study()
+    spec = load_spec()
     assert spec.target_name == "math_code" and list(spec.skills) == ["math", "code"]
     assert spec.objective.split == "validation"
 
@@ -25,14 +25,14 @@ def test_unknown_key_is_named_with_file(tmp_path):
     bad = tmp_path / "study.yaml"
     bad.write_text("name: x\nfinetune:\n  rnaks: [8]\n")
     with pytest.raises(SpecError, match=r"study.yaml.*unknown key 'finetune.rnaks'"):
-        load_study(bad)
+        load_spec(bad)
 
 
 def test_bad_value_is_named(tmp_path):
     bad = tmp_path / "study.yaml"
     bad.write_text("finetune:\n  zero_stage: 5\n")
     with pytest.raises(SpecError, match=r"finetune.zero_stage.*got 5"):
-        load_study(bad)
+        load_spec(bad)
 
 
 def test_unknown_sandbox_is_named():
@@ -50,9 +50,9 @@ def test_malformed_yaml_and_missing_file(tmp_path):
     bad = tmp_path / "broken.yaml"
     bad.write_text("name: [unclosed\n")
     with pytest.raises(SpecError, match="broken.yaml: not valid YAML"):
-        load_study(bad)
+        load_spec(bad)
     with pytest.raises(SpecError, match="no such file"):
-        load_study(tmp_path / "absent.yaml")
+        load_spec(tmp_path / "absent.yaml")
 
 
 def test_relative_sqlite_uri_refused():

@@ -21,16 +21,15 @@ steps beyond those already reported, so Tune and MLflow see each step once.
 
 from __future__ import annotations
 
-import json
 import queue
 import tempfile
 import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 from trainables import tracking
-from trainables.merge_trial import ADAPTER_DIR, TRIAL_FILE, TrialContext, trial_run_key
+from trainables.merge_trial import ADAPTER_DIR, TrialContext
+from trainables.trial_run import STEP_METRIC, TrialRun, build_candidate, cat_artifacts, trial_run
 
 NODE_TAG = "soups.work_nodes"  # Ray node ids that ran the trial's work, in order
 LOSS_TAG = "soups.node_losses"
@@ -51,7 +50,7 @@ def trial_work(context: TrialContext, variant: dict) -> Iterator[dict]:
     metrics, the checkpoint files and the artifacts, as bytes keyed by relative path."""
     import ray
 
-    from trainables.merge_trial import candidate_builder, score_validation
+    from trainables.merge_trial import score_validation
 
     yield {"node": ray.get_runtime_context().get_node_id()}
     with tempfile.TemporaryDirectory() as tmp:
@@ -61,13 +60,11 @@ def trial_work(context: TrialContext, variant: dict) -> Iterator[dict]:
         # The builder reports through a callback; a thread turns the calls into yields.
         def build() -> None:
             try:
-                adapter = candidate_builder(variant["method"])(
-                    context, variant, out_dir, lambda m: events.put(("progress", dict(m))))
-                events.put(("built", adapter))
+                events.put(("built", build_candidate(
+                    context, variant, out_dir, lambda m: events.put(("progress", dict(m))))))
             except BaseException as err:  # re-raised in the task, below
                 events.put(("error", err))
 
-        start = time.perf_counter()
         threading.Thread(target=build, daemon=True).start()
         while True:
             kind, value = events.get()
@@ -76,19 +73,12 @@ def trial_work(context: TrialContext, variant: dict) -> Iterator[dict]:
             elif kind == "error":
                 raise value
             else:
-                adapter = value
+                adapter, build_seconds = value
                 break
-        build_seconds = time.perf_counter() - start
         metrics = score_validation(context, adapter, build_seconds)
         files = _read_tree(Path(adapter), ADAPTER_DIR) if adapter is not None else {}
-        artifacts = {}
-        if (out_dir / "cat_weights.json").is_file():
-            from soups.cat.plot import plot_cat_weights
-
-            plot = plot_cat_weights(out_dir / "cat_weights.json", Path(tmp) / "cat_weights.png",
-                                    names=list(context.skills))
-            artifacts = {"cat_weights.json": (out_dir / "cat_weights.json").read_bytes(),
-                         "cat_weights.png": Path(plot).read_bytes()}
+        artifacts = {name: path.read_bytes()
+                     for name, path in cat_artifacts(out_dir, Path(tmp), context.skills).items()}
         yield {"result": {"metrics": metrics, "files": files, "artifacts": artifacts}}
 
 
@@ -110,24 +100,12 @@ def cluster_trial(config: dict, context: TrialContext, work_options: dict,
     context=..., work_options=..., node_retries=...)` with the driver resource. `work_options`
     are Ray task options for the work (num_cpus, num_gpus, resources)."""
     import ray
-    import ray.tune
-    from ray.tune import Checkpoint
 
     variant = config["variant"]
-    method = variant["method"]
-    tracking.configure(context.tracking_uri)
-    trial = ray.tune.get_context()
     work = ray.remote(trial_work).options(scheduling_strategy="SPREAD", max_retries=0,
                                           **work_options)
-    with tempfile.TemporaryDirectory() as tmp, tracking.tracked_run(
-        context.experiment_id, trial_run_key(context.study, variant), trial.get_trial_name(),
-        "trial", context.study, context.parent_run_id,
-        tags={"method": method, "trial_id": trial.get_trial_id(),
-              DRIVER_TAG: ray.get_runtime_context().get_node_id(),
-              **tracking.environment_tags()},
-    ) as run_id:
-        tracking.log_params(run_id, {"method": method, "rank": variant["rank"],
-                                     "seed": context.seed, **variant["params"]})
+    driver_node = {DRIVER_TAG: ray.get_runtime_context().get_node_id()}
+    with trial_run(context, variant, tags=driver_node) as run:
         reported: dict = {"step": -1, "other": []}
         nodes: list[str] = []
         result = None
@@ -137,42 +115,32 @@ def cluster_trial(config: dict, context: TrialContext, work_options: dict,
                     event = ray.get(ref)
                     if "node" in event:
                         nodes.append(event["node"])
-                        tracking.set_tags(run_id, {NODE_TAG: ",".join(nodes)})
+                        tracking.set_tags(run.run_id, {NODE_TAG: ",".join(nodes)})
                     elif "progress" in event:
-                        _report_progress(run_id, event["progress"], reported)
+                        _report_progress(run, event["progress"], reported)
                     else:
                         result = event["result"]
                 break
             except node_loss_errors() as err:
-                tracking.set_tags(run_id, {LOSS_TAG: attempt + 1})
-                print(f"trial {trial.get_trial_name()}: its work was lost with its node "
+                tracking.set_tags(run.run_id, {LOSS_TAG: attempt + 1})
+                print(f"trial {run.name}: its work was lost with its node "
                       f"({type(err).__name__}); attempt {attempt + 2} of {node_retries + 1}",
                       flush=True)
                 if attempt == node_retries:
                     raise
             except ray.exceptions.RayTaskError as err:
                 raise err.as_instanceof_cause() from None
-        metrics = result["metrics"]
-        tracking.log_metrics(run_id, metrics)
-        if result["artifacts"]:
-            _write_tree(result["artifacts"], Path(tmp) / "artifacts")
-            for name in result["artifacts"]:
-                tracking.log_artifact(run_id, Path(tmp) / "artifacts" / name)
-        keep = Path(tmp) / "checkpoint"
-        keep.mkdir()
-        _write_tree(result["files"], keep)
-        (keep / TRIAL_FILE).write_text(json.dumps(
-            {"variant": variant, "run_id": run_id, "metrics": metrics, "nodes": nodes},
-            default=str))
-        ray.tune.report({**metrics, "mlflow_run_id": run_id},
-                        checkpoint=Checkpoint.from_directory(str(keep)))
+        received = run.work_dir / "received"
+        _write_tree(result["files"], received)
+        _write_tree(result["artifacts"], received / "artifacts")
+        adapter = received / ADAPTER_DIR if result["files"] else None
+        artifacts = {name: received / "artifacts" / name for name in result["artifacts"]}
+        run.finish(result["metrics"], adapter, artifacts, {"nodes": nodes})
 
 
-def _report_progress(run_id: str, metrics: dict, reported: dict) -> None:
+def _report_progress(run: TrialRun, metrics: dict, reported: dict) -> None:
     """Log and report a CAT result, unless a lost attempt already did (same step)."""
-    import ray.tune
-
-    step = metrics.get("cat_step")
+    step = metrics.get(STEP_METRIC)
     if step is not None:
         if step <= reported["step"]:
             return
@@ -181,6 +149,4 @@ def _report_progress(run_id: str, metrics: dict, reported: dict) -> None:
         return
     else:
         reported["other"].append(metrics)
-    tracking.log_metrics(run_id, {k: v for k, v in metrics.items() if k != "cat_step"},
-                         step=int(step or 0))
-    ray.tune.report(metrics)
+    run.progress(metrics)

@@ -13,16 +13,10 @@ holding the adapter, so the study can export the best trial's adapter later.
 
 from __future__ import annotations
 
-import json
-import shutil
-import tempfile
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from soups.sandbox import BWRAP
-from trainables import tracking
 
 ADAPTER_DIR = "adapter"
 TRIAL_FILE = "trial.json"
@@ -117,7 +111,7 @@ def _cat_learned(ctx, variant, out_dir, report) -> str:
     return str(out_dir)
 
 
-def _merge(ctx, variant, out_dir, report) -> str:
+def _merge_method(ctx, variant, out_dir, report) -> str:
     from soups.merge import merge_adapters
 
     adapters = [_stage1(ctx, variant["rank"], s) for s in ctx.skills]
@@ -130,7 +124,7 @@ CANDIDATES: dict[str, Callable] = {"base": _base, "skill": _skill, "data_mix": _
 
 
 def candidate_builder(method: str) -> Callable:
-    return CANDIDATES.get(method, _merge)
+    return CANDIDATES.get(method, _merge_method)
 
 
 def evaluate_candidate(ctx: TrialContext, adapter: str | None, split: str, tasks,
@@ -162,52 +156,14 @@ def score_validation(ctx: TrialContext, adapter: str | None, build_seconds: floa
     return metrics
 
 
-def trial_run_key(study: str, variant: dict) -> str:
-    return f"{study}:trial:{json.dumps(variant, sort_keys=True, default=str)}"
-
-
 def merge_trial(config: dict, context: TrialContext) -> None:
-    """Ray Tune function trainable (`tune.with_parameters(merge_trial, context=...)`)."""
-    import ray.tune
-    from ray.tune import Checkpoint
+    """Ray Tune function trainable (`tune.with_parameters(merge_trial, context=...)`): the
+    whole trial in this process."""
+    from trainables.trial_run import build_candidate, cat_artifacts, trial_run
 
     variant = config["variant"]
-    method = variant["method"]
-    tracking.configure(context.tracking_uri)
-    trial_name = ray.tune.get_context().get_trial_name()
-    with tempfile.TemporaryDirectory() as tmp, tracking.tracked_run(
-        context.experiment_id, trial_run_key(context.study, variant), trial_name, "trial",
-        context.study, context.parent_run_id,
-        tags={"method": method, "trial_id": ray.tune.get_context().get_trial_id(),
-              **tracking.environment_tags()},
-    ) as run_id:
-        tracking.log_params(run_id, {"method": method, "rank": variant["rank"],
-                                     "seed": context.seed, **variant["params"]})
-        out_dir = Path(tmp) / ADAPTER_DIR
-
-        def report_progress(metrics: dict) -> None:
-            tracking.log_metrics(run_id, {k: v for k, v in metrics.items() if k != "cat_step"},
-                                 step=int(metrics.get("cat_step", 0)))
-            ray.tune.report(metrics)
-
-        start = time.perf_counter()
-        adapter = candidate_builder(method)(context, variant, out_dir, report_progress)
-        build_seconds = time.perf_counter() - start
+    with trial_run(context, variant) as run:
+        out_dir = run.work_dir / ADAPTER_DIR
+        adapter, build_seconds = build_candidate(context, variant, out_dir, run.progress)
         metrics = score_validation(context, adapter, build_seconds)
-        tracking.log_metrics(run_id, metrics)
-        if (out_dir / "cat_weights.json").is_file():
-            from soups.cat.plot import plot_cat_weights
-
-            tracking.log_artifact(run_id, out_dir / "cat_weights.json")
-            plot = plot_cat_weights(out_dir / "cat_weights.json", Path(tmp) / "cat_weights.png",
-                                    names=list(context.skills))
-            tracking.log_artifact(run_id, plot)
-        # The checkpoint carries the adapter (stage-1 ones are copied) for export.
-        keep = Path(tmp) / "checkpoint"
-        keep.mkdir()
-        if adapter is not None:
-            shutil.copytree(adapter, keep / ADAPTER_DIR)
-        (keep / TRIAL_FILE).write_text(json.dumps(
-            {"variant": variant, "run_id": run_id, "metrics": metrics}, default=str))
-        ray.tune.report({**metrics, "mlflow_run_id": run_id},
-                        checkpoint=Checkpoint.from_directory(str(keep)))
+        run.finish(metrics, adapter, cat_artifacts(out_dir, run.work_dir, context.skills))

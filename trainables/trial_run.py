@@ -1,0 +1,106 @@
+"""One trial's life cycle, shared by the local trial (`merge_trial`) and the cluster trial
+driver (`cluster_trial`): its MLflow run (found again by its key on a resumed study), its
+parameters, its progress reports, and its end: metrics, CAT artifacts, the checkpoint
+(adapter + `trial.json`) and the final Tune report.
+
+Also the part of the work both run the same way: building the candidate and timing it, and
+the CAT weight files it leaves for MLflow.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import shutil
+import tempfile
+import time
+from collections.abc import Callable, Iterator, Mapping
+from pathlib import Path
+
+from trainables import tracking
+from trainables.merge_trial import ADAPTER_DIR, TRIAL_FILE, TrialContext, candidate_builder
+
+STEP_METRIC = "cat_step"  # the step of a CAT progress report (Tune's time attribute for ASHA)
+
+
+def trial_run_key(study: str, variant: dict) -> str:
+    return f"{study}:trial:{json.dumps(variant, sort_keys=True, default=str)}"
+
+
+def build_candidate(context: TrialContext, variant: dict, out_dir: Path,
+                    report: Callable[[dict], None]) -> tuple[str | None, float]:
+    """The candidate's adapter folder (None: the base model alone) and seconds to build it."""
+    start = time.perf_counter()
+    adapter = candidate_builder(variant["method"])(context, variant, out_dir, report)
+    return adapter, time.perf_counter() - start
+
+
+def cat_artifacts(out_dir: Path, work_dir: Path, skills) -> dict[str, Path]:
+    """A learned CAT's weights file and its heat map, when the candidate has them."""
+    from soups.cat.export import WEIGHTS_JSON
+
+    weights = out_dir / WEIGHTS_JSON
+    if not weights.is_file():
+        return {}
+    from soups.cat.plot import plot_cat_weights
+
+    plot = plot_cat_weights(weights, work_dir / "cat_weights.png", names=list(skills))
+    return {WEIGHTS_JSON: weights, Path(plot).name: Path(plot)}
+
+
+class TrialRun:
+    """The open MLflow run of a Tune trial, and its reports to Tune."""
+
+    def __init__(self, run_id: str, name: str, work_dir: Path, variant: dict):
+        self.run_id = run_id
+        self.name = name  # Tune's trial name
+        self.work_dir = work_dir  # a temporary folder, removed when the trial ends
+        self.variant = variant
+
+    def progress(self, metrics: Mapping[str, float]) -> None:
+        """An intermediate result (CAT's held-out loss at a step): to MLflow and Tune."""
+        import ray.tune
+
+        tracking.log_metrics(self.run_id, {k: v for k, v in metrics.items() if k != STEP_METRIC},
+                             step=int(metrics.get(STEP_METRIC, 0)))
+        ray.tune.report(dict(metrics))
+
+    def finish(self, metrics: dict, adapter: str | Path | None, artifacts: Mapping[str, Path],
+               record: Mapping | None = None) -> None:
+        """Log the final metrics and artifacts, and report them to Tune with a checkpoint
+        holding the adapter (stage-1 ones are copied) and `trial.json`, for export."""
+        import ray.tune
+        from ray.tune import Checkpoint
+
+        tracking.log_metrics(self.run_id, metrics)
+        for path in artifacts.values():
+            tracking.log_artifact(self.run_id, path)
+        keep = self.work_dir / "checkpoint"
+        keep.mkdir()
+        if adapter is not None:
+            shutil.copytree(adapter, keep / ADAPTER_DIR)
+        (keep / TRIAL_FILE).write_text(json.dumps(
+            {"variant": self.variant, "run_id": self.run_id, "metrics": metrics,
+             **(record or {})}, default=str))
+        ray.tune.report({**metrics, "mlflow_run_id": self.run_id},
+                        checkpoint=Checkpoint.from_directory(str(keep)))
+
+
+@contextlib.contextmanager
+def trial_run(context: TrialContext, variant: dict, tags: Mapping[str, str] | None = None
+              ) -> Iterator[TrialRun]:
+    """Open (or, on a resumed study, reopen) the trial's MLflow run with its parameters;
+    it ends FINISHED, or FAILED when the trial raises."""
+    import ray.tune
+
+    tracking.configure(context.tracking_uri)
+    trial = ray.tune.get_context()
+    with tempfile.TemporaryDirectory() as tmp, tracking.tracked_run(
+        context.experiment_id, trial_run_key(context.study, variant), trial.get_trial_name(),
+        "trial", context.study, context.parent_run_id,
+        tags={"method": variant["method"], "trial_id": trial.get_trial_id(), **(tags or {}),
+              **tracking.environment_tags()},
+    ) as run_id:
+        tracking.log_params(run_id, {"method": variant["method"], "rank": variant["rank"],
+                                     "seed": context.seed, **variant["params"]})
+        yield TrialRun(run_id, trial.get_trial_name(), Path(tmp), variant)
