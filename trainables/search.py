@@ -46,26 +46,16 @@ def _grid_expansions(params: dict) -> list[dict]:
     return out
 
 
-def _rank_values(space: SearchSpace, ranks: list[int]) -> list | Domain:
-    if space.rank is None:
-        return list(ranks)
-    if isinstance(space.rank, Domain):
-        return list(space.rank.values) if space.rank.kind in ("grid", "choice") else space.rank
-    return [space.rank]
-
-
 def variants(space: SearchSpace, ranks: list[int]) -> list[dict]:
-    """Every (method, grid point, rank) the space names; sampled domains stay Tune domains."""
-    rank_values = _rank_values(space, ranks)
+    """Every (method, grid point, rank) the space names; sampled domains stay Tune domains.
+    `ranks`: the study's, used when the space names none."""
+    rank_values = space.ranks(ranks)
     out = []
     for method, params in space.methods.items():
         for fixed in _grid_expansions(params):
             resolved = {k: _tune_domain(v) for k, v in fixed.items()}
             if method in RANKLESS:
                 out.append({"method": method, "params": resolved, "rank": None})
-            elif isinstance(rank_values, Domain):
-                out.append({"method": method, "params": resolved,
-                            "rank": _tune_domain(rank_values)})
             else:
                 out.extend({"method": method, "params": dict(resolved), "rank": r}
                            for r in rank_values)
@@ -85,7 +75,7 @@ def param_space(space: SearchSpace, ranks: list[int], algorithm: str) -> dict:
 def optuna_define_by_run(space: SearchSpace, ranks: list[int]):
     """A define-by-run function for `OptunaSearch`: the method first, then its parameters
     (named `<method>.<param>`), then the rank when the method uses skill LoRAs."""
-    rank_values = _rank_values(space, ranks)
+    rank_domain = Domain("choice", tuple(space.ranks(ranks)))
 
     def suggest(trial, name: str, value):
         if not isinstance(value, Domain):
@@ -106,8 +96,6 @@ def optuna_define_by_run(space: SearchSpace, ranks: list[int]):
                   for name, value in space.methods[method].items()}
         rank = None
         if method not in RANKLESS:
-            rank_domain = rank_values if isinstance(rank_values, Domain) else \
-                Domain("choice", tuple(rank_values))
             rank = suggest(trial, "rank", rank_domain)
         return {"variant": {"method": method, "params": params, "rank": rank}}
 
