@@ -5,20 +5,21 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-from study.spec import EMBEDDED, SpecError, StudySpec
+from study.spec import EMBEDDED, CatTraining, SpecError, StudySpec
 from trainables.merge_trial import TaskData
 
 
 def method_parameters(name: str) -> set[str] | None:
     """Parameters a trial kind or merge method declares (the search-space check)."""
+    from dataclasses import fields
+
+    from soups.cat.settings import CatSettings
     from soups.merge import method_parameters as merge_parameters
 
-    trial_kinds = {
-        "base": set(), "skill": {"skill"}, "data_mix": set(),
-        "cat_learned": {"granularity", "normalisation", "init", "init_values", "learning_rate",
-                        "max_steps", "micro_batch_size", "warmup_steps", "eval_every",
-                        "fraction", "held_out"},
-    }
+    # A CAT trial sets the shape of its weights and any key of the study's `cat` section.
+    cat_learned = {f.name for f in fields(CatSettings) if f.name != "seed"}
+    trial_kinds = {"base": set(), "skill": {"skill"}, "data_mix": set(),
+                   "cat_learned": cat_learned | set(CatTraining.model_fields)}
     if name in trial_kinds:
         return trial_kinds[name]
     return merge_parameters(name)

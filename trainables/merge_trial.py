@@ -14,9 +14,7 @@ holding the adapter, so the study can export the best trial's adapter later.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
-
-from soups.sandbox import BWRAP
+from dataclasses import dataclass
 
 ADAPTER_DIR = "adapter"
 TRIAL_FILE = "trial.json"
@@ -50,8 +48,8 @@ class TrialContext:
     target: str
     tasks: dict[str, TaskData]
     adapters: dict[str, dict[str, str]]  # str(rank) -> skill name or "data_mix" -> folder
-    evaluation: dict = field(default_factory=dict)
-    cat: dict = field(default_factory=dict)
+    evaluation: dict  # the study's `evaluation` section, every key (study/spec.py)
+    cat: dict  # the study's `cat` section, every key: CAT trials' defaults
     seed: int = 0
 
 
@@ -83,17 +81,16 @@ def _data_mix(ctx, variant, out_dir, report) -> str:
 
 
 def _cat_learned(ctx, variant, out_dir, report) -> str:
-    from soups.cat import CatSettings, learn_cat
-    from soups.lora_training import TrainSettings
+    """The paper's CAT recipe (`PAPER_CAT_TRAIN`) with the study's `cat` section and the
+    trial's parameters over it."""
+    from dataclasses import fields, replace
+
+    from soups.cat import PAPER_CAT_TRAIN, CatSettings, learn_cat
 
     params = {**ctx.cat, **variant["params"]}
-    shape = {k: params.pop(k) for k in ("granularity", "normalisation", "init", "init_values")
-             if k in params}
-    train = TrainSettings(
-        learning_rate=params.pop("learning_rate"), max_steps=params.pop("max_steps"),
-        micro_batch_size=params.pop("micro_batch_size"),
-        warmup_steps=params.pop("warmup_steps"), eval_every=params.pop("eval_every"),
-        loss_on="all", seed=ctx.seed, epochs=1.0)
+    shape = {f.name: params.pop(f.name) for f in fields(CatSettings) if f.name in params}
+    fraction, held_out = params.pop("fraction"), params.pop("held_out")
+    train = replace(PAPER_CAT_TRAIN, seed=ctx.seed, **params)
     skills = [load_rows(ctx, s, "train") for s in ctx.skills]
 
     def on_step(record: dict) -> None:
@@ -104,7 +101,7 @@ def _cat_learned(ctx, variant, out_dir, report) -> str:
     adapters = [_stage1(ctx, variant["rank"], s) for s in ctx.skills]
     result = learn_cat(adapters, ctx.model_dir, skills, out_dir,
                        CatSettings(seed=ctx.seed, **shape), train,
-                       fraction=params.pop("fraction"), held_out=params.pop("held_out"),
+                       fraction=fraction, held_out=held_out,
                        on_step=on_step, log=None)
     report({"cat_trainable_parameters": result.trainable_parameters,
             "cat_best_eval_loss": result.best_eval_loss, "cat_best_step": result.best_step})
@@ -136,10 +133,8 @@ def evaluate_candidate(ctx: TrialContext, adapter: str | None, split: str, tasks
     metrics: dict[str, float] = {}
     for task in tasks:
         rows = load_rows(ctx, task, split, limit)
-        scores = evaluate_rows(model, tokenizer, task, rows,
-                               ctx.evaluation.get("max_new_tokens", 96),
-                               ctx.evaluation.get("batch_size", 32),
-                               ctx.evaluation.get("sandbox", BWRAP))
+        scores = evaluate_rows(model, tokenizer, task, rows, ctx.evaluation["max_new_tokens"],
+                               ctx.evaluation["batch_size"], ctx.evaluation["sandbox"])
         metrics.update({f"{split}/{k}": v for k, v in scores.metrics().items()})
         metrics[f"{split}/{task}/eval_seconds"] = scores.seconds
     return metrics
@@ -148,9 +143,9 @@ def evaluate_candidate(ctx: TrialContext, adapter: str | None, split: str, tasks
 def score_validation(ctx: TrialContext, adapter: str | None, build_seconds: float) -> dict:
     """The trial's metrics: validation scores on the target (the objective) and, unless
     turned off, on every skill (retention), plus the time it took to build the candidate."""
-    tasks = [ctx.target, *(ctx.skills if ctx.evaluation.get("skills", True) else ())]
+    tasks = [ctx.target, *(ctx.skills if ctx.evaluation["skills"] else ())]
     metrics = evaluate_candidate(ctx, adapter, "validation", tasks,
-                                 ctx.evaluation.get("validation_limit"))
+                                 ctx.evaluation["validation_limit"])
     metrics["objective"] = metrics[f"validation/{ctx.target}/accuracy"]
     metrics["build_seconds"] = build_seconds
     return metrics

@@ -11,16 +11,21 @@ one PEFT LoRA of rank sum(r_i).
 - `run`: `learn_cat`, all of the above end to end.
 """
 
-from soups.cat.export import export_cat, folded_modules
-from soups.cat.layer import CatLinear, CatWeights, delta_norm
-from soups.cat.mix import skill_mix
-from soups.cat.model import CatModel
-from soups.cat.run import learn_cat, resolve_device
-from soups.cat.settings import PAPER_CAT_TRAIN, CatSettings
-from soups.cat.train import CatTrainResult, StopTraining, train_cat
+import importlib
 
-__all__ = [
-    "PAPER_CAT_TRAIN", "CatLinear", "CatModel", "CatSettings", "CatTrainResult", "CatWeights",
-    "StopTraining", "delta_norm", "export_cat", "folded_modules", "learn_cat", "resolve_device",
-    "skill_mix", "train_cat",
-]
+# Each public name and the submodule that defines it, imported on first use: the command
+# line reads the settings and the paper's recipe (`soups.cat.settings`) without torch.
+_EXPORTS = {
+    "export_cat": "export", "folded_modules": "export", "CatLinear": "layer",
+    "CatWeights": "layer", "delta_norm": "layer", "skill_mix": "mix", "CatModel": "model",
+    "learn_cat": "run", "resolve_device": "run", "PAPER_CAT_TRAIN": "settings",
+    "CatSettings": "settings", "CatTrainResult": "train", "StopTraining": "train",
+    "train_cat": "train",
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(f"{__name__}.{_EXPORTS[name]}"), name)
