@@ -20,7 +20,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-import yaml
+from soups.yaml_file import read_yaml
 
 HERE = Path(__file__).parent
 DOMAINS = {"choice": "list", "grid": "list", "uniform": "range", "loguniform": "range",
@@ -128,10 +128,4 @@ def parse_space(data, source: str,
 def load_space(name_or_path: str | Path,
                method_parameters: Callable[[str], set[str] | None]) -> SearchSpace:
     path = space_path(name_or_path)
-    if not path.is_file():
-        raise SearchSpaceError(f"{path}: no such file")
-    try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as err:
-        raise SearchSpaceError(f"{path}: not valid YAML: {err}") from None
-    return parse_space(data, str(path), method_parameters)
+    return parse_space(read_yaml(path, SearchSpaceError), str(path), method_parameters)

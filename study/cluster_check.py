@@ -25,7 +25,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-import yaml
+from soups.yaml_file import read_yaml
+from study.spec import SpecError
 
 DRIVER_RESOURCE = "soups_driver"  # cluster.yaml's head resource; study.spec.Cluster's default
 TOKEN_PATH = "~/.ray/auth_token"
@@ -53,11 +54,9 @@ def check_cluster_file(path: str | Path, study: str | Path | None = None) -> lis
     """Every finding about the cluster file at `path` (and the study file, if given)."""
     path = Path(path)
     try:
-        config = yaml.safe_load(path.read_text())
-    except FileNotFoundError:
-        return [Finding("", f"{path}: no such file")]
-    except yaml.YAMLError as err:
-        return [Finding("", f"{path}: not valid YAML: {err}")]
+        config = read_yaml(path, SpecError)
+    except SpecError as err:
+        return [Finding("", str(err))]
     if not isinstance(config, dict):
         return [Finding("", f"{path}: a cluster file is a mapping of keys")]
     findings = check_cluster(config, path.resolve().parent)

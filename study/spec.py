@@ -9,8 +9,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from soups.yaml_file import read_yaml
 
 EMBEDDED = "embedded"
 
@@ -221,13 +222,7 @@ def parse_model(model: type[BaseModel], data, source: str):
 
 
 def load_yaml(path: str | Path):
-    path = Path(path)
-    if not path.is_file():
-        raise SpecError(f"{path}: no such file")
-    try:
-        return yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as err:
-        raise SpecError(f"{path}: not valid YAML: {err}") from None
+    return read_yaml(path, SpecError) or {}
 
 
 def overlay(base: dict, extra: dict) -> dict:
