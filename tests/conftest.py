@@ -41,6 +41,29 @@ def build_tiny_llama(out_dir, hidden: int = 32, layers: int = 2, seed: int = 0):
     return str(out_dir)
 
 
+TIERS = ("unit", "integration")
+
+
+@pytest.hookimpl(tryfirst=True)  # before `-m` deselects: every collected test is checked
+def pytest_collection_modifyitems(config, items):
+    """Every test carries exactly one tier marker (pyproject.toml `markers`): without one,
+    `pytest -m unit` and `pytest -m integration` would both skip it silently."""
+    wrong = []
+    for item in items:
+        tiers = [tier for tier in TIERS if item.get_closest_marker(tier) is not None]
+        if len(tiers) != 1:
+            wrong.append(f"  {item.nodeid}: " + (" and ".join(tiers) if tiers else "no tier"))
+    if wrong:
+        raise pytest.UsageError(
+            f"{len(wrong)} test(s) need exactly one tier marker, unit or integration:\n"
+            + "\n".join(wrong) + "\n"
+            "Fix: mark the file with `pytestmark = pytest.mark.unit` (or "
+            "`pytest.mark.integration`) at module level, or, where a file mixes tiers, mark "
+            "each test or class with `@pytest.mark.unit` / `@pytest.mark.integration` and no "
+            "module-level mark. unit: fast and pure (no Ray, MLflow server, DeepSpeed or "
+            "training); integration: starts Ray, DeepSpeed or MLflow, or trains a model.")
+
+
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory):
     return build_tiny_llama(tmp_path_factory.mktemp("tiny_llama"))

@@ -8,7 +8,7 @@ import torch
 
 from soups.base_model import BUILD_FILE, BaseModelSettings, build_base_model
 
-pytestmark = pytest.mark.unit
+pytestmark = pytest.mark.integration  # `built` pretrains a tiny model (6 AdamW steps)
 QUICK = BaseModelSettings(hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64,
                           vocab_size=1400, max_number=199, steps=6, batch_size=4,
                           block_size=32, corpus_examples=600, warmup_steps=2)

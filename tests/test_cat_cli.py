@@ -13,7 +13,8 @@ from typer.testing import CliRunner
 from soups.adapters import LoraAdapter, LoraModule, save_adapter
 from study import cmd_cat
 
-pytestmark = pytest.mark.integration
+# Mixed tiers: the two end-to-end commands train CAT weights (integration); the flag checks
+# fail before any model is loaded (unit).
 
 
 def _app() -> typer.Typer:
@@ -45,6 +46,7 @@ def _adapter(model_dir, path, seed):
     return save_adapter(path, modules, {"base_model_name_or_path": model_dir})
 
 
+@pytest.mark.integration
 def test_cat_command_trains_and_exports(tiny_model_dir, tmp_path):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
@@ -72,6 +74,7 @@ def test_cat_command_trains_and_exports(tiny_model_dir, tmp_path):
     assert loaded.peft_config["default"].r == 4
 
 
+@pytest.mark.integration
 def test_merge_command_trains_cat_learned(tiny_model_dir, tmp_path):
     from study.cli import app
 
@@ -92,6 +95,7 @@ def test_merge_command_trains_cat_learned(tiny_model_dir, tmp_path):
     assert bad.exit_code != 0 and "takes no --density" in bad.output
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("flags, message", [
     (["--init", "zeros"], "neither one of"),
     (["--init", "ones"], "needs normalisation 'none'"),
@@ -103,6 +107,7 @@ def test_cat_command_rejects_bad_flags(tmp_path, flags, message):
     assert message in result.output
 
 
+@pytest.mark.unit
 def test_every_list_option_takes_several_values_after_one_flag():
     """`--weights 0.4 0.6` (argparse style) and `--weights 0.4 --weights 0.6` (click style)
     mean the same for every list option of every command; negatives are values."""

@@ -14,7 +14,8 @@ from soups.cat import CatModel, CatSettings, StopTraining, export_cat, train_cat
 from soups.cat.export import WEIGHTS_JSON
 from soups.lora_training import TrainSettings, held_out_loss
 
-pytestmark = pytest.mark.integration
+# Mixed tiers: forward passes, one backward pass and exports on the tiny model are unit; the
+# tests that run `train_cat` (an optimizer loop) are integration.
 
 TARGETS = ("q_proj", "k_proj", "v_proj", "up_proj", "down_proj")
 
@@ -64,6 +65,7 @@ def _dense_weighted_sum(adapter_dirs, module, weights):
     return total
 
 
+@pytest.mark.unit
 def test_wrapped_model_equals_dense_merged_model(tiny_model_dir, adapters):
     cat = CatModel.attach(_load(tiny_model_dir), adapters, CatSettings(seed=5))
     assert len(cat.layers) == 10 and len(cat.group_names) == 10  # 2 layers x 5 targets
@@ -80,6 +82,7 @@ def test_wrapped_model_equals_dense_merged_model(tiny_model_dir, adapters):
                                    rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.unit
 def test_softmax_mixtures_sum_to_one_over_present_loras(tiny_model_dir, adapters):
     cat = CatModel.attach(_load(tiny_model_dir), adapters, CatSettings(seed=1))
     for name, values in cat.mixtures().items():
@@ -88,6 +91,7 @@ def test_softmax_mixtures_sum_to_one_over_present_loras(tiny_model_dir, adapters
         assert sum(present) == pytest.approx(1.0, abs=1e-6)
 
 
+@pytest.mark.unit
 def test_layer_granularity_shares_weights_within_a_layer(tiny_model_dir, adapters):
     settings = CatSettings(granularity="layer", normalisation="none", seed=2)
     cat = CatModel.attach(_load(tiny_model_dir), adapters, settings)
@@ -102,6 +106,7 @@ def test_layer_granularity_shares_weights_within_a_layer(tiny_model_dir, adapter
     assert mixtures[q_proj.format(0)] != mixtures[q_proj.format(1)]
 
 
+@pytest.mark.unit
 def test_export_with_fixed_weights_equals_static_cat(tiny_model_dir, adapters, tmp_path):
     weights = (0.7, -0.3, 1.2)
     settings = CatSettings(granularity="global", normalisation="none", init="values",
@@ -124,6 +129,7 @@ def test_export_with_fixed_weights_equals_static_cat(tiny_model_dir, adapters, t
     assert recorded["model.layers.1.mlp.down_proj"] == pytest.approx([0.7, -0.3, None])
 
 
+@pytest.mark.unit
 def test_export_round_trip_reproduces_wrapper_logits(tiny_model_dir, adapters, tmp_path):
     from peft import PeftModel
 
@@ -139,6 +145,7 @@ def test_export_round_trip_reproduces_wrapper_logits(tiny_model_dir, adapters, t
         assert (_load(tiny_model_dir)(input_ids=ids).logits - wrapper).abs().max() > 1e-3
 
 
+@pytest.mark.unit
 def test_gradients_reach_only_the_cat_weights(tiny_model_dir, adapters):
     cat = CatModel.attach(_load(tiny_model_dir), adapters, CatSettings())
     ids = _ids()
@@ -153,6 +160,7 @@ def _encoded(ids: torch.Tensor) -> list[tuple[list[int], list[int]]]:
     return [(row.tolist(), row.tolist()) for row in ids]
 
 
+@pytest.mark.integration
 def test_training_keeps_base_and_factors_bit_identical(tiny_model_dir, adapters):
     cat = CatModel.attach(_load(tiny_model_dir), adapters, CatSettings())
     before = {k: v.clone() for k, v in cat.model.state_dict().items()}
@@ -209,6 +217,7 @@ SHARP_TRAIN = TrainSettings(learning_rate=0.1, max_steps=30, micro_batch_size=16
                             warmup_steps=1, eval_every=10, loss_on="all")
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("granularity", ["global", "module"])
 def test_training_moves_weights_toward_the_known_mixture(sharp, granularity):
     settings = CatSettings(granularity=granularity, init="uniform")
@@ -220,6 +229,7 @@ def test_training_moves_weights_toward_the_known_mixture(sharp, granularity):
     assert result.best_eval_loss < result.initial_eval_loss - 0.5
 
 
+@pytest.mark.integration
 def test_best_weights_are_kept_when_training_hurts_held_out_loss(sharp):
     cat = CatModel.attach(_load(sharp["base"]), sharp["loras"], CatSettings(init="uniform"))
     seen = {}
@@ -237,6 +247,7 @@ def test_best_weights_are_kept_when_training_hurts_held_out_loss(sharp):
     assert held_out_loss(cat, sharp["from_2"], 16, 0) == pytest.approx(result.best_eval_loss)
 
 
+@pytest.mark.integration
 def test_training_is_seeded_and_callbacks_stop_it(sharp):
     def run(on_step=None, seed=0):
         cat = CatModel.attach(_load(sharp["base"]), sharp["loras"], CatSettings(seed=seed))
@@ -266,6 +277,7 @@ def test_training_is_seeded_and_callbacks_stop_it(sharp):
         run(on_step=fail)
 
 
+@pytest.mark.unit
 def test_bf16_base_runs_and_stays_close_to_float32(tiny_model_dir, adapters):
     settings = CatSettings(seed=3)
     full = CatModel.attach(_load(tiny_model_dir), adapters, settings)
@@ -282,6 +294,7 @@ def test_bf16_base_runs_and_stays_close_to_float32(tiny_model_dir, adapters):
     assert torch.isfinite(half.weights.logits.grad).all()
 
 
+@pytest.mark.unit
 def test_clear_errors_for_bad_adapters(tiny_model_dir, adapters, tmp_path):
     stray = save_adapter(tmp_path / "stray", {"model.layers.9.self_attn.q_proj": LoraModule(
         A=torch.ones(2, 32), B=torch.ones(32, 2), scaling=1.0)}, {})

@@ -21,6 +21,7 @@ from soups.merge.lowrank import (
     truncate_lora,
 )
 
+pytestmark = pytest.mark.unit  # merge math on small tensors and tiny adapter folders; no training
 TARGETS = ("q_proj", "v_proj", "up_proj", "down_proj")
 SEEDED_PEFT = ["linear", "ties", "magnitude_prune", "cat", "svd", "ties_svd",
                "magnitude_prune_svd"]
