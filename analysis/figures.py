@@ -14,6 +14,7 @@ from matplotlib import colormaps
 from matplotlib.figure import Figure
 
 from analysis import summaries
+from soups.names import CAT_EVAL_LOSS, OBJECTIVE
 
 # Figures are built without pyplot: no global figure state to leak or close, safe in threads,
 # and a notebook shows the returned Figure once.
@@ -85,7 +86,7 @@ def method_comparison(trials: pd.DataFrame, target: str):
                         label="mean ± std over seeds (each seed's best)")
             plotted.extend(spread["seed_mean"] + spread["seed_std"])
         for x, method in zip(xs, methods, strict=True):
-            points = done[(done["study"] == study) & (done["group"] == method)]["objective"]
+            points = done[(done["study"] == study) & (done["group"] == method)][OBJECTIVE]
             ax.scatter(x + rng.uniform(-width / 4, width / 4, len(points)), points, s=10,
                        color="black", zorder=3, label="every trial")
             plotted.extend(points)
@@ -171,12 +172,12 @@ def cat_settings(trials: pd.DataFrame, target: str):
     cat = summaries.cat_trials(trials)
     if cat.empty:
         return _no_data("no finished learned-CAT (cat_learned) trials in this study")
-    has_loss = "cat_eval_loss" in cat and cat["cat_eval_loss"].notna().any()
+    has_loss = CAT_EVAL_LOSS in cat and cat[CAT_EVAL_LOSS].notna().any()
     rows = 2 if has_loss else 1
     fig, axes = _subplots(rows, 3, figsize=(11, 3.2 * rows))
-    metrics = [("objective", f"{target} accuracy (validation)")]
+    metrics = [(OBJECTIVE, f"{target} accuracy (validation)")]
     if has_loss:
-        metrics.append(("cat_eval_loss", "final held-out loss (CAT training)"))
+        metrics.append((CAT_EVAL_LOSS, "final held-out loss (CAT training)"))
     for r, (column, ylabel) in enumerate(metrics):
         for c, setting in enumerate(summaries.CAT_SETTINGS):
             ax = axes[r][c]
@@ -191,7 +192,7 @@ def cat_settings(trials: pd.DataFrame, target: str):
             ax.set_xlabel(f"CAT {setting}")
             if c == 0:
                 ax.set_ylabel(ylabel)
-            if column == "objective":
+            if column == OBJECTIVE:
                 ax.set_ylim(0, _top(cat[column]))
             else:
                 ax.set_ylim(0, 1.2 * cat[column].max())
@@ -214,9 +215,9 @@ def search_progress(trials: pd.DataFrame):
         for ax, x in ((by_count, "trial_number"), (by_time, "minutes")):
             ax.step(group[x], group["best_so_far"], where="post", color=colour,
                     label=f"best so far ({study})")
-            ax.scatter(group[x], group["objective"], color=colour, s=12, alpha=0.6,
+            ax.scatter(group[x], group[OBJECTIVE], color=colour, s=12, alpha=0.6,
                        label=f"each trial ({study})")
-    top = _top(progress["objective"])
+    top = _top(progress[OBJECTIVE])
     for ax, xlabel in ((by_count, "finished trials"),
                        (by_time, "wall time since the first trial started (minutes)")):
         ax.set_xlabel(xlabel)

@@ -20,6 +20,7 @@ from analysis.runs import (
     parent_artifact_names,
     parent_artifact_text,
 )
+from soups.names import BUILD_SECONDS, OBJECTIVE, TEST, WALL_SECONDS
 
 LOCAL_UI = "http://127.0.0.1:5000"  # where `mlflow ui` serves by default
 # Section ids, in report order (tests check that each is present).
@@ -93,7 +94,7 @@ def _summary(study: StudyRuns, ui: str) -> str:
     counts = trials["status"].value_counts()
     best = summaries.finished(trials).head(1)
     target = study.target
-    test = summaries.accuracy_column(target, "test") if target else None
+    test = summaries.accuracy_column(target, TEST) if target else None
     items = [
         f"target task <b>{html.escape(str(target))}</b>; skills "
         f"<b>{html.escape(', '.join(study.skills))}</b>",
@@ -108,7 +109,7 @@ def _summary(study: StudyRuns, ui: str) -> str:
         tested = row.get(test) if test else None
         items.append(
             f"best by validation: <b>{html.escape(row['label'])}</b>, {target} accuracy "
-            f"{row['objective']:.3f} (validation)"
+            f"{row[OBJECTIVE]:.3f} (validation)"
             + (f", <b>{tested:.3f}</b> on the test split (scored once, after selection)"
                if tested is not None and not pd.isna(tested) else "")
             + f" ({_run_link(study, row['run_id'], ui)})")
@@ -132,10 +133,10 @@ def _leaderboard(studies: list[StudyRuns], ui: str) -> str:
         frame = pd.DataFrame({
             "#": range(1, len(trials) + 1), "trial": trials["label"],
             "status": trials["status"],
-            f"{target} (val)": trials["objective"],
-            f"{target} (test)": trials.get(summaries.accuracy_column(target, "test")),
+            f"{target} (val)": trials[OBJECTIVE],
+            f"{target} (test)": trials.get(summaries.accuracy_column(target, TEST)),
             **{f"{s} (val)": trials.get(summaries.accuracy_column(s)) for s in skills},
-            "build s": trials.get("build_seconds"), "trial s": trials["duration_s"],
+            "build s": trials.get(BUILD_SECONDS), "trial s": trials["duration_s"],
             "MLflow": [_run_link(study, r, ui) for r in trials["run_id"]],
         })
 
@@ -206,7 +207,7 @@ def _finetunes(study: StudyRuns, ui: str) -> str:
     frame = frame[[c for c in frame.columns if not c.startswith("param.")]]
     frame["MLflow"] = [_run_link(study, r, ui) for r in frame.pop("run_id")]
     return _table(frame, raw={"MLflow"}, formats={"epoch": "{:g}", "rank": "{:g}",
-                                                  "wall_seconds": "{:.1f}"}) + (
+                                                  WALL_SECONDS: "{:.1f}"}) + (
         '<p class="note">Metrics are the last logged value of each curve; the curves are in '
         "the MLflow runs.</p>")
 

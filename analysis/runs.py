@@ -16,13 +16,22 @@ from pathlib import Path
 
 import pandas as pd
 
-ROLE_TAG = "soups.role"
-KEY_TAG = "soups.run_key"
-STUDY_TAG = "soups.study"
-PARENT_TAG = "mlflow.parentRunId"
+from soups.names import (
+    KEY_TAG,
+    METHOD_TAG,
+    OBJECTIVE,
+    ROLE_FINETUNE,
+    ROLE_PARENT,
+    ROLE_TAG,
+    ROLE_TRIAL,
+    STUDY_TAG,
+    TRIAL_ID,
+    accuracy_task,
+)
+
 # Leading columns of the trial table, in this order; parameters and metrics follow.
 TRIAL_COLUMNS = ["study", "trial", "label", "method", "group", "rank", "seed", "status",
-                 "objective", "start_time", "end_time", "duration_s", "run_id", "run_name",
+                 OBJECTIVE, "start_time", "end_time", "duration_s", "run_id", "run_name",
                  "n_runs"]
 # MLflow status -> trial status: a RUNNING run belongs to a study that is running or was
 # killed (the next `soups resume` finishes it).
@@ -56,8 +65,7 @@ class StudyRuns:
         named = _spec_tasks(self.parent.get("params", {}), "skills")
         if named:
             return named
-        tasks = {c.split("/")[1] for c in self.trials.columns
-                 if c.startswith("validation/") and c.endswith("/accuracy")}
+        tasks = {accuracy_task(c) for c in self.trials.columns} - {None}
         return sorted(tasks - {self.target})
 
 
@@ -154,17 +162,17 @@ def _trial_row(run, study: str) -> dict:
     params = {k: _value(v) for k, v in run.data.params.items()}
     metrics = dict(run.data.metrics)
     status = _status(run)
-    if status == "finished" and "objective" not in metrics:
+    if status == "finished" and OBJECTIVE not in metrics:
         status = "stopped early"  # ended by the scheduler (ASHA) before its evaluation
-    method = params.pop("method", run.data.tags.get("method"))
+    method = params.pop("method", run.data.tags.get(METHOD_TAG))
     rank = params.pop("rank", None)
     seed = params.pop("seed", None)
     start, end = run.info.start_time, run.info.end_time
     return {
-        "study": study, "trial": run.data.tags.get("trial_id", run.info.run_name),
+        "study": study, "trial": run.data.tags.get(TRIAL_ID, run.info.run_name),
         "label": label(method, rank, params), "method": method,
         "group": group(method, params), "rank": rank, "seed": seed,
-        "status": status, "objective": metrics.pop("objective", None),
+        "status": status, OBJECTIVE: metrics.pop(OBJECTIVE, None),
         "start_time": _time(start), "end_time": _time(end),
         "duration_s": (end - start) / 1000 if start and end else None,
         "run_id": run.info.run_id, "run_name": run.info.run_name,
@@ -194,7 +202,7 @@ def _order(table: pd.DataFrame) -> pd.DataFrame:
         return pd.DataFrame(columns=TRIAL_COLUMNS)
     rest = sorted(c for c in table.columns if c not in TRIAL_COLUMNS)
     table = table[TRIAL_COLUMNS + rest]
-    return table.sort_values(["objective", "start_time"], ascending=[False, True],
+    return table.sort_values([OBJECTIVE, "start_time"], ascending=[False, True],
                              na_position="last").reset_index(drop=True)
 
 
@@ -221,11 +229,11 @@ def load_study(name: str, tracking_uri: str | None = None) -> StudyRuns:
     by_role: dict[str, list] = {}
     for run in runs:
         by_role.setdefault(run.data.tags.get(ROLE_TAG, ""), []).append(run)
-    if not by_role.get("trial") and not by_role.get("parent"):
+    if not by_role.get(ROLE_TRIAL) and not by_role.get(ROLE_PARENT):
         raise StudyNotFound(f"experiment {experiment_name!r} in {uri} holds no runs of a "
                             f"soups study")
-    kept, dropped = _dedupe([_trial_row(r, name) for r in by_role.get("trial", [])])
-    parents = sorted(by_role.get("parent", []), key=lambda r: r.info.start_time or 0)
+    kept, dropped = _dedupe([_trial_row(r, name) for r in by_role.get(ROLE_TRIAL, [])])
+    parents = sorted(by_role.get(ROLE_PARENT, []), key=lambda r: r.info.start_time or 0)
     parent = {}
     if parents:
         run = parents[-1]
@@ -236,7 +244,7 @@ def load_study(name: str, tracking_uri: str | None = None) -> StudyRuns:
     return StudyRuns(
         name=name, tracking_uri=uri, experiment_id=experiment.experiment_id,
         trials=_order(pd.DataFrame(kept)),
-        finetunes=pd.DataFrame([_finetune_row(r) for r in by_role.get("finetune", [])]),
+        finetunes=pd.DataFrame([_finetune_row(r) for r in by_role.get(ROLE_FINETUNE, [])]),
         duplicates=pd.DataFrame(dropped), parent=parent)
 
 
@@ -261,10 +269,11 @@ def _spec_tasks(params: dict, section: str) -> list[str]:
 def _target_from(trials: pd.DataFrame) -> str | None:
     """The task whose validation accuracy is the objective (when no parent run says)."""
     for column in trials.columns:
-        if column.startswith("validation/") and column.endswith("/accuracy"):
-            pairs = trials[["objective", column]].dropna()
-            if len(pairs) and (pairs["objective"] == pairs[column]).all():
-                return column.split("/")[1]
+        task = accuracy_task(column)
+        if task is not None:
+            pairs = trials[[OBJECTIVE, column]].dropna()
+            if len(pairs) and (pairs[OBJECTIVE] == pairs[column]).all():
+                return task
     return None
 
 

@@ -9,16 +9,17 @@ from __future__ import annotations
 import pandas as pd
 
 from soups.cat.settings import CatSettings
+from soups.names import CAT_EVAL_LOSS, OBJECTIVE, TEST, VALIDATION, task_metric
 
 CAT_SETTINGS = ("init", "granularity", "normalisation")
 
 
 def finished(trials: pd.DataFrame) -> pd.DataFrame:
-    return trials[(trials["status"] == "finished") & trials["objective"].notna()]
+    return trials[(trials["status"] == "finished") & trials[OBJECTIVE].notna()]
 
 
-def accuracy_column(task: str, split: str = "validation") -> str:
-    return f"{split}/{task}/accuracy"
+def accuracy_column(task: str, split: str = VALIDATION) -> str:
+    return task_metric(split, task)
 
 
 def method_summary(trials: pd.DataFrame, target: str) -> pd.DataFrame:
@@ -26,17 +27,17 @@ def method_summary(trials: pd.DataFrame, target: str) -> pd.DataFrame:
     finished), the best validation accuracy on the target and its trial, the mean and
     standard deviation over seeds of each seed's best (std is empty with one seed), and
     the test accuracy where the study scored one."""
-    test = accuracy_column(target, "test")
+    test = accuracy_column(target, TEST)
     rows = []
     for (study, method), group in trials.groupby(["study", "group"], sort=False):
         done = finished(group)
         row = {"study": study, "method": method, "trials": len(group), "finished": len(done)}
         if len(done):
-            best = done.loc[done["objective"].idxmax()]
-            per_seed = done.groupby(done["seed"].fillna(-1))["objective"].max()
+            best = done.loc[done[OBJECTIVE].idxmax()]
+            per_seed = done.groupby(done["seed"].fillna(-1))[OBJECTIVE].max()
             tested = done[test].dropna() if test in done else pd.Series(dtype=float)
             row.update({
-                "best_validation": best["objective"], "best_trial": best["label"],
+                "best_validation": best[OBJECTIVE], "best_trial": best["label"],
                 "best_run_id": best["run_id"], "seeds": len(per_seed),
                 "seed_mean": per_seed.mean(),
                 "seed_std": per_seed.std(ddof=1) if len(per_seed) > 1 else None,
@@ -73,8 +74,8 @@ def retention(trials: pd.DataFrame, skills: list[str]) -> pd.DataFrame:
     done = finished(trials)
     rows = []
     for method, group in done.groupby("group", sort=False):
-        best = group.loc[group["objective"].idxmax()]
-        row = {"method": method, "trial": best["label"], "objective": best["objective"]}
+        best = group.loc[group[OBJECTIVE].idxmax()]
+        row = {"method": method, "trial": best["label"], OBJECTIVE: best[OBJECTIVE]}
         for skill in skills:
             column = accuracy_column(skill)
             score = best.get(column)
@@ -83,7 +84,7 @@ def retention(trials: pd.DataFrame, skills: list[str]) -> pd.DataFrame:
             row[f"retention/{skill}"] = (score / ref if ref and score is not None
                                          and not pd.isna(score) else None)
         rows.append(row)
-    return pd.DataFrame(rows).sort_values("objective", ascending=False).reset_index(drop=True)
+    return pd.DataFrame(rows).sort_values(OBJECTIVE, ascending=False).reset_index(drop=True)
 
 
 def rank_by_method(trials: pd.DataFrame) -> pd.DataFrame:
@@ -92,7 +93,7 @@ def rank_by_method(trials: pd.DataFrame) -> pd.DataFrame:
     done = finished(trials).dropna(subset=["rank"])
     if done.empty:
         return pd.DataFrame()
-    table = done.pivot_table(index="group", columns="rank", values="objective", aggfunc="max")
+    table = done.pivot_table(index="group", columns="rank", values=OBJECTIVE, aggfunc="max")
     table.columns = [int(c) for c in table.columns]
     return table.loc[table.max(axis=1).sort_values(ascending=False).index]
 
@@ -120,10 +121,10 @@ def cat_setting_summary(trials: pd.DataFrame) -> pd.DataFrame:
         for value, group in cat.groupby(name):
             rows.append({
                 "setting": name, "value": value, "trials": len(group),
-                "best_validation": group["objective"].max(),
-                "mean_validation": group["objective"].mean(),
-                "mean_held_out_loss": (group["cat_eval_loss"].mean()
-                                       if "cat_eval_loss" in group else None),
+                "best_validation": group[OBJECTIVE].max(),
+                "mean_validation": group[OBJECTIVE].mean(),
+                "mean_held_out_loss": (group[CAT_EVAL_LOSS].mean()
+                                       if CAT_EVAL_LOSS in group else None),
             })
     return pd.DataFrame(rows, columns=["setting", "value", "trials", "best_validation",
                                        "mean_validation", "mean_held_out_loss"])
@@ -138,11 +139,11 @@ def best_so_far(trials: pd.DataFrame) -> pd.DataFrame:
         start = trials.loc[trials["study"] == study, "start_time"].min()
         parts.append(pd.DataFrame({
             "study": study, "trial_number": range(1, len(group) + 1),
-            "label": group["label"].to_numpy(), "objective": group["objective"].to_numpy(),
-            "best_so_far": group["objective"].cummax().to_numpy(),
+            "label": group["label"].to_numpy(), OBJECTIVE: group[OBJECTIVE].to_numpy(),
+            "best_so_far": group[OBJECTIVE].cummax().to_numpy(),
             "minutes": ((group["end_time"] - start).dt.total_seconds() / 60).to_numpy(),
         }))
     if not parts:
-        return pd.DataFrame(columns=["study", "trial_number", "label", "objective",
+        return pd.DataFrame(columns=["study", "trial_number", "label", OBJECTIVE,
                                      "best_so_far", "minutes"])
     return pd.concat(parts, ignore_index=True)

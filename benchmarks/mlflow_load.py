@@ -17,6 +17,8 @@ import argparse
 import json
 import time
 
+from soups.names import KEY_TAG, ROLE_TRIAL
+
 METRICS = ("loss", "accuracy", "step_seconds")
 
 
@@ -26,7 +28,7 @@ def load_trial(config: dict) -> None:
 
     tracking.configure(config["uri"])
     key = f"{config['study']}:load:{config['index']}"
-    with tracking.tracked_run(config["experiment"], key, f"load-{config['index']}", "trial",
+    with tracking.tracked_run(config["experiment"], key, f"load-{config['index']}", ROLE_TRIAL,
                               config["study"], tags={"index": str(config["index"])}) as run_id:
         tracking.log_params(run_id, {"index": config["index"], "steps": config["steps"]})
         for step in range(config["steps"]):
@@ -86,7 +88,7 @@ def count_runs(uri: str, experiment: str) -> dict:
             break
     points = sum(len(client.get_metric_history(r.info.run_id, name))
                  for r in runs for name in METRICS)
-    keys = [r.data.tags.get("soups.run_key") for r in runs]
+    keys = [r.data.tags.get(KEY_TAG) for r in runs]
     return {"runs": len(runs), "finished_runs": sum(r.info.status == "FINISHED" for r in runs),
             "duplicated_keys": len(keys) - len(set(keys)), "metric_points": points}
 

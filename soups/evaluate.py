@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from soups.names import ACCURACY, task_metric
 from soups.sandbox import BWRAP
 from soups.scoring import SCORERS, mean
 
@@ -24,10 +25,12 @@ class TaskScores:
     seconds: float
     records: list[dict] = field(default_factory=list)
 
-    def metrics(self) -> dict[str, float]:
-        out = {f"{self.task}/accuracy": self.accuracy}
-        out.update({f"{self.task}/{k}": v for k, v in self.partial.items()})
-        return out
+    def metrics(self, split: str | None = None) -> dict[str, float]:
+        """Accuracy and partial scores by name: `task_metric(split, task, metric)` keys
+        (`validation/math/accuracy`), or `<task>/<metric>` without a split."""
+        scores = {ACCURACY: self.accuracy, **self.partial}
+        return {task_metric(split, self.task, k) if split else f"{self.task}/{k}": v
+                for k, v in scores.items()}
 
 
 @torch.no_grad()

@@ -72,6 +72,7 @@ def resume(name: str = typer.Argument(..., help="Name of an interrupted study.")
 
 def status(name: str = typer.Argument(..., help="Study name.")) -> None:
     """Print a study's progress: trials by state and the best so far."""
+    from soups.names import OBJECTIVE
     from study.layout import LEADERBOARD_FILE, TUNE_DIR, study_dir
     from study.registry import saved_spec
     from trainables.tuner import trial_states
@@ -89,7 +90,7 @@ def status(name: str = typer.Argument(..., help="Study name.")) -> None:
     if board.is_file():
         rows = json.loads(board.read_text())
         best = rows[0]
-        typer.echo(f"complete; best {best['candidate']}: validation {best['objective']:.3f}, "
+        typer.echo(f"complete; best {best['candidate']}: validation {best[OBJECTIVE]:.3f}, "
                    f"test {best.get('test')}")
     else:
         typer.echo("not complete (run `soups resume " + name + "` if it was interrupted)")
@@ -101,6 +102,7 @@ def export(
     trial: str = typer.Option(None, help="Trial to export (default: the best)."),
 ) -> None:
     """Write the best (or --trial) merged adapter of a finished study as a PEFT folder."""
+    from soups.names import OBJECTIVE
     from study.export import export_adapter
     from study.layout import LEADERBOARD_FILE, study_dir
     from study.registry import saved_spec
@@ -116,7 +118,7 @@ def export(
             rows = [r for r in rows if r["trial"] == trial]
             if not rows:
                 raise SpecError(f"study {name} has no trial {trial!r}")
-        row = next((r for r in rows if r["objective"] is not None), None)
+        row = next((r for r in rows if r[OBJECTIVE] is not None), None)
         if row is None:
             raise SpecError(f"study {name}: trial {trial or ''} did not finish")
         export_adapter(row, out, spec)

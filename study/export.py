@@ -8,6 +8,7 @@ import json
 import shutil
 from pathlib import Path
 
+from soups.names import TEST, task_metric
 from study.layout import BEST_DIR
 from study.selection import checkpoint_adapter
 from study.spec import SpecError, StudySpec
@@ -54,5 +55,5 @@ def _model_card(spec: StudySpec, row: dict, trial: dict) -> str:
             f"Method `{row['method']}`, rank {row['rank']}, parameters "
             f"`{json.dumps(row['params'], default=str)}`.\n\n"
             f"| metric | value |\n|---|---|\n{metrics}\n"
-            + (f"| test/{spec.target_name}/accuracy | {row['test']:.4f} |\n"
+            + (f"| {task_metric(TEST, spec.target_name)} | {row['test']:.4f} |\n"
                if row.get("test") is not None else ""))

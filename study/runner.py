@@ -14,6 +14,15 @@ import json
 import time
 from pathlib import Path
 
+from soups.names import (
+    BEST_METHOD_TAG,
+    BEST_OBJECTIVE,
+    BEST_TEST_ACCURACY,
+    BEST_TRIAL_TAG,
+    OBJECTIVE,
+    ROLE_PARENT,
+    WALL_SECONDS,
+)
 from study.layout import BEST_DIR, LEADERBOARD_FILE, SPEC_FILE, TUNE_DIR, study_dir
 from study.spec import StudySpec
 from trainables import tracking
@@ -56,7 +65,7 @@ def run_study(spec: StudySpec, resume: bool = False, log=print) -> list[dict]:
     tracking.configure(uri)
     experiment = tracking.experiment_id(spec.tracking.experiment or spec.name)
     started = time.time()
-    with tracking.tracked_run(experiment, f"{spec.name}:parent", spec.name, "parent",
+    with tracking.tracked_run(experiment, f"{spec.name}:parent", spec.name, ROLE_PARENT,
                               spec.name, tags=tracking.environment_tags()) as parent:
         tracking.log_params(parent, {"study": spec.model_dump(mode="json")})
         tracking.log_artifact(parent, root / SPEC_FILE)
@@ -80,19 +89,20 @@ def run_study(spec: StudySpec, resume: bool = False, log=print) -> list[dict]:
                       root / TUNE_DIR, resume, log, say)
 
         rows = leaderboard(results)
-        best = next((r for r in rows if r["objective"] is not None), None)
+        best = next((r for r in rows if r[OBJECTIVE] is not None), None)
         if best is None:
             raise RuntimeError(f"study {spec.name}: no trial finished; see {root / TUNE_DIR}")
         best["test"] = evaluate_test_split(spec, context, best, parent, log)
         export_best(spec, best, root, log)
-        tracking.log_metrics(parent, {"best/validation_objective": best["objective"],
-                                      "best/test_accuracy": best["test"],
-                                      "wall_seconds": time.time() - started})
-        tracking.set_tags(parent, {"best_trial": best["trial"], "best_method": best["method"]})
+        tracking.log_metrics(parent, {BEST_OBJECTIVE: best[OBJECTIVE],
+                                      BEST_TEST_ACCURACY: best["test"],
+                                      WALL_SECONDS: time.time() - started})
+        tracking.set_tags(parent, {BEST_TRIAL_TAG: best["trial"],
+                                   BEST_METHOD_TAG: best["method"]})
         (root / LEADERBOARD_FILE).write_text(json.dumps(rows, indent=2, default=str))
         tracking.log_artifact(parent, root / LEADERBOARD_FILE)
     print_leaderboard(rows, spec.target_name, log)
     log(f"\nstudy {spec.name}: {len(rows)} trials in {time.time() - started:.0f} s; best "
-        f"{best['candidate']} (validation {best['objective']:.3f}, test {best['test']:.3f}); "
+        f"{best['candidate']} (validation {best[OBJECTIVE]:.3f}, test {best['test']:.3f}); "
         f"adapter in {root / BEST_DIR}")
     return rows

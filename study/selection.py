@@ -5,6 +5,16 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from soups.names import (
+    MLFLOW_RUN_ID,
+    OBJECTIVE,
+    TEST,
+    TRIAL_ID,
+    VALIDATION,
+    accuracy_task,
+    best_metric,
+    task_metric,
+)
 from study.spec import StudySpec
 from trainables import tracking
 from trainables.merge_trial import ADAPTER_DIR, TrialContext
@@ -20,19 +30,19 @@ def leaderboard(results) -> list[dict]:
         config = result.config or {}
         variant = config.get("variant", {})
         status = "failed" if result.error else (
-            "finished" if "objective" in metrics else "stopped early")
+            "finished" if OBJECTIVE in metrics else "stopped early")
         rows.append({
-            "trial": metrics.get("trial_id") or Path(result.path).name,
+            "trial": metrics.get(TRIAL_ID) or Path(result.path).name,
             "candidate": describe(config), "method": variant.get("method"),
             "rank": variant.get("rank"), "params": variant.get("params", {}),
-            "status": status, "objective": metrics.get("objective"),
+            "status": status, OBJECTIVE: metrics.get(OBJECTIVE),
             "metrics": {k: v for k, v in metrics.items()
-                        if k.startswith("validation/") or k.endswith("seconds")},
-            "run_id": metrics.get("mlflow_run_id"),
+                        if k.startswith(f"{VALIDATION}/") or k.endswith("seconds")},
+            "run_id": metrics.get(MLFLOW_RUN_ID),
             "checkpoint": result.checkpoint.path if result.checkpoint else None,
             "error": str(result.error).splitlines()[0][:300] if result.error else None,
         })
-    rows.sort(key=lambda r: (r["objective"] is None, -(r["objective"] or 0.0)))
+    rows.sort(key=lambda r: (r[OBJECTIVE] is None, -(r[OBJECTIVE] or 0.0)))
     return rows
 
 
@@ -41,9 +51,9 @@ def print_leaderboard(rows: list[dict], target: str, print_fn=print) -> None:
              f"{'skills (val)':<24} {'time':>6}")
     for i, row in enumerate(rows, 1):
         m = row["metrics"]
-        skills = " ".join(f"{k.split('/')[1]}={v:.2f}" for k, v in m.items()
-                          if k.endswith("/accuracy") and f"/{target}/" not in k)
-        objective = f"{row['objective']:.3f}" if row["objective"] is not None else row["status"]
+        skills = " ".join(f"{task}={v:.2f}" for k, v in m.items()
+                          if (task := accuracy_task(k)) not in (None, target))
+        objective = f"{row[OBJECTIVE]:.3f}" if row[OBJECTIVE] is not None else row["status"]
         test = row.get("test")
         seconds = sum(v for k, v in m.items() if k.endswith("seconds"))
         print_fn(f"{i:>2}  {row['candidate'][:44]:<44} {objective:>14} "
@@ -64,11 +74,11 @@ def evaluate_test_split(spec: StudySpec, context: TrialContext, best: dict, pare
     """The test split, evaluated once, for the selected trial only."""
     from trainables.merge_trial import evaluate_candidate
 
-    metrics = evaluate_candidate(context, checkpoint_adapter(best), "test", [context.target],
+    metrics = evaluate_candidate(context, checkpoint_adapter(best), TEST, [context.target],
                                  spec.evaluation.test_limit)
-    score = metrics[f"test/{context.target}/accuracy"]
+    score = metrics[task_metric(TEST, context.target)]
     if best["run_id"]:
         tracking.log_metrics(best["run_id"], metrics)
-    tracking.log_metrics(parent, {f"best/{k}": v for k, v in metrics.items()})
+    tracking.log_metrics(parent, {best_metric(k): v for k, v in metrics.items()})
     log(f"test split of {context.target}: {score:.3f} for {best['candidate']}")
     return score

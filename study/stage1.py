@@ -9,6 +9,16 @@ import os
 from dataclasses import asdict
 from pathlib import Path
 
+from soups.names import (
+    CACHE_KEY_TAG,
+    EPOCH,
+    EVAL_LOSS,
+    ROLE_FINETUNE,
+    SKILL_TAG,
+    TOKENS,
+    TRAIN_LOSS,
+    WALL_SECONDS,
+)
 from study.layout import adapter_cache_dir, study_dir
 from study.spec import StudySpec
 from trainables import tracking
@@ -78,9 +88,9 @@ def _log_finetune(spec, experiment, parent_run_id, name, rank, entry, result, lo
     key = f"{spec.name}:finetune:{entry.key}"
     if tracking.find_run(experiment, key) is not None:
         return
-    with tracking.tracked_run(experiment, key, f"finetune-{name}-r{rank}", "finetune",
+    with tracking.tracked_run(experiment, key, f"finetune-{name}-r{rank}", ROLE_FINETUNE,
                               spec.name, parent_run_id,
-                              tags={"skill": name, "cache_key": entry.key}) as run_id:
+                              tags={SKILL_TAG: name, CACHE_KEY_TAG: entry.key}) as run_id:
         tracking.log_params(run_id, {"skill": name, "rank": rank, "lora": lora,
                                      "train": train, "adapter_dir": str(entry.path),
                                      "cached": result is None})
@@ -88,8 +98,8 @@ def _log_finetune(spec, experiment, parent_run_id, name, rank, entry, result, lo
         history = json.loads(history_file.read_text()) if history_file.is_file() else []
         for record in history:
             tracking.log_metrics(run_id, {k: v for k, v in record.items()
-                                          if k in ("train_loss", "eval_loss", "epoch")},
+                                          if k in (TRAIN_LOSS, EVAL_LOSS, EPOCH)},
                                  step=int(record.get("step", 0)))
         if result is not None:
-            tracking.log_metrics(run_id, {"wall_seconds": result.wall_seconds,
-                                          "tokens": result.tokens})
+            tracking.log_metrics(run_id, {WALL_SECONDS: result.wall_seconds,
+                                          TOKENS: result.tokens})

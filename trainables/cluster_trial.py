@@ -27,13 +27,10 @@ import threading
 from collections.abc import Iterator
 from pathlib import Path
 
+from soups.names import CAT_STEP, DRIVER_TAG, LOSS_TAG, NODE_TAG
 from trainables import tracking
 from trainables.merge_trial import ADAPTER_DIR, TrialContext
-from trainables.trial_run import STEP_METRIC, TrialRun, build_candidate, cat_artifacts, trial_run
-
-NODE_TAG = "soups.work_nodes"  # Ray node ids that ran the trial's work, in order
-LOSS_TAG = "soups.node_losses"
-DRIVER_TAG = "soups.driver_node"  # the Ray node id of the trial driver (the head)
+from trainables.trial_run import TrialRun, build_candidate, cat_artifacts, trial_run
 
 
 def node_loss_errors() -> tuple[type[BaseException], ...]:
@@ -140,7 +137,7 @@ def cluster_trial(config: dict, context: TrialContext, work_options: dict,
 
 def _report_progress(run: TrialRun, metrics: dict, reported: dict) -> None:
     """Log and report a CAT result, unless a lost attempt already did (same step)."""
-    step = metrics.get(STEP_METRIC)
+    step = metrics.get(CAT_STEP)
     if step is not None:
         if step <= reported["step"]:
             return

@@ -16,6 +16,20 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from soups.names import (
+    BUILD_SECONDS,
+    CAT_BEST_EVAL_LOSS,
+    CAT_BEST_STEP,
+    CAT_EVAL_LOSS,
+    CAT_STEP,
+    CAT_TRAIN_LOSS,
+    CAT_TRAINABLE_PARAMETERS,
+    EVAL_SECONDS,
+    OBJECTIVE,
+    VALIDATION,
+    task_metric,
+)
+
 ADAPTER_DIR = "adapter"
 TRIAL_FILE = "trial.json"
 
@@ -95,16 +109,16 @@ def _cat_learned(ctx, variant, out_dir, report) -> str:
 
     def on_step(record: dict) -> None:
         if "eval_loss" in record:
-            report({"cat_step": record["step"], "cat_eval_loss": record["eval_loss"],
-                    "cat_train_loss": record["train_loss"]})
+            report({CAT_STEP: record["step"], CAT_EVAL_LOSS: record["eval_loss"],
+                    CAT_TRAIN_LOSS: record["train_loss"]})
 
     adapters = [_stage1(ctx, variant["rank"], s) for s in ctx.skills]
     result = learn_cat(adapters, ctx.model_dir, skills, out_dir,
                        CatSettings(seed=ctx.seed, **shape), train,
                        fraction=fraction, held_out=held_out,
                        on_step=on_step, log=None)
-    report({"cat_trainable_parameters": result.trainable_parameters,
-            "cat_best_eval_loss": result.best_eval_loss, "cat_best_step": result.best_step})
+    report({CAT_TRAINABLE_PARAMETERS: result.trainable_parameters,
+            CAT_BEST_EVAL_LOSS: result.best_eval_loss, CAT_BEST_STEP: result.best_step})
     return str(out_dir)
 
 
@@ -135,8 +149,8 @@ def evaluate_candidate(ctx: TrialContext, adapter: str | None, split: str, tasks
         rows = load_rows(ctx, task, split, limit)
         scores = evaluate_rows(model, tokenizer, task, rows, ctx.evaluation["max_new_tokens"],
                                ctx.evaluation["batch_size"], ctx.evaluation["sandbox"])
-        metrics.update({f"{split}/{k}": v for k, v in scores.metrics().items()})
-        metrics[f"{split}/{task}/eval_seconds"] = scores.seconds
+        metrics.update(scores.metrics(split))
+        metrics[task_metric(split, task, EVAL_SECONDS)] = scores.seconds
     return metrics
 
 
@@ -144,10 +158,10 @@ def score_validation(ctx: TrialContext, adapter: str | None, build_seconds: floa
     """The trial's metrics: validation scores on the target (the objective) and, unless
     turned off, on every skill (retention), plus the time it took to build the candidate."""
     tasks = [ctx.target, *(ctx.skills if ctx.evaluation["skills"] else ())]
-    metrics = evaluate_candidate(ctx, adapter, "validation", tasks,
+    metrics = evaluate_candidate(ctx, adapter, VALIDATION, tasks,
                                  ctx.evaluation["validation_limit"])
-    metrics["objective"] = metrics[f"validation/{ctx.target}/accuracy"]
-    metrics["build_seconds"] = build_seconds
+    metrics[OBJECTIVE] = metrics[task_metric(VALIDATION, ctx.target)]
+    metrics[BUILD_SECONDS] = build_seconds
     return metrics
 
 

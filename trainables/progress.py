@@ -7,6 +7,8 @@ import time
 
 from ray.tune import Callback
 
+from soups.names import OBJECTIVE
+
 
 def describe(config: dict) -> str:
     variant = config.get("variant", {})
@@ -37,13 +39,13 @@ class StudyProgress(Callback):
         self._line(trials, f"started {describe(trial.config)}")
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
-        if "objective" in result:
-            score = result["objective"]
+        if OBJECTIVE in result:
+            score = result[OBJECTIVE]
             if self._best is None or score > self._best[0]:
                 self._best = (score, describe(trial.config))
 
     def on_trial_complete(self, iteration, trials, trial, **info):
-        score = (trial.last_result or {}).get("objective")
+        score = (trial.last_result or {}).get(OBJECTIVE)
         shown = f"{score:.3f}" if score is not None else "stopped early"
         self._line(trials, f"finished {describe(trial.config)}: {shown}")
 

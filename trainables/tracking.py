@@ -15,10 +15,16 @@ import subprocess
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 
-STUDY_TAG = "soups.study"
-ROLE_TAG = "soups.role"  # parent | finetune | trial
-KEY_TAG = "soups.run_key"
-PARENT_TAG = "mlflow.parentRunId"
+from soups.names import (
+    GIT_COMMIT_TAG,
+    KEY_TAG,
+    PARENT_TAG,
+    ROLE_TAG,
+    RUN_NAME_TAG,
+    STUDY_TAG,
+    version_tag,
+)
+
 TRACKING_ENV = "MLFLOW_TRACKING_URI"  # MLflow's own variable
 
 
@@ -68,7 +74,7 @@ def tracked_run(experiment: str, run_key: str, name: str, role: str, study: str,
 
     client = MlflowClient()
     existing = find_run(experiment, run_key)
-    all_tags = {KEY_TAG: run_key, ROLE_TAG: role, STUDY_TAG: study, "mlflow.runName": name,
+    all_tags = {KEY_TAG: run_key, ROLE_TAG: role, STUDY_TAG: study, RUN_NAME_TAG: name,
                 **(tags or {})}
     if parent_run_id:
         all_tags[PARENT_TAG] = parent_run_id
@@ -154,12 +160,12 @@ def environment_tags() -> dict[str, str]:
         commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
                                 cwd=Path(__file__).parent, timeout=5).stdout.strip()
         if commit:
-            tags["git_commit"] = commit
+            tags[GIT_COMMIT_TAG] = commit
     except (OSError, subprocess.TimeoutExpired):
         pass
     for package in ("torch", "transformers", "peft", "ray", "deepspeed", "mlflow"):
         try:
-            tags[f"version.{package}"] = version(package)
+            tags[version_tag(package)] = version(package)
         except PackageNotFoundError:
             continue
     return tags

@@ -17,10 +17,9 @@ import time
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 
+from soups.names import CAT_STEP, METHOD_TAG, MLFLOW_RUN_ID, ROLE_TRIAL, TRIAL_ID
 from trainables import tracking
 from trainables.merge_trial import ADAPTER_DIR, TRIAL_FILE, TrialContext, candidate_builder
-
-STEP_METRIC = "cat_step"  # the step of a CAT progress report (Tune's time attribute for ASHA)
 
 
 def trial_run_key(study: str, variant: dict) -> str:
@@ -61,8 +60,8 @@ class TrialRun:
         """An intermediate result (CAT's held-out loss at a step): to MLflow and Tune."""
         import ray.tune
 
-        tracking.log_metrics(self.run_id, {k: v for k, v in metrics.items() if k != STEP_METRIC},
-                             step=int(metrics.get(STEP_METRIC, 0)))
+        tracking.log_metrics(self.run_id, {k: v for k, v in metrics.items() if k != CAT_STEP},
+                             step=int(metrics.get(CAT_STEP, 0)))
         ray.tune.report(dict(metrics))
 
     def finish(self, metrics: dict, adapter: str | Path | None, artifacts: Mapping[str, Path],
@@ -82,7 +81,7 @@ class TrialRun:
         (keep / TRIAL_FILE).write_text(json.dumps(
             {"variant": self.variant, "run_id": self.run_id, "metrics": metrics,
              **(record or {})}, default=str))
-        ray.tune.report({**metrics, "mlflow_run_id": self.run_id},
+        ray.tune.report({**metrics, MLFLOW_RUN_ID: self.run_id},
                         checkpoint=Checkpoint.from_directory(str(keep)))
 
 
@@ -97,8 +96,8 @@ def trial_run(context: TrialContext, variant: dict, tags: Mapping[str, str] | No
     trial = ray.tune.get_context()
     with tempfile.TemporaryDirectory() as tmp, tracking.tracked_run(
         context.experiment_id, trial_run_key(context.study, variant), trial.get_trial_name(),
-        "trial", context.study, context.parent_run_id,
-        tags={"method": variant["method"], "trial_id": trial.get_trial_id(), **(tags or {}),
+        ROLE_TRIAL, context.study, context.parent_run_id,
+        tags={METHOD_TAG: variant["method"], TRIAL_ID: trial.get_trial_id(), **(tags or {}),
               **tracking.environment_tags()},
     ) as run_id:
         tracking.log_params(run_id, {"method": variant["method"], "rank": variant["rank"],

@@ -14,6 +14,7 @@ import os
 from collections.abc import Callable
 from pathlib import Path
 
+from soups.names import CAT_EVAL_LOSS, CAT_STEP, OBJECTIVE
 from trainables.merge_trial import TrialContext
 
 # CAT trials report held-out loss per evaluation step (for ASHA) before their final result
@@ -60,21 +61,21 @@ def build_tuner(search, cat, cluster, space, ranks: list[int], context: TrialCon
     params = {}
     if search.algorithm == "optuna":
         search_alg = FinalResultOptuna(space=optuna_define_by_run(space, ranks),
-                                       metric="objective", mode="max", seed=search.seed)
+                                       metric=OBJECTIVE, mode="max", seed=search.seed)
     else:
         params = param_space(space, ranks, search.algorithm)
     scheduler = None
     if search.scheduler == "asha":
         # ASHA ranks CAT trials by held-out loss at each evaluation step; trials that are not
         # CAT never report `cat_eval_loss` and are left alone.
-        scheduler = ASHAScheduler(time_attr="cat_step", metric="cat_eval_loss", mode="min",
+        scheduler = ASHAScheduler(time_attr=CAT_STEP, metric=CAT_EVAL_LOSS, mode="min",
                                   max_t=cat.max_steps, grace_period=cat.eval_every,
                                   reduction_factor=2, stop_last_trials=False)
     tune_config = tune.TuneConfig(
         search_alg=search_alg, scheduler=scheduler,
         num_samples=search.num_samples if search.algorithm != "grid" else 1,
         max_concurrent_trials=search.max_concurrent_trials,
-        **({} if scheduler else {"metric": "objective", "mode": "max"}),
+        **({} if scheduler else {"metric": OBJECTIVE, "mode": "max"}),
     )
     run_config = tune.RunConfig(
         name=path.name, storage_path=str(path.parent),

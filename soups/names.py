@@ -1,0 +1,139 @@
+"""Metric and tag names: the contract between the writers of a study's MLflow runs and Tune
+results (`trainables/`, `study/`) and their readers (`analysis/`, the notebooks in
+`analysis/notebooks/`, `study.selection`). Pure: standard library only, so every package may
+import it (`analysis/` may not import `trainables/`).
+
+Run tags (`trainables.tracking.tracked_run` writes them on every run; `analysis.runs.load_study`
+reads them):
+- STUDY_TAG `soups.study`: the study name (runs of another study in the experiment are skipped);
+- ROLE_TAG `soups.role`: ROLE_PARENT `parent` (one per study, `study.runner`), ROLE_FINETUNE
+  `finetune` (one per stage-1 fine-tune, `study.stage1`), ROLE_TRIAL `trial` (one per Tune
+  trial, `trainables.trial_run`);
+- KEY_TAG `soups.run_key`: the run's key; a resumed study finds its run again by it, and the
+  analysis keeps one trial run per key;
+- PARENT_TAG `mlflow.parentRunId`, RUN_NAME_TAG `mlflow.runName`: MLflow's own run nesting
+  and run name;
+- GIT_COMMIT_TAG `git_commit` and `version_tag(package)` `version.<package>`: the code the run
+  ran (`trainables.tracking.environment_tags`).
+
+Trial run tags (`trainables.trial_run`): METHOD_TAG `method` (the candidate's method; the
+analysis falls back to it when the run has no `method` param), TRIAL_ID `trial_id` (Tune's
+trial id, the analysis's `trial` column; Tune also puts it in every result, which
+`study.selection` reads). Cluster trials (`trainables.cluster_trial`) add NODE_TAG
+`soups.work_nodes` (Ray node ids that ran the trial's work, in order, comma-separated),
+LOSS_TAG `soups.node_losses` (attempts whose node was lost) and DRIVER_TAG `soups.driver_node`
+(the Ray node id of the trial driver, the head).
+
+Fine-tune run tags (`study.stage1`): SKILL_TAG `skill` (the skill, or `data_mix`) and
+CACHE_KEY_TAG `cache_key` (the adapter cache entry). Parent run tags (`study.runner`):
+BEST_TRIAL_TAG `best_trial` and BEST_METHOD_TAG `best_method`, the selected trial.
+
+Trial metrics (`trainables.merge_trial`; logged to the trial run and reported to Tune):
+- `task_metric(split, task, metric)` `<split>/<task>/<metric>`: a task's score on a split
+  (VALIDATION for every trial, TEST for the selected one only, `study.selection`); the metric is
+  ACCURACY `accuracy`, a partial score of the task's scorer (`soups.scoring`), or EVAL_SECONDS
+  `eval_seconds` (time to score it). `split_task_metric(key)` and `accuracy_task(key)` parse
+  them back;
+- OBJECTIVE `objective`: the validation accuracy on the target task, which the search
+  maximises; a trial without it was stopped early. Also the leaderboard's and the analysis's
+  trial-table column of that name;
+- BUILD_SECONDS `build_seconds`: time to build the candidate (merge, CAT training, ...);
+- learned CAT, at each held-out evaluation: CAT_STEP `cat_step` (the step: Tune's time
+  attribute for ASHA and the MLflow step of these metrics, not logged itself), CAT_EVAL_LOSS
+  `cat_eval_loss` (held-out loss: ASHA's metric), CAT_TRAIN_LOSS `cat_train_loss`; at the end
+  CAT_TRAINABLE_PARAMETERS `cat_trainable_parameters`, CAT_BEST_EVAL_LOSS `cat_best_eval_loss`
+  and CAT_BEST_STEP `cat_best_step`;
+- MLFLOW_RUN_ID `mlflow_run_id`: in the final Tune result only, the trial's MLflow run.
+
+Fine-tune metrics (`study.stage1`, from the training history that `soups.lora_training` and
+`trainables.finetune_worker` record): TRAIN_LOSS `train_loss`, EVAL_LOSS `eval_loss`, EPOCH
+`epoch` per step; WALL_SECONDS `wall_seconds` and TOKENS `tokens` when trained.
+
+Parent run metrics (`study.runner`, `study.selection`): `best_metric(key)` `best/<key>`, the
+selected trial's test metrics; BEST_OBJECTIVE `best/validation_objective`, BEST_TEST_ACCURACY
+`best/test_accuracy`; WALL_SECONDS `wall_seconds`, the study's run time.
+"""
+
+from __future__ import annotations
+
+# Tags of every run.
+STUDY_TAG = "soups.study"
+ROLE_TAG = "soups.role"
+KEY_TAG = "soups.run_key"
+PARENT_TAG = "mlflow.parentRunId"
+RUN_NAME_TAG = "mlflow.runName"
+GIT_COMMIT_TAG = "git_commit"
+# Values of ROLE_TAG.
+ROLE_PARENT = "parent"
+ROLE_FINETUNE = "finetune"
+ROLE_TRIAL = "trial"
+# Tags of a trial run (TRIAL_ID is also a key of every Tune result).
+METHOD_TAG = "method"
+TRIAL_ID = "trial_id"
+NODE_TAG = "soups.work_nodes"
+LOSS_TAG = "soups.node_losses"
+DRIVER_TAG = "soups.driver_node"
+# Tags of a fine-tune run and of the parent run.
+SKILL_TAG = "skill"
+CACHE_KEY_TAG = "cache_key"
+BEST_TRIAL_TAG = "best_trial"
+BEST_METHOD_TAG = "best_method"
+
+# Splits and metrics of `task_metric` keys.
+VALIDATION = "validation"
+TEST = "test"
+ACCURACY = "accuracy"
+EVAL_SECONDS = "eval_seconds"
+# Trial metrics.
+OBJECTIVE = "objective"
+BUILD_SECONDS = "build_seconds"
+CAT_STEP = "cat_step"
+CAT_EVAL_LOSS = "cat_eval_loss"
+CAT_TRAIN_LOSS = "cat_train_loss"
+CAT_TRAINABLE_PARAMETERS = "cat_trainable_parameters"
+CAT_BEST_EVAL_LOSS = "cat_best_eval_loss"
+CAT_BEST_STEP = "cat_best_step"
+MLFLOW_RUN_ID = "mlflow_run_id"
+# Fine-tune metrics.
+TRAIN_LOSS = "train_loss"
+EVAL_LOSS = "eval_loss"
+EPOCH = "epoch"
+TOKENS = "tokens"
+WALL_SECONDS = "wall_seconds"
+# Parent run metrics.
+BEST_PREFIX = "best/"
+BEST_OBJECTIVE = "best/validation_objective"
+BEST_TEST_ACCURACY = "best/test_accuracy"
+
+
+def version_tag(package: str) -> str:
+    """The tag holding a package's version: `version.torch`."""
+    return f"version.{package}"
+
+
+def task_metric(split: str, task: str, metric: str = ACCURACY) -> str:
+    """A task's metric on a split: `task_metric("validation", "math")` is
+    `validation/math/accuracy`."""
+    return f"{split}/{task}/{metric}"
+
+
+def split_task_metric(key) -> tuple[str, str, str] | None:
+    """(split, task, metric) of a `task_metric` key; None for any other key."""
+    parts = key.split("/") if isinstance(key, str) else []
+    if len(parts) != 3 or not all(parts):
+        return None
+    split, task, metric = parts
+    return split, task, metric
+
+
+def accuracy_task(key, split: str = VALIDATION) -> str | None:
+    """The task of a `<split>/<task>/accuracy` key; None for any other key."""
+    parsed = split_task_metric(key)
+    if parsed is None or parsed[0] != split or parsed[2] != ACCURACY:
+        return None
+    return parsed[1]
+
+
+def best_metric(key: str) -> str:
+    """The parent run's copy of the selected trial's metric: `best/test/math/accuracy`."""
+    return f"{BEST_PREFIX}{key}"
