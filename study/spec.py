@@ -43,7 +43,16 @@ class TaskSource(Strict):
     prompt: str = "prompt"
     completion: str = "completion"
     expected: str | None = None
-    scorer: Literal["final_number", "program"] = "final_number"
+    scorer: str = "final_number"  # a name in soups.scoring.SCORERS
+
+    @field_validator("scorer")
+    @classmethod
+    def _known_scorer(cls, scorer: str) -> str:
+        from soups.scoring import SCORERS
+
+        if scorer not in SCORERS:
+            raise ValueError(f"unknown scorer {scorer!r}; scorers: {sorted(SCORERS)}")
+        return scorer
 
 
 class Objective(Strict):
