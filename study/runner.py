@@ -147,7 +147,7 @@ def stage1(spec: StudySpec, model_dir: str, tasks: dict[str, TaskData], ranks: l
     from soups.data import FieldMapping, load_task_dataset
     from soups.data_mix import mix_datasets
     from soups.home import cache_dir
-    from soups.lora_training import LoraSettings, TrainSettings
+    from soups.train_settings import LoraSettings, TrainSettings
     from trainables.finetune import DeepSpeedSettings, ScalingSettings, cached_finetune
 
     ft = spec.finetune

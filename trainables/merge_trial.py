@@ -89,7 +89,7 @@ def _data_mix(ctx, variant, out_dir, report) -> str:
 
 def _cat_learned(ctx, variant, out_dir, report) -> str:
     from soups.cat import CatSettings, learn_cat
-    from soups.lora_training import TrainSettings
+    from soups.train_settings import TrainSettings
 
     params = {**ctx.cat, **variant["params"]}
     shape = {k: params.pop(k) for k in ("granularity", "normalisation", "init", "init_values")
