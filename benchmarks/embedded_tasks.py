@@ -21,8 +21,9 @@ from soups.base_model import BUILD_FILE, BaseModelSettings, build_base_model
 from soups.data import DataSettings, build_task_datasets, load_task_dataset
 from soups.evaluate import evaluate_rows, load_model
 from soups.home import cache_dir
-from soups.lora_training import LoraSettings, TrainSettings, train_lora
+from soups.lora_training import train_lora
 from soups.tasks import TASK_NAMES
+from soups.train_settings import LoraSettings, TrainSettings
 
 
 def main() -> None:

@@ -22,7 +22,8 @@ import torch
 from soups.base_model import BaseModelSettings, build_base_model
 from soups.data import DataSettings, build_task_datasets, load_task_dataset
 from soups.home import cache_dir
-from soups.lora_training import LoraSettings, TrainSettings, train_lora
+from soups.lora_training import train_lora
+from soups.train_settings import LoraSettings, TrainSettings
 
 
 def plain(model_dir, rows, out, lora, train, skip):

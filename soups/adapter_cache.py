@@ -231,9 +231,3 @@ def _fsync_tree(root: Path) -> None:
             _fsync_dir(path)
     _fsync_dir(root)
 
-
-def get_or_train(root: str | Path, key_inputs: Mapping, train_fn: Callable[[Path], object],
-                 timeout_s: float | None = None,
-                 log: Callable[[str], None] | None = None) -> CacheEntry:
-    """`AdapterCache(root).get_or_train(...)`: see there."""
-    return AdapterCache(root).get_or_train(key_inputs, train_fn, timeout_s, log)

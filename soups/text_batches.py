@@ -10,12 +10,12 @@ trains CAT weights with the loss on the whole sequence (`loss_on="all"`).
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Literal
 
 import torch
 
+from soups.train_settings import LossOn
+
 IGNORE_INDEX = -100
-LossOn = Literal["all", "completion"]
 
 
 def encode_example(

@@ -45,7 +45,7 @@ def stage1(spec: StudySpec, model_dir: str, tasks: dict[str, TaskData], ranks: l
            need_data_mix: bool, tracking_uri: str, experiment: str, parent_run_id: str,
            log=print) -> dict[str, dict[str, str]]:
     """The adapter folder of every fine-tune: `{str(rank): {skill or "data_mix": folder}}`."""
-    from soups.lora_training import LoraSettings, TrainSettings
+    from soups.train_settings import LoraSettings, TrainSettings
     from trainables.finetune import DeepSpeedSettings, ScalingSettings, cached_finetune
 
     ft = spec.finetune

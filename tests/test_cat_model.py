@@ -12,7 +12,8 @@ import torch
 from soups.adapters import LoraAdapter, LoraModule, read_provenance, save_adapter
 from soups.cat import CatModel, CatSettings, StopTraining, export_cat, train_cat
 from soups.cat.export import WEIGHTS_JSON
-from soups.lora_training import TrainSettings, held_out_loss
+from soups.train_settings import TrainSettings
+from soups.training_loop import held_out_loss
 
 # Mixed tiers: forward passes, one backward pass and exports on the tiny model are unit; the
 # tests that run `train_cat` (an optimizer loop) are integration.

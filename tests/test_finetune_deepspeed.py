@@ -20,8 +20,10 @@ import pytest
 import torch
 
 from soups.adapters import LoraAdapter
-from soups.lora_training import LoraSettings, TrainSettings, held_out_loss, train_lora
+from soups.lora_training import train_lora
 from soups.text_batches import encode_dataset
+from soups.train_settings import LoraSettings, TrainSettings
+from soups.training_loop import held_out_loss
 
 pytestmark = pytest.mark.integration
 

@@ -119,3 +119,13 @@ def test_cheap_commands_do_not_import_torch():
         "assert CliRunner().invoke(app, ['--help']).exit_code == 0\n"
         "assert 'torch' not in sys.modules, 'torch was imported'\n"
     )
+
+
+def test_train_settings_do_not_import_torch():
+    """The fine-tune settings (study files, cache keys) are read without torch."""
+    _in_a_fresh_interpreter(
+        "import sys\n"
+        "from soups.train_settings import PAPER_TARGETS, LoraSettings, TrainSettings\n"
+        "assert TrainSettings().total_steps(10) and LoraSettings().target_modules\n"
+        "assert 'torch' not in sys.modules, 'torch was imported'\n"
+    )

@@ -36,7 +36,7 @@ from soups.adapter_cache import (
     fingerprint_files,
     fingerprint_rows,
 )
-from soups.lora_training import LoraSettings, TrainSettings
+from soups.train_settings import LoraSettings, TrainSettings
 from trainables.finetune_settings import DeepSpeedSettings, ScalingSettings
 from trainables.finetune_worker import (
     ADAPTER_DIR,

@@ -7,7 +7,11 @@ process group; DeepSpeed reuses it). The data order is the plain loop's
 micro-batches, consumed as one stream across epochs; global step s takes micro-batches
 [s*W*A, (s+1)*W*A) of that stream, rank r the ones at offsets j*W + r (j < A). So W
 workers with gradient accumulation A compute exactly the update of the plain loop with
-accumulation W*A, which the tests check.
+accumulation W*A, which the tests check. The step loop itself is DeepSpeed's, not the
+plain loop's (`soups.training_loop`): `engine.backward` scales the loss by 1/A and
+`engine.step` on every micro-batch steps the optimizer, clipping (`gradient_clipping`, when
+> 0 like the plain loop) and schedule only at the accumulation boundary, after the
+all-reduce of the gradients.
 
 Every report (each epoch, or every `eval_every` steps, and the end) evaluates held-out
 loss, saves a DeepSpeed checkpoint on every rank (frozen base weights excluded) plus the
@@ -37,8 +41,9 @@ from pathlib import Path
 
 import torch
 
-from soups.lora_training import LoraSettings, TrainSettings, warmup_lambda
 from soups.text_batches import collate
+from soups.train_settings import LoraSettings, TrainSettings
+from soups.training_loop import adamw_with_warmup
 from trainables.finetune_settings import (
     PROGRESS_PREFIX,
     DeepSpeedSettings,
@@ -222,10 +227,7 @@ def _build_engine(spec: WorkerSpec, world: int):
     model = AutoModelForCausalLM.from_pretrained(spec.model_dir, dtype=torch.float32)
     model = get_peft_model(model, spec.lora.peft_config())
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=spec.train.learning_rate,
-                                  weight_decay=spec.train.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer,
-                                                  warmup_lambda(spec.train.warmup_steps))
+    optimizer, scheduler = adamw_with_warmup(params, spec.train)
     engine, _, _, _ = deepspeed.initialize(
         model=model, optimizer=optimizer, lr_scheduler=scheduler,
         config=deepspeed_config(spec.train, spec.deepspeed, world, precision),
@@ -274,7 +276,7 @@ def _record(state: LoopState, per_epoch: int, total: int, batches_per_step: int)
 @torch.no_grad()
 def _held_out_loss(engine, held_out: Encoded, micro: int, pad_id: int, rank: int,
                    world: int) -> float:
-    """Token-weighted mean loss over `held_out` (as `soups.lora_training.held_out_loss`),
+    """Token-weighted mean loss over `held_out` (as `soups.training_loop.held_out_loss`),
     micro-batches split over ranks. Every rank runs the same number of forward passes (a
     rank out of data repeats batch 0 with weight 0): ZeRO-3 forwards are collectives."""
     engine.eval()

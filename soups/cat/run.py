@@ -15,8 +15,8 @@ from soups.cat.mix import skill_mix
 from soups.cat.model import CatModel
 from soups.cat.settings import PAPER_CAT_TRAIN, PAPER_FRACTION, PAPER_HELD_OUT, CatSettings
 from soups.cat.train import CatTrainResult, train_cat
-from soups.lora_training import TrainSettings
 from soups.text_batches import encode_dataset
+from soups.train_settings import TrainSettings
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 

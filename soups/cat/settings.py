@@ -13,7 +13,7 @@ import math
 from dataclasses import dataclass
 from typing import Literal
 
-from soups.lora_training import TrainSettings
+from soups.train_settings import TrainSettings
 
 Granularity = Literal["module", "layer", "global"]
 Normalisation = Literal["softmax", "none"]

@@ -10,16 +10,14 @@ the initial mixture (LoRA Soups keeps the checkpoint with the lowest held-out lo
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
 
 from soups.cat.model import CatModel
-from soups.lora_training import TrainSettings, held_out_loss, warmup_lambda
-from soups.text_batches import batches
-
-Encoded = Sequence[tuple[list[int], list[int]]]
+from soups.train_settings import TrainSettings
+from soups.training_loop import Encoded, held_out_loss, optimizer_steps
 
 
 class StopTraining(Exception):  # noqa: N818 (a signal, not an error)
@@ -72,11 +70,6 @@ def train_cat(
     if log is not None:
         log(f"CAT: {trainable} trainable parameters ({len(model.group_names)} weight groups x "
             f"{len(model.adapters)} LoRAs); base model and LoRA factors frozen")
-    optimizer = torch.optim.AdamW([logits], lr=settings.learning_rate,
-                                  weight_decay=settings.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_lambda(settings.warmup_steps))
-    total_steps = settings.total_steps(len(train_encoded))
-    generator = torch.Generator().manual_seed(settings.seed)
     batch_size = settings.micro_batch_size
 
     def evaluate() -> float:
@@ -86,41 +79,26 @@ def train_cat(
     initial = evaluate()
     best_loss, best_step, best_logits = initial, 0, logits.detach().clone()
     history: list[dict] = []
-    step, micro, tokens, running, stopped, evaluated_last = 0, 0, 0, 0.0, False, True
-    model.train()
-    while step < total_steps and not stopped:
-        for batch in batches(train_encoded, batch_size, pad_id, generator):
-            loss = model(**batch).loss / settings.grad_accumulation
-            loss.backward()
-            running += float(loss.detach())
-            tokens += int(batch["attention_mask"].sum())
-            micro += 1
-            if micro % settings.grad_accumulation:
-                continue
-            if settings.max_grad_norm:
-                torch.nn.utils.clip_grad_norm_([logits], settings.max_grad_norm)
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            step += 1
-            record = {"step": step, "train_loss": running,
-                      "learning_rate": scheduler.get_last_lr()[0], "tokens": tokens,
-                      "seconds": time.perf_counter() - start}
-            running = 0.0
-            evaluated_last = bool(settings.eval_every) and step % settings.eval_every == 0
-            if evaluated_last:
-                record["eval_loss"] = evaluate()
-                if record["eval_loss"] < best_loss:
-                    best_loss, best_step = record["eval_loss"], step
-                    best_logits = logits.detach().clone()
-            record["best_eval_loss"] = best_loss
-            history.append(record)
-            try:
-                stopped = bool(on_step(record)) if on_step is not None else False
-            except StopTraining:
-                stopped = True
-            if stopped or step >= total_steps:
-                break
+    step, stopped, evaluated_last = 0, False, True
+    for done in optimizer_steps(model, [logits], train_encoded, settings, pad_id):
+        step = done.step
+        record = {"step": step, "train_loss": done.train_loss,
+                  "learning_rate": done.learning_rate, "tokens": done.tokens,
+                  "seconds": time.perf_counter() - start}
+        evaluated_last = bool(settings.eval_every) and step % settings.eval_every == 0
+        if evaluated_last:
+            record["eval_loss"] = evaluate()
+            if record["eval_loss"] < best_loss:
+                best_loss, best_step = record["eval_loss"], step
+                best_logits = logits.detach().clone()
+        record["best_eval_loss"] = best_loss
+        history.append(record)
+        try:
+            stopped = bool(on_step(record)) if on_step is not None else False
+        except StopTraining:
+            stopped = True
+        if stopped:
+            break
     if not evaluated_last:
         final = evaluate()
         history[-1]["eval_loss"] = final

@@ -1,0 +1,62 @@
+"""The settings of a fine-tune: the LoRA to train and the optimiser recipe. Pure: importing
+this module loads no torch (study files, the command line and the adapter cache's key read
+these without paying for torch).
+
+The dataclasses are the one description of a skill fine-tune: the Ray Train + DeepSpeed
+trainable (`trainables/`) and the plain loop (`soups.lora_training`) both take them, the
+CAT weights are trained with `TrainSettings` too, and the adapter cache hashes them.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Literal
+
+# Which tokens carry the loss (`soups.text_batches`): the whole sequence or the completion.
+LossOn = Literal["all", "completion"]
+
+# The paper's skill LoRAs (LLaMA-7B): r=32, alpha=64, dropout 0.05 on q,k,v,up,down.
+PAPER_TARGETS = ("q_proj", "k_proj", "v_proj", "up_proj", "down_proj")
+
+
+@dataclass(frozen=True)
+class LoraSettings:
+    rank: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.05
+    target_modules: tuple[str, ...] = PAPER_TARGETS
+
+    def peft_config(self):
+        from peft import LoraConfig
+
+        return LoraConfig(
+            r=self.rank, lora_alpha=self.alpha, lora_dropout=self.dropout,
+            target_modules=list(self.target_modules), bias="none", task_type="CAUSAL_LM",
+        )
+
+
+@dataclass(frozen=True)
+class TrainSettings:
+    learning_rate: float = 3e-4
+    epochs: float = 3.0  # fractional epochs allowed; `max_steps` wins when set
+    max_steps: int | None = None
+    micro_batch_size: int = 16
+    grad_accumulation: int = 1
+    max_length: int = 256
+    warmup_steps: int = 10
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0  # clip the gradient norm to this; 0 = no clipping
+    loss_on: LossOn = "completion"
+    seed: int = 0
+    eval_every: int = 0  # optimizer steps between held-out evaluations; 0 = once per epoch
+
+    def steps_per_epoch(self, n_examples: int, world_size: int = 1) -> int:
+        """Optimizer steps in one pass over `n_examples` when each step takes
+        `micro_batch_size * grad_accumulation` examples on each of `world_size` workers."""
+        global_batch = self.micro_batch_size * self.grad_accumulation * world_size
+        return max(1, math.ceil(n_examples / global_batch))
+
+    def total_steps(self, n_examples: int, world_size: int = 1) -> int:
+        per_epoch = self.steps_per_epoch(n_examples, world_size)
+        return self.max_steps or max(1, math.ceil(per_epoch * self.epochs))
