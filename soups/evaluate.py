@@ -7,13 +7,16 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-import torch
-
+from soups.lazy import lazy
 from soups.names import ACCURACY, task_metric
 from soups.sandbox import BWRAP
 from soups.scoring import SCORERS, mean
 
+torch = lazy("torch")  # imported on first use: the study spec reads the defaults below
+
 STOP_MARKERS = ("\n### Question", "\n### Answer")
+MAX_NEW_TOKENS = 96  # generation length per answer (the study's `evaluation` default)
+BATCH_SIZE = 32  # prompts per generation batch
 
 
 @dataclass
@@ -33,11 +36,11 @@ class TaskScores:
                 for k, v in scores.items()}
 
 
-@torch.no_grad()
-def generate(model, tokenizer, prompts: Sequence[str], max_new_tokens: int = 96,
-             batch_size: int = 32) -> list[str]:
+def generate(model, tokenizer, prompts: Sequence[str], max_new_tokens: int = MAX_NEW_TOKENS,
+             batch_size: int = BATCH_SIZE) -> list[str]:
     """Greedy completions of `prompts` in batches (left-padded, KV cache), in input order.
-    Prompts are sorted by length first so a batch wastes little on padding."""
+    Prompts are sorted by length first so a batch wastes little on padding. (`generate`
+    of transformers runs without autograd.)"""
     model.eval()
     bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
     encoded = [bos + ids for ids in tokenizer(list(prompts), add_special_tokens=False)["input_ids"]]
@@ -70,8 +73,9 @@ def _cut(text: str) -> str:
     return text.strip()
 
 
-def evaluate_rows(model, tokenizer, task: str, rows: Sequence[dict], max_new_tokens: int = 96,
-                  batch_size: int = 32, sandbox: str = BWRAP) -> TaskScores:
+def evaluate_rows(model, tokenizer, task: str, rows: Sequence[dict],
+                  max_new_tokens: int = MAX_NEW_TOKENS, batch_size: int = BATCH_SIZE,
+                  sandbox: str = BWRAP) -> TaskScores:
     """Generate answers for `rows` (one task, one scorer) and score them (programs run in
     `sandbox`, `soups.sandbox.SANDBOXES`)."""
     rows = list(rows)
@@ -88,12 +92,13 @@ def evaluate_rows(model, tokenizer, task: str, rows: Sequence[dict], max_new_tok
                       partial=partial, seconds=time.perf_counter() - start, records=records)
 
 
-def load_model(model_dir, adapter_dir=None, dtype=torch.float32):
-    """Base model (and a PEFT adapter merged into it for fast generation) and tokenizer."""
+def load_model(model_dir, adapter_dir=None, dtype=None):
+    """Base model (and a PEFT adapter merged into it for fast generation) and tokenizer;
+    `dtype` default float32."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
-    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=dtype)
+    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=dtype or torch.float32)
     if adapter_dir is not None:
         from peft import PeftModel
 

@@ -47,11 +47,10 @@ def resolve_tasks(spec: StudySpec) -> dict[str, TaskData]:
     generated = {n: t for n, t in spec.tasks().items() if t.source == "generated"}
     out: dict[str, TaskData] = {}
     if generated:
-        from soups.data import DataSettings, build_task_datasets
+        from soups.data import build_task_datasets
         from soups.home import cache_dir
 
-        settings = spec.generated.model_dump(exclude_none=True)
-        data_dir = build_task_datasets(cache_dir("datasets"), DataSettings(**settings))
+        data_dir = build_task_datasets(cache_dir("datasets"), spec.generated.settings())
         for name in generated:
             if not (data_dir / name).exists():
                 raise SpecError(f"task {name!r} has source 'generated' but the generator "

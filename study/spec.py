@@ -6,14 +6,22 @@ validation split: the test split is evaluated once, after selection, never searc
 
 from __future__ import annotations
 
+from dataclasses import fields
 from pathlib import Path
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from soups.data import DataSettings
+from soups.evaluate import BATCH_SIZE, MAX_NEW_TOKENS
+from soups.train_settings import LoraSettings, LossOn, TrainSettings
 from soups.yaml_file import read_yaml
+from trainables.finetune_settings import DeepSpeedSettings, ScalingSettings
 
 EMBEDDED = "embedded"
+# The core settings whose defaults the spec's sections repeat by reference, never by value.
+_DATA, _LORA, _TRAIN = DataSettings(), LoraSettings(), TrainSettings()
+_DEEPSPEED, _SCALING = DeepSpeedSettings(), ScalingSettings()
 
 
 class SpecError(ValueError):
@@ -25,12 +33,16 @@ class Strict(BaseModel):
 
 
 class GeneratedData(Strict):
-    """The embedded default's generated tasks (`soups.data.DataSettings`)."""
+    """The embedded default's generated tasks: `soups.data.DataSettings`, whose defaults
+    these are."""
 
-    seed: int = 0
-    max_value: int = 50
-    two_step_share: float = 0.3
-    sizes: dict[str, dict[str, int]] | None = None
+    seed: int = _DATA.seed
+    max_value: int = _DATA.max_value
+    two_step_share: float = _DATA.two_step_share
+    sizes: dict[str, dict[str, int]] | None = None  # None: DataSettings' sizes
+
+    def settings(self) -> DataSettings:
+        return DataSettings(**self.model_dump(exclude_none=True))
 
 
 class TaskSource(Strict):
@@ -70,27 +82,42 @@ class Objective(Strict):
 
 
 class Finetune(Strict):
-    """Stage 1: one LoRA per (skill, rank), plus DATA-MIX, through the adapter cache."""
+    """Stage 1: one LoRA per (skill, rank), plus DATA-MIX, through the adapter cache. The
+    LoRA and optimiser keys are `soups.train_settings.LoraSettings` / `TrainSettings` (their
+    defaults are these); the rest say where and how the fine-tunes run
+    (`trainables/finetune_settings.py`)."""
 
-    ranks: list[int] = Field(default_factory=lambda: [8])
-    alpha_ratio: float = 2.0  # lora_alpha = alpha_ratio * rank (the paper: 64 / 32)
-    dropout: float = 0.05
-    target_modules: list[str] = Field(
-        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "up_proj", "down_proj"])
-    learning_rate: float = 2e-3
-    epochs: float = 2.0
-    max_steps: int | None = None
-    micro_batch_size: int = 16
-    grad_accumulation: int = 1
-    max_length: int = 192
-    zero_stage: Literal[0, 1, 2, 3] = 0
-    num_workers: int = 1
+    ranks: list[int] = Field(default_factory=lambda: [_LORA.rank])
+    alpha_ratio: float = _LORA.alpha / _LORA.rank  # lora_alpha = alpha_ratio * rank
+    dropout: float = _LORA.dropout
+    target_modules: list[str] = Field(default_factory=lambda: list(_LORA.target_modules))
+    learning_rate: float = _TRAIN.learning_rate
+    epochs: float = _TRAIN.epochs
+    max_steps: int | None = _TRAIN.max_steps
+    micro_batch_size: int = _TRAIN.micro_batch_size
+    grad_accumulation: int = _TRAIN.grad_accumulation
+    max_length: int = _TRAIN.max_length
+    warmup_steps: int = _TRAIN.warmup_steps
+    weight_decay: float = _TRAIN.weight_decay
+    max_grad_norm: float = _TRAIN.max_grad_norm  # 0: no clipping
+    loss_on: LossOn = _TRAIN.loss_on
+    eval_every: int = _TRAIN.eval_every  # steps between held-out losses; 0: once per epoch
+    zero_stage: Literal[0, 1, 2, 3] = _DEEPSPEED.zero_stage
+    num_workers: int = _SCALING.num_workers
     # CPU cores (and torch threads) per training worker; None: this machine's cores divided
     # among the workers (set it explicitly on a cluster, whose worker nodes may differ).
     cpus_per_worker: int | None = None
-    use_gpu: bool = False
+    use_gpu: bool = _SCALING.use_gpu
     data_mix: bool = True
-    seed: int = 0
+    seed: int = _TRAIN.seed
+
+    def lora_settings(self, rank: int) -> LoraSettings:
+        return LoraSettings(rank=rank, alpha=self.alpha_ratio * rank, dropout=self.dropout,
+                            target_modules=tuple(self.target_modules))
+
+    def train_settings(self) -> TrainSettings:
+        names = {f.name for f in fields(TrainSettings)}
+        return TrainSettings(**{k: v for k, v in self.model_dump().items() if k in names})
 
     @field_validator("ranks")
     @classmethod
@@ -128,8 +155,8 @@ class Search(Strict):
 class Evaluation(Strict):
     validation_limit: int | None = 200  # examples per task in trials; None = all
     test_limit: int | None = None
-    max_new_tokens: int = 96
-    batch_size: int = 32
+    max_new_tokens: int = MAX_NEW_TOKENS
+    batch_size: int = BATCH_SIZE
     skills: bool = True  # also score every skill's validation split (retention)
     # Where model-generated programs run (docs/sandbox.md): `bwrap`, a kernel sandbox per
     # program; `unsafe_subprocess` runs them with no isolation at all, only for users who

@@ -45,7 +45,6 @@ def stage1(spec: StudySpec, model_dir: str, tasks: dict[str, TaskData], ranks: l
            need_data_mix: bool, tracking_uri: str, experiment: str, parent_run_id: str,
            log=print) -> dict[str, dict[str, str]]:
     """The adapter folder of every fine-tune: `{str(rank): {skill or "data_mix": folder}}`."""
-    from soups.train_settings import LoraSettings, TrainSettings
     from trainables.finetune import DeepSpeedSettings, ScalingSettings, cached_finetune
 
     ft = spec.finetune
@@ -56,12 +55,7 @@ def stage1(spec: StudySpec, model_dir: str, tasks: dict[str, TaskData], ranks: l
         custom_resources=dict(spec.cluster.worker_resources))
     adapters: dict[str, dict[str, str]] = {}
     for rank in ranks:
-        lora = LoraSettings(rank=rank, alpha=ft.alpha_ratio * rank, dropout=ft.dropout,
-                            target_modules=tuple(ft.target_modules))
-        train = TrainSettings(learning_rate=ft.learning_rate, epochs=ft.epochs,
-                              max_steps=ft.max_steps, micro_batch_size=ft.micro_batch_size,
-                              grad_accumulation=ft.grad_accumulation, max_length=ft.max_length,
-                              seed=ft.seed)
+        lora, train = ft.lora_settings(rank), ft.train_settings()
         adapters[str(rank)] = {}
         for name, dataset in train_sets.items():
             log(f"stage 1: LoRA {name} rank {rank} ({len(dataset)} examples)")
