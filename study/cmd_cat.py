@@ -5,20 +5,62 @@ small mix of the skill data, and export one standard PEFT LoRA of rank sum(r_i).
               [--granularity module|layer|global] [--normalisation softmax|none]
               [--init randn|uniform|ones|norm|V1,V2,...] [--fraction F | --count N] ...
 
-`run_cat` is the same thing as a plain function (for `soups merge --method cat_learned`).
+The options of a learned CAT (`CAT_DEFAULTS`) are shared with `soups merge --method
+cat_learned`; their defaults are the paper's recipe and CAT's official shape
+(`soups.cat.settings`), read from there. `run_cat` is the same thing as a plain function.
 """
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import typer
 
+from soups.cat.settings import INITS, PAPER_CAT_TRAIN, PAPER_FRACTION, PAPER_HELD_OUT, CatSettings
+
+_SHAPE = CatSettings()
+# Every option of a learned CAT, with its default and its help.
+CAT_DEFAULTS: dict[str, object] = {
+    "granularity": _SHAPE.granularity, "normalisation": _SHAPE.normalisation,
+    "init": _SHAPE.init, "seed": _SHAPE.seed, "fraction": PAPER_FRACTION, "count": 0,
+    "held_out": PAPER_HELD_OUT, "lr": PAPER_CAT_TRAIN.learning_rate,
+    "epochs": PAPER_CAT_TRAIN.epochs, "max_steps": PAPER_CAT_TRAIN.max_steps or 0,
+    "batch_size": PAPER_CAT_TRAIN.micro_batch_size,
+    "grad_accumulation": PAPER_CAT_TRAIN.grad_accumulation,
+    "max_length": PAPER_CAT_TRAIN.max_length, "warmup": PAPER_CAT_TRAIN.warmup_steps,
+    "eval_every": PAPER_CAT_TRAIN.eval_every, "device": None, "dtype": "auto",
+}
+_HELP = {
+    "granularity": "module | layer | global.",
+    "normalisation": "softmax (official) | none.",
+    "init": "randn (official) | uniform | ones | norm, or comma-separated starting weights "
+            "(one per adapter).",
+    "seed": "Seed of the init, the mix and the batch order.",
+    "fraction": "Share of each skill's rows in the mix.",
+    "count": "Rows in the mix in all (overrides --fraction; 0 = use --fraction).",
+    "held_out": "Held-out rows for best-checkpoint selection.",
+    "lr": "AdamW learning rate.",
+    "epochs": "Passes over the mix.",
+    "max_steps": "Stop after this many steps (0 = use --epochs).",
+    "batch_size": "Micro-batch size.",
+    "grad_accumulation": "Micro-batches per optimizer step.",
+    "max_length": "Token limit per example.",
+    "warmup": "Linear warm-up steps.",
+    "eval_every": "Steps between held-out evaluations.",
+    "device": "cpu, cuda, cuda:1 ... (default: cuda if present).",
+    "dtype": "auto (bf16 on a GPU that has it) | float32 | bfloat16.",
+}
+
+
+def cat_options(prefix: str = "") -> dict[str, typer.models.OptionInfo]:
+    """The typer options of a learned CAT, each help text after `prefix`."""
+    return {name: typer.Option(default, help=prefix + _HELP[name])
+            for name, default in CAT_DEFAULTS.items()}
+
 
 def cat_settings(granularity: str, normalisation: str, init: str, seed: int):
     """CatSettings from CLI strings; `init` is a named init or comma-separated values."""
-    from soups.cat.settings import INITS, CatSettings
-
     values = None
     if init not in INITS or init == "values":
         try:
@@ -34,40 +76,21 @@ def cat_settings(granularity: str, normalisation: str, init: str, seed: int):
         raise typer.BadParameter(str(err)) from None
 
 
-def run_cat(
-    adapters: list[Path],
-    out: Path,
-    model: Path | None = None,
-    data: list[Path] | None = None,
-    split: str = "train",
-    granularity: str = "module",
-    normalisation: str = "softmax",
-    init: str = "randn",
-    seed: int = 0,
-    fraction: float = 0.05,
-    count: int = 0,
-    held_out: int = 120,
-    lr: float = 1e-4,
-    epochs: float = 1.0,
-    max_steps: int = 0,
-    batch_size: int = 6,
-    grad_accumulation: int = 1,
-    max_length: int = 256,
-    warmup: int = 100,
-    eval_every: int = 100,
-    device: str | None = None,
-    dtype: str = "auto",
-):
-    """Train and export a CAT; defaults are the paper's recipe, the embedded base model and
-    the generated math and code skills. Returns the `CatTrainResult`."""
-    from dataclasses import replace
-
-    from soups.cat import PAPER_CAT_TRAIN, learn_cat
+def run_cat(adapters: list[Path], out: Path, model: Path | None = None,
+            data: list[Path] | None = None, split: str = "train", **options):
+    """Train and export a CAT; `options` are names of `CAT_DEFAULTS` (the paper's recipe
+    where not given); default model and data: the embedded base model and the generated
+    math and code skills. Returns the `CatTrainResult`."""
+    from soups.cat import learn_cat
     from soups.data import load_task_dataset
 
+    unknown = sorted(set(options) - set(CAT_DEFAULTS))
+    if unknown:
+        raise TypeError(f"run_cat takes no option {unknown[0]!r}")
+    o = {**CAT_DEFAULTS, **options}
     if not adapters:
         raise typer.BadParameter("give at least one adapter folder", param_hint="ADAPTERS")
-    settings = cat_settings(granularity, normalisation, init, seed)
+    settings = cat_settings(o["granularity"], o["normalisation"], o["init"], o["seed"])
     if model is None:
         from soups.base_model import BaseModelSettings, build_base_model
         from soups.home import cache_dir
@@ -80,17 +103,21 @@ def run_cat(
         root = build_task_datasets(cache_dir("datasets"), DataSettings())
         data = [root / "math", root / "code"]
     skills = [load_task_dataset(path, split) for path in data]
-    train = replace(PAPER_CAT_TRAIN, learning_rate=lr, epochs=epochs, max_steps=max_steps or None,
-                    micro_batch_size=batch_size, grad_accumulation=grad_accumulation,
-                    max_length=max_length, warmup_steps=warmup, eval_every=eval_every, seed=seed)
+    train = replace(PAPER_CAT_TRAIN, learning_rate=o["lr"], epochs=o["epochs"],
+                    max_steps=o["max_steps"] or None, micro_batch_size=o["batch_size"],
+                    grad_accumulation=o["grad_accumulation"], max_length=o["max_length"],
+                    warmup_steps=o["warmup"], eval_every=o["eval_every"], seed=o["seed"])
     result = learn_cat(
         [str(a) for a in adapters], model, skills, out, settings, train,
-        fraction=None if count else fraction, count=count or None, held_out=held_out,
-        device=device, dtype=dtype, log=typer.echo,
+        fraction=None if o["count"] else o["fraction"], count=o["count"] or None,
+        held_out=o["held_out"], device=o["device"], dtype=o["dtype"], log=typer.echo,
     )
     typer.echo(f"exported {out} (PEFT LoRA, rank sum(r_i) per module; weights in "
                "cat_weights.json)")
     return result
+
+
+_CAT = cat_options()
 
 
 def cat(
@@ -102,29 +129,26 @@ def cat(
                                     "files with prompt/completion), one per skill; default: "
                                     "the generated math and code skills."),
     split: str = typer.Option("train", help="Split of each skill dataset to draw from."),
-    granularity: str = typer.Option("module", help="module | layer | global."),
-    normalisation: str = typer.Option("softmax", help="softmax (official) | none."),
-    init: str = typer.Option("randn", help="randn (official) | uniform | ones | norm, or "
-                             "comma-separated starting weights (one per adapter)."),
-    seed: int = typer.Option(0, help="Seed of the init, the mix and the batch order."),
-    fraction: float = typer.Option(0.05, help="Share of each skill's rows in the mix."),
-    count: int = typer.Option(0, help="Rows in the mix in all (overrides --fraction; 0 = "
-                              "use --fraction)."),
-    held_out: int = typer.Option(120, help="Held-out rows for best-checkpoint selection."),
-    lr: float = typer.Option(1e-4, help="AdamW learning rate."),
-    epochs: float = typer.Option(1.0, help="Passes over the mix."),
-    max_steps: int = typer.Option(0, help="Stop after this many steps (0 = use --epochs)."),
-    batch_size: int = typer.Option(6, help="Micro-batch size."),
-    grad_accumulation: int = typer.Option(1, help="Micro-batches per optimizer step."),
-    max_length: int = typer.Option(256, help="Token limit per example."),
-    warmup: int = typer.Option(100, help="Linear warm-up steps."),
-    eval_every: int = typer.Option(100, help="Steps between held-out evaluations."),
-    device: str = typer.Option(None, help="cpu, cuda, cuda:1 ... (default: cuda if present)."),
-    dtype: str = typer.Option("auto", help="auto (bf16 on a GPU that has it) | float32 | "
-                              "bfloat16."),
+    granularity: str = _CAT["granularity"],
+    normalisation: str = _CAT["normalisation"],
+    init: str = _CAT["init"],
+    seed: int = _CAT["seed"],
+    fraction: float = _CAT["fraction"],
+    count: int = _CAT["count"],
+    held_out: int = _CAT["held_out"],
+    lr: float = _CAT["lr"],
+    epochs: float = _CAT["epochs"],
+    max_steps: int = _CAT["max_steps"],
+    batch_size: int = _CAT["batch_size"],
+    grad_accumulation: int = _CAT["grad_accumulation"],
+    max_length: int = _CAT["max_length"],
+    warmup: int = _CAT["warmup"],
+    eval_every: int = _CAT["eval_every"],
+    device: str = _CAT["device"],
+    dtype: str = _CAT["dtype"],
 ) -> None:
     """Train CAT weights (one per LoRA per module) on a small skill mix and export the exact
     concatenation as one PEFT LoRA."""
-    run_cat(adapters, out, model, data, split, granularity, normalisation, init, seed,
-            fraction, count, held_out, lr, epochs, max_steps, batch_size, grad_accumulation,
-            max_length, warmup, eval_every, device, dtype)
+    given = dict(locals())  # the options, by the names of CAT_DEFAULTS
+    run_cat(adapters, out, model, data, split,
+            **{name: given[name] for name in CAT_DEFAULTS})

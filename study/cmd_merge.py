@@ -17,7 +17,10 @@ from pathlib import Path
 
 import typer
 
+from study.cmd_cat import cat_options
+
 CAT_LEARNED = "cat_learned"
+_CAT = cat_options("cat_learned: ")  # the options of `soups cat`, for --method cat_learned
 FLAGS = {"majority_sign_method": "--majority-sign"}  # method parameter -> its CLI flag
 
 
@@ -54,18 +57,23 @@ def merge(
     list_: bool = typer.Option(False, "--list", help="List the methods and their parameters."),
     model: Path = typer.Option(None, help="cat_learned: base model folder (default: embedded)."),
     data: list[Path] = typer.Option(None, help="cat_learned: one dataset per skill."),
-    granularity: str = typer.Option("module", help="cat_learned: module | layer | global."),
-    normalisation: str = typer.Option("softmax", help="cat_learned: softmax | none."),
-    init: str = typer.Option("randn", help="cat_learned: randn | uniform | ones | norm | "
-                             "V1,V2,..."),
-    fraction: float = typer.Option(0.05, help="cat_learned: share of each skill's rows."),
-    count: int = typer.Option(0, help="cat_learned: rows in the mix (overrides --fraction)."),
-    held_out: int = typer.Option(120, help="cat_learned: held-out rows for selection."),
-    lr: float = typer.Option(1e-4, help="cat_learned: learning rate."),
-    max_steps: int = typer.Option(0, help="cat_learned: step limit (0 = one epoch)."),
-    batch_size: int = typer.Option(6, help="cat_learned: micro-batch size."),
-    warmup: int = typer.Option(100, help="cat_learned: warm-up steps."),
-    eval_every: int = typer.Option(100, help="cat_learned: steps between held-out losses."),
+    split: str = typer.Option("train", help="cat_learned: split of each skill dataset."),
+    granularity: str = _CAT["granularity"],
+    normalisation: str = _CAT["normalisation"],
+    init: str = _CAT["init"],
+    fraction: float = _CAT["fraction"],
+    count: int = _CAT["count"],
+    held_out: int = _CAT["held_out"],
+    lr: float = _CAT["lr"],
+    epochs: float = _CAT["epochs"],
+    max_steps: int = _CAT["max_steps"],
+    batch_size: int = _CAT["batch_size"],
+    grad_accumulation: int = _CAT["grad_accumulation"],
+    max_length: int = _CAT["max_length"],
+    warmup: int = _CAT["warmup"],
+    eval_every: int = _CAT["eval_every"],
+    device: str = _CAT["device"],
+    dtype: str = _CAT["dtype"],
 ) -> None:
     """Merge LoRA adapters with one method (linear, TIES, DARE, cat, svd, ..., or a learned
     CAT) into a standard PEFT adapter folder."""
@@ -76,7 +84,7 @@ def merge(
         raise typer.BadParameter("give --method, --out and at least one adapter folder "
                                  "(or --list)")
     if method == CAT_LEARNED:
-        from study.cmd_cat import run_cat
+        from study.cmd_cat import CAT_DEFAULTS, run_cat
 
         for flag, value in (("--density", density), ("--rank", rank),
                             ("--majority-sign", majority_sign)):
@@ -85,10 +93,9 @@ def merge(
         if weights:
             raise typer.BadParameter(f"method {CAT_LEARNED!r} learns its weights; give starting "
                                      "values with --init V1,V2,...")
-        run_cat(adapters, out, model, data, granularity=granularity, normalisation=normalisation,
-                init=init, seed=seed or 0, fraction=fraction, count=count, held_out=held_out,
-                lr=lr, max_steps=max_steps, batch_size=batch_size, warmup=warmup,
-                eval_every=eval_every)
+        given = dict(locals())  # the CAT options, by the names of CAT_DEFAULTS
+        run_cat(adapters, out, model, data, split, seed=seed or 0,
+                **{name: given[name] for name in CAT_DEFAULTS if name in given and name != "seed"})
         return
     from soups.adapters import AdapterError
     from soups.merge import MergeError, merge_adapters

@@ -134,3 +134,22 @@ def test_every_list_option_takes_several_values_after_one_flag():
     assert [str(p) for p in context.params["adapters"]] == ["a", "b"]
     assert expand_list_options(["merge", "--", "--weights", "1", "2"]) == \
         ["merge", "--", "--weights", "1", "2"]
+
+
+@pytest.mark.unit
+def test_cat_options_of_both_commands_are_the_paper_recipe():
+    """`soups cat` and `soups merge --method cat_learned` read their defaults from the
+    preset in soups.cat.settings: editing the preset changes both commands."""
+    from soups.cat.settings import PAPER_CAT_TRAIN, PAPER_FRACTION, PAPER_HELD_OUT, CatSettings
+    from study.cli import app
+
+    group = typer.main.get_command(app)
+    expected = {"lr": PAPER_CAT_TRAIN.learning_rate, "epochs": PAPER_CAT_TRAIN.epochs,
+                "batch_size": PAPER_CAT_TRAIN.micro_batch_size,
+                "max_length": PAPER_CAT_TRAIN.max_length,
+                "warmup": PAPER_CAT_TRAIN.warmup_steps, "eval_every": PAPER_CAT_TRAIN.eval_every,
+                "fraction": PAPER_FRACTION, "held_out": PAPER_HELD_OUT,
+                "granularity": CatSettings().granularity, "init": CatSettings().init}
+    for command in ("cat", "merge"):
+        defaults = {p.name: p.default for p in group.commands[command].params}
+        assert {k: defaults[k] for k in expected} == expected, command
