@@ -15,14 +15,23 @@ def method_parameters(name: str) -> set[str] | None:
 
     from soups.cat.settings import CatSettings
     from soups.merge import method_parameters as merge_parameters
+    from trainables.merge_trial import CANDIDATES
 
-    # A CAT trial sets the shape of its weights and any key of the study's `cat` section.
-    cat_learned = {f.name for f in fields(CatSettings) if f.name != "seed"}
-    trial_kinds = {"base": set(), "skill": {"skill"}, "data_mix": set(),
-                   "cat_learned": cat_learned | set(CatTraining.model_fields)}
-    if name in trial_kinds:
-        return trial_kinds[name]
+    if name == "cat_learned":  # the shape of its weights and any key of the `cat` section
+        shape = {f.name for f in fields(CatSettings) if f.name != "seed"}
+        return shape | set(CatTraining.model_fields)
+    if name in CANDIDATES:
+        return set(CANDIDATES[name].parameters)
     return merge_parameters(name)
+
+
+def stage1_needs(space) -> tuple[bool, bool]:
+    """Whether the space's candidates need stage 1 at all, and the DATA-MIX LoRA."""
+    from trainables.merge_trial import candidate_kind
+
+    kinds = [candidate_kind(m) for m in space.methods]
+    return (any(k.uses_stage1 for k in kinds),
+            any("data_mix" in k.needs for k in kinds))
 
 
 def load_search_space(spec: StudySpec):

@@ -54,7 +54,7 @@ def run_study(spec: StudySpec, resume: bool = False, log=print) -> list[dict]:
     from study.console import say
     from study.export import export_best
     from study.registry import check_study, register_study
-    from study.resolve import resolve_base_model, resolve_tasks
+    from study.resolve import resolve_base_model, resolve_tasks, stage1_needs
     from study.selection import evaluate_test_split, leaderboard, print_leaderboard
     from study.stage1 import stage1
     from trainables.tuner import fit
@@ -76,9 +76,9 @@ def run_study(spec: StudySpec, resume: bool = False, log=print) -> list[dict]:
         model_dir = resolve_base_model(spec, log)
         tasks = resolve_tasks(spec)
         ranks = space.ranks(spec.finetune.ranks)
-        needs_adapters = any(m != "base" for m in space.methods)
-        adapters = (stage1(spec, model_dir, tasks, ranks, "data_mix" in space.methods, uri,
-                           experiment, parent, log) if needs_adapters else {})
+        needs_loras, needs_data_mix = stage1_needs(space)
+        adapters = (stage1(spec, model_dir, tasks, ranks, needs_data_mix, uri, experiment,
+                           parent, log) if needs_loras else {})
 
         context = TrialContext(
             study=spec.name, experiment_id=experiment, tracking_uri=uri, parent_run_id=parent,

@@ -130,12 +130,34 @@ def _merge_method(ctx, variant, out_dir, report) -> str:
     return str(out_dir)
 
 
-CANDIDATES: dict[str, Callable] = {"base": _base, "skill": _skill, "data_mix": _data_mix,
-                                   "cat_learned": _cat_learned}
+@dataclass(frozen=True)
+class CandidateKind:
+    """A kind of trial besides the merge methods: how it builds its candidate, which
+    parameters a search space may give it (None: declared elsewhere, see study/resolve.py),
+    whether it is built from stage-1 adapters (so its variants carry a rank), and which
+    stage-1 adapters besides the skill LoRAs it needs."""
+
+    build: Callable  # (context, variant, out_dir, report) -> adapter folder, or None
+    parameters: frozenset[str] | None = frozenset()
+    uses_stage1: bool = True
+    needs: tuple[str, ...] = ()
+
+
+CANDIDATES: dict[str, CandidateKind] = {
+    "base": CandidateKind(_base, uses_stage1=False),
+    "skill": CandidateKind(_skill, frozenset({"skill"})),
+    "data_mix": CandidateKind(_data_mix, needs=("data_mix",)),
+    "cat_learned": CandidateKind(_cat_learned, parameters=None),
+}
+MERGE_METHOD = CandidateKind(_merge_method, parameters=None)  # every method of soups.merge
+
+
+def candidate_kind(method: str) -> CandidateKind:
+    return CANDIDATES.get(method, MERGE_METHOD)
 
 
 def candidate_builder(method: str) -> Callable:
-    return CANDIDATES.get(method, _merge_method)
+    return candidate_kind(method).build
 
 
 def evaluate_candidate(ctx: TrialContext, adapter: str | None, split: str, tasks,

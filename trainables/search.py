@@ -16,9 +16,12 @@ from ray import tune
 from ray.tune.search.optuna import OptunaSearch
 
 from search_spaces import Domain, SearchSpace
+from trainables.merge_trial import candidate_kind
 
-# Trial kinds that use no skill LoRA: their variants carry no rank.
-RANKLESS = {"base"}
+
+def _ranked(method: str) -> bool:
+    """Whether a method's variants carry a rank (it is built from stage-1 adapters)."""
+    return candidate_kind(method).uses_stage1
 
 
 def _tune_domain(value):
@@ -54,7 +57,7 @@ def variants(space: SearchSpace, ranks: list[int]) -> list[dict]:
     for method, params in space.methods.items():
         for fixed in _grid_expansions(params):
             resolved = {k: _tune_domain(v) for k, v in fixed.items()}
-            if method in RANKLESS:
+            if not _ranked(method):
                 out.append({"method": method, "params": resolved, "rank": None})
             else:
                 out.extend({"method": method, "params": dict(resolved), "rank": r}
@@ -95,7 +98,7 @@ def optuna_define_by_run(space: SearchSpace, ranks: list[int]):
         params = {name: suggest(trial, f"{method}.{name}", value)
                   for name, value in space.methods[method].items()}
         rank = None
-        if method not in RANKLESS:
+        if _ranked(method):
             rank = suggest(trial, "rank", rank_domain)
         return {"variant": {"method": method, "params": params, "rank": rank}}
 
