@@ -58,12 +58,13 @@ def resolve_tasks(spec: StudySpec) -> dict[str, TaskData]:
     if generated:
         from soups.data import build_task_datasets
         from soups.home import cache_dir
+        from soups.tasks import TASK_NAMES
 
         data_dir = build_task_datasets(cache_dir("datasets"), spec.generated.settings())
         for name in generated:
             if not (data_dir / name).exists():
                 raise SpecError(f"task {name!r} has source 'generated' but the generator "
-                                "makes only math, code and math_code")
+                                f"makes only {', '.join(TASK_NAMES)}")
     for name, task in spec.tasks().items():
         if task.source == "generated":
             out[name] = TaskData(str(data_dir / name), dict(task.splits))
