@@ -12,6 +12,7 @@ cat_learned`; their defaults are the paper's recipe and CAT's official shape
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import replace
 from pathlib import Path
 
@@ -53,10 +54,22 @@ _HELP = {
 }
 
 
-def cat_options(prefix: str = "") -> dict[str, typer.models.OptionInfo]:
-    """The typer options of a learned CAT, each help text after `prefix`."""
-    return {name: typer.Option(default, help=prefix + _HELP[name])
-            for name, default in CAT_DEFAULTS.items()}
+def with_cat_options(prefix: str = "", without: tuple[str, ...] = ()):
+    """Give a command the options of a learned CAT (`CAT_DEFAULTS`, less `without`) as
+    keyword parameters, taken by its `**options`: declared once, for `soups cat` and `soups
+    merge`. Typer reads the command's signature, which this extends."""
+
+    def decorate(command):
+        signature = inspect.signature(command)
+        kept = [p for p in signature.parameters.values() if p.kind is not p.VAR_KEYWORD]
+        added = [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY,
+                                   default=typer.Option(default, help=prefix + _HELP[name]),
+                                   annotation=str if default is None else type(default))
+                 for name, default in CAT_DEFAULTS.items() if name not in without]
+        command.__signature__ = signature.replace(parameters=kept + added)
+        return command
+
+    return decorate
 
 
 def cat_settings(granularity: str, normalisation: str, init: str, seed: int):
@@ -117,9 +130,7 @@ def run_cat(adapters: list[Path], out: Path, model: Path | None = None,
     return result
 
 
-_CAT = cat_options()
-
-
+@with_cat_options()
 def cat(
     adapters: list[Path] = typer.Argument(..., help="Skill LoRA adapter folders (PEFT, "
                                           "safetensors)."),
@@ -129,26 +140,8 @@ def cat(
                                     "files with prompt/completion), one per skill; default: "
                                     "the generated math and code skills."),
     split: str = typer.Option("train", help="Split of each skill dataset to draw from."),
-    granularity: str = _CAT["granularity"],
-    normalisation: str = _CAT["normalisation"],
-    init: str = _CAT["init"],
-    seed: int = _CAT["seed"],
-    fraction: float = _CAT["fraction"],
-    count: int = _CAT["count"],
-    held_out: int = _CAT["held_out"],
-    lr: float = _CAT["lr"],
-    epochs: float = _CAT["epochs"],
-    max_steps: int = _CAT["max_steps"],
-    batch_size: int = _CAT["batch_size"],
-    grad_accumulation: int = _CAT["grad_accumulation"],
-    max_length: int = _CAT["max_length"],
-    warmup: int = _CAT["warmup"],
-    eval_every: int = _CAT["eval_every"],
-    device: str = _CAT["device"],
-    dtype: str = _CAT["dtype"],
+    **options,
 ) -> None:
     """Train CAT weights (one per LoRA per module) on a small skill mix and export the exact
     concatenation as one PEFT LoRA."""
-    given = dict(locals())  # the options, by the names of CAT_DEFAULTS
-    run_cat(adapters, out, model, data, split,
-            **{name: given[name] for name in CAT_DEFAULTS})
+    run_cat(adapters, out, model, data, split, **options)

@@ -17,10 +17,9 @@ from pathlib import Path
 
 import typer
 
-from study.cmd_cat import cat_options
+from study.cmd_cat import with_cat_options
 
 CAT_LEARNED = "cat_learned"
-_CAT = cat_options("cat_learned: ")  # the options of `soups cat`, for --method cat_learned
 FLAGS = {"majority_sign_method": "--majority-sign"}  # method parameter -> its CLI flag
 
 
@@ -41,6 +40,7 @@ def _print_methods() -> None:
                "mix, export the exact concatenation (options as in `soups cat --help`)")
 
 
+@with_cat_options("cat_learned: ", without=("seed",))  # its own --seed serves both
 def merge(
     adapters: list[Path] = typer.Argument(None, help="Adapter folders (PEFT LoRA, "
                                           "safetensors), in the order of --weights."),
@@ -58,22 +58,7 @@ def merge(
     model: Path = typer.Option(None, help="cat_learned: base model folder (default: embedded)."),
     data: list[Path] = typer.Option(None, help="cat_learned: one dataset per skill."),
     split: str = typer.Option("train", help="cat_learned: split of each skill dataset."),
-    granularity: str = _CAT["granularity"],
-    normalisation: str = _CAT["normalisation"],
-    init: str = _CAT["init"],
-    fraction: float = _CAT["fraction"],
-    count: int = _CAT["count"],
-    held_out: int = _CAT["held_out"],
-    lr: float = _CAT["lr"],
-    epochs: float = _CAT["epochs"],
-    max_steps: int = _CAT["max_steps"],
-    batch_size: int = _CAT["batch_size"],
-    grad_accumulation: int = _CAT["grad_accumulation"],
-    max_length: int = _CAT["max_length"],
-    warmup: int = _CAT["warmup"],
-    eval_every: int = _CAT["eval_every"],
-    device: str = _CAT["device"],
-    dtype: str = _CAT["dtype"],
+    **cat,
 ) -> None:
     """Merge LoRA adapters with one method (linear, TIES, DARE, cat, svd, ..., or a learned
     CAT) into a standard PEFT adapter folder."""
@@ -84,7 +69,7 @@ def merge(
         raise typer.BadParameter("give --method, --out and at least one adapter folder "
                                  "(or --list)")
     if method == CAT_LEARNED:
-        from study.cmd_cat import CAT_DEFAULTS, run_cat
+        from study.cmd_cat import run_cat
 
         for flag, value in (("--density", density), ("--rank", rank),
                             ("--majority-sign", majority_sign)):
@@ -93,9 +78,7 @@ def merge(
         if weights:
             raise typer.BadParameter(f"method {CAT_LEARNED!r} learns its weights; give starting "
                                      "values with --init V1,V2,...")
-        given = dict(locals())  # the CAT options, by the names of CAT_DEFAULTS
-        run_cat(adapters, out, model, data, split, seed=seed or 0,
-                **{name: given[name] for name in CAT_DEFAULTS if name in given and name != "seed"})
+        run_cat(adapters, out, model, data, split, seed=seed or 0, **cat)
         return
     from soups.adapters import AdapterError
     from soups.merge import MergeError, merge_adapters
