@@ -66,3 +66,27 @@ def test_a_study_with_its_own_storage_is_found_by_name(home, tmp_path):
     with pytest.raises(SpecError, match="already exists"):
         register_study(StudySpec(name="far", storage=str(tmp_path / "third")))
     assert register_study(spec, resume=True) == spec
+
+
+def test_artifacts_of_a_local_store_lie_beside_its_database(tmp_path, monkeypatch):
+    """Not in `./mlruns` of whichever working directory created the experiment."""
+    import mlflow
+
+    from trainables import tracking
+
+    assert tracking.artifact_location("http://127.0.0.1:5000", "s") is None
+    elsewhere = tmp_path / "cwd"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    saved = mlflow.get_tracking_uri()
+    try:
+        tracking.configure(tracking.default_tracking_uri(tmp_path))
+        experiment = tracking.experiment_id("beside")
+        (tmp_path / "note.txt").write_text("kept")
+        with tracking.tracked_run(experiment, "key", "run", "trial", "beside") as run_id:
+            tracking.log_artifact(run_id, tmp_path / "note.txt")
+        uri = mlflow.get_run(run_id).info.artifact_uri
+    finally:
+        mlflow.set_tracking_uri(saved)
+    assert uri.startswith((tmp_path / "mlartifacts" / "beside").as_uri())
+    assert list(elsewhere.iterdir()) == []

@@ -41,6 +41,16 @@ def configure(uri: str) -> None:
     mlflow.set_tracking_uri(uri)
 
 
+def artifact_location(uri: str, name: str) -> str | None:
+    """Where a new experiment's artifacts go: beside the database of a local SQLite store
+    (MLflow's default, `./mlruns`, follows the working directory of whichever process
+    creates the experiment); a tracking server decides for itself (None)."""
+    if not uri.startswith("sqlite:///"):
+        return None
+    database = Path(uri.removeprefix("sqlite:///"))
+    return (database.parent / "mlartifacts" / name).as_uri()
+
+
 def experiment_id(name: str) -> str:
     import mlflow
 
@@ -48,7 +58,8 @@ def experiment_id(name: str) -> str:
     if experiment is not None:
         return experiment.experiment_id
     try:
-        return mlflow.create_experiment(name)
+        return mlflow.create_experiment(
+            name, artifact_location=artifact_location(mlflow.get_tracking_uri(), name))
     except mlflow.exceptions.MlflowException:  # created meanwhile by another process
         return mlflow.get_experiment_by_name(name).experiment_id
 
