@@ -16,6 +16,8 @@ from pathlib import Path
 
 import pandas as pd
 
+from soups.errors import SoupsError
+
 ROLE_TAG = "soups.role"
 KEY_TAG = "soups.run_key"
 STUDY_TAG = "soups.study"
@@ -32,7 +34,7 @@ _PREFERENCE = {"finished": 0, "stopped early": 1, "failed": 2, "killed": 3,
                "running or interrupted": 4}
 
 
-class StudyNotFound(LookupError):
+class StudyNotFound(SoupsError, LookupError):
     """No MLflow experiment (or no runs) for the study name in the tracking store."""
 
 

@@ -22,13 +22,15 @@ from pathlib import Path
 
 import yaml
 
+from soups.errors import SoupsError
+
 HERE = Path(__file__).parent
 DOMAINS = {"choice": "list", "grid": "list", "uniform": "range", "loguniform": "range",
            "randint": "range"}
 TOP_LEVEL = {"methods", "rank"}
 
 
-class SearchSpaceError(ValueError):
+class SearchSpaceError(SoupsError):
     """A search space that cannot be used; the message names file, method, key and value."""
 
 

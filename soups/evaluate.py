@@ -86,14 +86,16 @@ def evaluate_rows(model, tokenizer, task: str, rows: Sequence[dict], max_new_tok
 
 
 def load_model(model_dir, adapter_dir=None, dtype=torch.float32):
-    """Base model (and a PEFT adapter merged into it for fast generation) and tokenizer."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    """Base model (and a PEFT adapter merged into it for fast generation) and tokenizer;
+    ModelError / AdapterError name a folder that is not a model, or not an adapter of it."""
+    from soups.adapters import check_fits
+    from soups.base_model import load_pretrained
 
-    tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
-    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=dtype)
+    tokenizer, model = load_pretrained(model_dir, dtype)
     if adapter_dir is not None:
         from peft import PeftModel
 
+        check_fits(adapter_dir, model)
         model = PeftModel.from_pretrained(model, str(adapter_dir)).merge_and_unload()
     model.eval()
     return model, tokenizer

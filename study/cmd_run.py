@@ -16,11 +16,6 @@ SMOKE = {
 }
 
 
-def _fail(err: Exception) -> None:
-    typer.secho(f"error: {err}", fg="red", err=True)
-    raise typer.Exit(2)
-
-
 def _run_in_console(spec, resume: bool = False) -> None:
     """The study with its terminal kept for progress; everything else in its log file."""
     from study.console import StudyConsole
@@ -48,54 +43,39 @@ def run(
 ) -> None:
     """Run a study end to end: fine-tune skill LoRAs, search merges with Ray Tune, evaluate
     the best on the test split once, export and register it."""
-    from search_spaces import SearchSpaceError
-    from study.spec import SpecError, StudySpec, load_yaml, parse_model
+    from study.spec import StudySpec, load_yaml, parse_model
 
-    try:
-        data = load_yaml(study) if study else {}
-        if smoke:
-            data = _merge(SMOKE, data) if not study else _merge(data, SMOKE)
-        if name:
-            data["name"] = name
-        elif smoke and "name" not in data:
-            data["name"] = "smoke"
-        spec = parse_model(StudySpec, data, str(study or "default study"))
-        _run_in_console(spec)
-    except (SpecError, SearchSpaceError) as err:
-        _fail(err)
+    data = load_yaml(study) if study else {}
+    if smoke:
+        data = _merge(SMOKE, data) if not study else _merge(data, SMOKE)
+    if name:
+        data["name"] = name
+    elif smoke and "name" not in data:
+        data["name"] = "smoke"
+    _run_in_console(parse_model(StudySpec, data, str(study or "default study")))
 
 
 def _spec(name: str):
     from soups.home import soups_home
     from study.runner import SPEC_FILE
-    from study.spec import StudySpec, load_yaml, parse_model
+    from study.spec import SpecError, StudySpec, load_yaml, parse_model
 
     path = soups_home() / name / SPEC_FILE
     if not path.is_file():
-        raise FileNotFoundError(f"no study {name!r} under {soups_home()}")
+        raise SpecError(f"no study {name!r} under {soups_home()}")
     return parse_model(StudySpec, load_yaml(path), str(path))
 
 
 def resume(name: str = typer.Argument(..., help="Name of an interrupted study.")) -> None:
     """Continue an interrupted study: finished trials are kept, unfinished ones rerun."""
-    from search_spaces import SearchSpaceError
-    from study.spec import SpecError
-
-    try:
-        _run_in_console(_spec(name), resume=True)
-    except (SpecError, SearchSpaceError, FileNotFoundError) as err:
-        _fail(err)
+    _run_in_console(_spec(name), resume=True)
 
 
 def status(name: str = typer.Argument(..., help="Study name.")) -> None:
     """Print a study's progress: trials by state and the best so far."""
     from study.runner import LEADERBOARD_FILE, study_dir, trial_states
 
-    try:
-        spec = _spec(name)
-    except (FileNotFoundError, ValueError) as err:
-        _fail(err)
-    root = study_dir(spec)
+    root = study_dir(_spec(name))
     board = root / LEADERBOARD_FILE
     states = trial_states(root)
     typer.echo(f"study {name} ({root})")
@@ -119,20 +99,17 @@ def export(
     from study.runner import LEADERBOARD_FILE, export_adapter, study_dir
     from study.spec import SpecError
 
-    try:
-        spec = _spec(name)
-        board = study_dir(spec) / LEADERBOARD_FILE
-        if not board.is_file():
-            raise SpecError(f"study {name} has not finished (no {LEADERBOARD_FILE})")
-        rows = json.loads(board.read_text())
-        if trial:
-            rows = [r for r in rows if r["trial"] == trial]
-            if not rows:
-                raise SpecError(f"study {name} has no trial {trial!r}")
-        row = next((r for r in rows if r["objective"] is not None), None)
-        if row is None:
-            raise SpecError(f"study {name}: trial {trial or ''} did not finish")
-        export_adapter(row, out, spec)
-        typer.echo(f"wrote {row['candidate']} to {out}")
-    except (SpecError, FileNotFoundError) as err:
-        _fail(err)
+    spec = _spec(name)
+    board = study_dir(spec) / LEADERBOARD_FILE
+    if not board.is_file():
+        raise SpecError(f"study {name} has not finished (no {LEADERBOARD_FILE})")
+    rows = json.loads(board.read_text())
+    if trial:
+        rows = [r for r in rows if r["trial"] == trial]
+        if not rows:
+            raise SpecError(f"study {name} has no trial {trial!r}")
+    row = next((r for r in rows if r["objective"] is not None), None)
+    if row is None:
+        raise SpecError(f"study {name}: trial {trial or ''} did not finish")
+    export_adapter(row, out, spec)
+    typer.echo(f"wrote {row['candidate']} to {out}")

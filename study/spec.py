@@ -12,10 +12,12 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from soups.errors import SoupsError
+
 EMBEDDED = "embedded"
 
 
-class SpecError(ValueError):
+class SpecError(SoupsError):
     """A study or search-space file that is not valid; the message names file, key, value."""
 
 
