@@ -26,19 +26,15 @@ def report(
 
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # quiet downloads
     from analysis.report import write_report
-    from analysis.runs import StudyNotFound, load_study
+    from analysis.runs import load_study
     from soups.home import soups_home
 
-    try:
-        studies = []
-        for name in dict.fromkeys(names):
-            typer.echo(f"reading study {name} from MLflow ...")
-            studies.append(load_study(name, tracking_uri))
-        folder = out or (soups_home() / names[0] / "report" if len(studies) == 1
-                         else soups_home() / ("report-" + "-".join(s.name for s in studies)))
-        path = write_report(studies, folder, mlflow_ui)
-    except (StudyNotFound, ValueError) as err:
-        typer.secho(f"error: {err}", fg="red", err=True)
-        raise typer.Exit(2) from None
+    studies = []
+    for name in dict.fromkeys(names):
+        typer.echo(f"reading study {name} from MLflow ...")
+        studies.append(load_study(name, tracking_uri))
+    folder = out or (soups_home() / names[0] / "report" if len(studies) == 1
+                     else soups_home() / ("report-" + "-".join(s.name for s in studies)))
+    path = write_report(studies, folder, mlflow_ui)
     trials = sum(len(s.trials) for s in studies)
     typer.echo(f"wrote {path} ({trials} trials) and {path.parent / 'trials.csv'}")

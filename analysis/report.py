@@ -20,6 +20,7 @@ from analysis.runs import (
     parent_artifact_names,
     parent_artifact_text,
 )
+from soups.errors import SoupsError
 from soups.names import BUILD_SECONDS, OBJECTIVE, TEST, WALL_SECONDS
 
 LOCAL_UI = "http://127.0.0.1:5000"  # where `mlflow ui` serves by default
@@ -226,7 +227,7 @@ def render(studies: list[StudyRuns], mlflow_ui: str | None = None) -> str:
     """The report's HTML for one or several studies (same target task for a comparison)."""
     targets = {s.target for s in studies}
     if len(targets) > 1:
-        raise ValueError(f"studies {[s.name for s in studies]} have different target tasks "
+        raise SoupsError(f"studies {[s.name for s in studies]} have different target tasks "
                          f"{sorted(map(str, targets))}: a comparison needs one target")
     ui = ui_base(studies[0], mlflow_ui)
     names = ", ".join(s.name for s in studies)

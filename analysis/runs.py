@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from soups.errors import SoupsError
 from soups.names import (
     KEY_TAG,
     METHOD_TAG,
@@ -41,7 +42,7 @@ _PREFERENCE = {"finished": 0, "stopped early": 1, "failed": 2, "killed": 3,
                "running or interrupted": 4}
 
 
-class StudyNotFound(LookupError):
+class StudyNotFound(SoupsError, LookupError):
     """No MLflow experiment (or no runs) for the study name in the tracking store."""
 
 

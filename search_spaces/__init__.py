@@ -20,6 +20,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+from soups.errors import SoupsError
 from soups.yaml_file import read_yaml
 
 HERE = Path(__file__).parent
@@ -28,7 +29,7 @@ DOMAINS = {"choice": "list", "grid": "list", "uniform": "range", "loguniform": "
 TOP_LEVEL = {"methods", "rank"}
 
 
-class SearchSpaceError(ValueError):
+class SearchSpaceError(SoupsError):
     """A search space that cannot be used; the message names file, method, key and value."""
 
 

@@ -24,6 +24,7 @@ from pathlib import Path
 
 from safetensors import safe_open
 
+from soups.errors import SoupsError
 from soups.lazy import lazy
 
 torch = lazy("torch")  # imported on first use (soups/lazy.py)
@@ -36,7 +37,7 @@ _A_SUFFIX = ".lora_A.weight"
 _B_SUFFIX = ".lora_B.weight"
 
 
-class AdapterError(ValueError):
+class AdapterError(SoupsError):
     """An adapter folder that cannot be read or merged; the message names adapter and module."""
 
 
@@ -76,22 +77,9 @@ class LoraAdapter:
     @classmethod
     def open(cls, path: str | Path) -> LoraAdapter:
         path = Path(path)
-        config_file, weights_file = path / CONFIG_FILE, path / WEIGHTS_FILE
-        if not config_file.is_file():
-            raise AdapterError(f"adapter {path}: missing {CONFIG_FILE}")
-        if not weights_file.is_file():
-            if (path / "adapter_model.bin").is_file():
-                raise AdapterError(
-                    f"adapter {path}: only adapter_model.bin (pickle) found; "
-                    f"save it with safetensors ({WEIGHTS_FILE})"
-                )
-            raise AdapterError(f"adapter {path}: missing {WEIGHTS_FILE}")
-        try:
-            config = json.loads(config_file.read_text())
-        except json.JSONDecodeError as err:
-            raise AdapterError(f"adapter {path}: {CONFIG_FILE} is not valid JSON ({err})") from err
+        config = read_config(path)
         _check_supported(path, config)
-        with safe_open(weights_file, framework="pt") as handle:
+        with safe_open(path / WEIGHTS_FILE, framework="pt") as handle:
             keys = list(handle.keys())
         names = _module_names(path, keys)
         return cls(path=path, config=config, module_names=names)
@@ -134,6 +122,67 @@ class LoraAdapter:
     def modules(self) -> Iterator[tuple[str, LoraModule]]:
         for name in self.module_names:
             yield name, self.module(name)
+
+
+def read_config(path: Path) -> dict:
+    """The adapter_config.json of a PEFT adapter folder that holds safetensors weights; an
+    AdapterError naming the folder when it is not one."""
+    if not path.is_dir():
+        raise AdapterError(f"adapter {path}: " + ("not a folder" if path.exists()
+                                                  else "no such folder"))
+    config_file, weights_file = path / CONFIG_FILE, path / WEIGHTS_FILE
+    if not config_file.is_file():
+        raise AdapterError(f"adapter {path}: missing {CONFIG_FILE} (not a PEFT adapter folder)")
+    if not weights_file.is_file():
+        if (path / "adapter_model.bin").is_file():
+            raise AdapterError(
+                f"adapter {path}: only adapter_model.bin (pickle) found; "
+                f"save it with safetensors ({WEIGHTS_FILE})"
+            )
+        raise AdapterError(f"adapter {path}: missing {WEIGHTS_FILE}")
+    try:
+        config = json.loads(config_file.read_text())
+    except json.JSONDecodeError as err:
+        raise AdapterError(f"adapter {path}: {CONFIG_FILE} is not valid JSON ({err})") from err
+    if not isinstance(config, dict):
+        raise AdapterError(f"adapter {path}: {CONFIG_FILE} is not a JSON object")
+    return config
+
+
+def layer_shapes(path: str | Path) -> dict[str, tuple[int | None, int | None]]:
+    """(out, in) of the layer each module's factors are for (B: out x r, A: r x in), from the
+    safetensors header of the folder (no tensor is read; tensors other than A / B are
+    ignored, None where a module lacks one of the two)."""
+    shapes: dict[str, list[int | None]] = {}
+    with safe_open(Path(path) / WEIGHTS_FILE, framework="pt") as handle:
+        for key in handle.keys():
+            for suffix, index, dim in ((_B_SUFFIX, 0, 0), (_A_SUFFIX, 1, -1)):
+                if key.startswith(KEY_PREFIX) and key.endswith(suffix):
+                    shape = shapes.setdefault(key[len(KEY_PREFIX):-len(suffix)], [None, None])
+                    shape[index] = handle.get_slice(key).get_shape()[dim]
+    return {name: (out, in_) for name, (out, in_) in shapes.items()}
+
+
+def check_fits(path: str | Path, model) -> None:
+    """Every module of the adapter folder is a layer of `model` of the shape its factors are
+    for; else an AdapterError naming the adapter, the module and both shapes (an adapter of
+    another base model, most often), where PEFT would print a page of size mismatches.
+    Checks only the folder and the factor shapes, so it accepts whatever PEFT loads."""
+    path = Path(path)
+    transposed = bool(read_config(path).get("fan_in_fan_out"))  # Conv1D: weight is in x out
+    layers = dict(model.named_modules())
+    for name, shape in sorted(layer_shapes(path).items()):
+        layer = layers.get(name)
+        if layer is None:
+            raise AdapterError(f"adapter {path}: module {name} is not in the base model")
+        weight = getattr(layer, "weight", None)
+        if weight is None or weight.ndim != 2:
+            continue  # not a linear layer: PEFT checks it
+        has = tuple(weight.shape[::-1] if transposed else weight.shape)
+        if any(want is not None and want != got for want, got in zip(shape, has, strict=True)):
+            raise AdapterError(f"adapter {path}, module {name}: factors for a {shape[0]} x "
+                               f"{shape[1]} layer, the base model's is {has[0]} x {has[1]} "
+                               "(an adapter of another base model?)")
 
 
 # Config fields whose adapters are not s * B @ A on the wrapped weight; refused by name.

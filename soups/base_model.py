@@ -5,6 +5,9 @@ pretrained on the general question -> answer corpus of `soups.tasks.pretrain` (n
 skills or the target), then saved with `save_pretrained`: the rest of the pipeline loads it
 with `AutoModelForCausalLM.from_pretrained(path)` exactly as a hub model. The cache folder is
 keyed by every build setting and the seed, so a build is done once and is deterministic.
+
+`load_pretrained` loads any base model, this one or a user's (a `save_pretrained` folder or
+a hub id), with a `ModelError` naming the folder when it is not one.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from pathlib import Path
 import torch
 
 from soups.data import DataSettings, generate_rows
+from soups.errors import SoupsError
 from soups.tasks import format_prompt
 from soups.tasks.pretrain import pretraining_example
 
@@ -77,6 +81,37 @@ def _packed_blocks(tokenizer, texts: list[str], block_size: int) -> torch.Tensor
         ids += [tokenizer.bos_token_id, *encoded, tokenizer.eos_token_id]
     n_blocks = len(ids) // block_size
     return torch.tensor(ids[: n_blocks * block_size]).view(n_blocks, block_size)
+
+
+class ModelError(SoupsError):
+    """A base model that cannot be loaded; the message names the folder or hub id."""
+
+
+def model_ref(model_dir: str | Path) -> str:
+    """An absolute path for a local folder (workers run in other directories), else the hub
+    id unchanged. A folder without config.json, or a path (`/...`, `./...`) that does not
+    exist, is a ModelError."""
+    path = Path(model_dir)
+    if path.exists():
+        if not (path / "config.json").is_file():
+            raise ModelError(f"base model {path}: no config.json (not a save_pretrained "
+                             "folder)")
+        return str(path.resolve())
+    if str(model_dir).startswith((".", "/")):
+        raise ModelError(f"base model {model_dir}: no such folder")
+    return str(model_dir)
+
+
+def load_pretrained(model_dir: str | Path, dtype: torch.dtype = torch.float32):
+    """(tokenizer, causal LM) of a base model folder or hub id (ModelError when neither)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    ref = model_ref(model_dir)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(ref)
+    except OSError as err:  # transformers' "not a local folder nor a model on the Hub"
+        raise ModelError(f"base model {ref}: {err}") from None
+    return tokenizer, AutoModelForCausalLM.from_pretrained(ref, dtype=dtype)
 
 
 def count_parameters(model) -> int:

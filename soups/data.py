@@ -16,11 +16,18 @@ import string
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from soups.errors import SoupsError
 from soups.tasks import EXAMPLE_BUILDERS, TASK_NAMES, format_prompt
 
 SPLITS = ("train", "validation", "test")
 COLUMNS = ("key", "prompt", "completion", "scorer", "function", "calls", "expected")
 DATA_VERSION = 3  # bump when generators change, so cached datasets are rebuilt
+DATA_FILES = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
+
+
+class DatasetError(SoupsError):
+    """A dataset that cannot be found, read or mapped onto the task columns, or generated
+    data settings that cannot be met; the message names the dataset and the bad value."""
 
 
 def _default_sizes() -> dict[str, dict[str, int]]:
@@ -41,9 +48,9 @@ class DataSettings:
 
     def __post_init__(self):
         if self.max_value < 5:
-            raise ValueError(f"max_value must be at least 5, got {self.max_value}")
+            raise DatasetError(f"max_value must be at least 5, got {self.max_value}")
         if not 0.0 <= self.two_step_share <= 1.0:
-            raise ValueError(f"two_step_share must be in [0, 1], got {self.two_step_share}")
+            raise DatasetError(f"two_step_share must be in [0, 1], got {self.two_step_share}")
 
     def key(self) -> str:
         blob = json.dumps({"version": DATA_VERSION, **asdict(self)}, sort_keys=True)
@@ -54,10 +61,10 @@ def generate_rows(settings: DataSettings) -> dict[str, dict[str, list[dict]]]:
     """Rows per task and split; problem texts are unique across all of them."""
     for task, sizes in settings.sizes.items():
         if task not in EXAMPLE_BUILDERS:
-            raise ValueError(f"unknown task {task!r} in sizes; known: {sorted(EXAMPLE_BUILDERS)}")
+            raise DatasetError(f"unknown task {task!r} in sizes; known: {sorted(EXAMPLE_BUILDERS)}")
         unknown = set(sizes) - set(SPLITS)
         if unknown:
-            raise ValueError(f"unknown split {sorted(unknown)[0]!r} for task {task!r}")
+            raise DatasetError(f"unknown split {sorted(unknown)[0]!r} for task {task!r}")
     rng = random.Random(settings.seed)
     seen: set[str] = set()
     out: dict[str, dict[str, list[dict]]] = {}
@@ -71,7 +78,7 @@ def generate_rows(settings: DataSettings) -> dict[str, dict[str, list[dict]]]:
                 if row["key"] in seen:
                     misses += 1
                     if misses > 50 * wanted + 1000:
-                        raise ValueError(
+                        raise DatasetError(
                             f"cannot draw {wanted} distinct {task}/{split} examples with "
                             f"max_value={settings.max_value}: raise max_value or lower sizes"
                         )
@@ -126,8 +133,8 @@ def _render(spec: str, row: dict, columns: list[str], what: str, source: str) ->
     missing = sorted(names - set(columns))
     if not names or missing:
         bad = missing[0] if missing else spec
-        raise ValueError(f"dataset {source}: {what} field {bad!r} is not a column "
-                         f"(columns: {columns})")
+        raise DatasetError(f"dataset {source}: {what} field {bad!r} is not a column "
+                           f"(columns: {columns})")
     return spec.format(**{name: row[name] for name in names})
 
 
@@ -143,24 +150,29 @@ def load_task_dataset(source: str | Path, split: str | None = None,
     ):
         loaded = datasets.load_from_disk(str(path))
     elif path.is_file():
-        kind = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}.get(
-            path.suffix)
+        kind = DATA_FILES.get(path.suffix)
         if kind is None:
-            raise ValueError(f"dataset {source}: unsupported file type {path.suffix!r}")
+            raise DatasetError(f"dataset {source}: unsupported file type {path.suffix!r}")
         loaded = datasets.load_dataset(kind, data_files=str(path))
+    elif not path.exists() and (str(source).startswith(("/", ".")) or path.suffix in DATA_FILES):
+        raise DatasetError(f"dataset {source}: no such folder or file")
     else:
-        loaded = datasets.load_dataset(str(source))
+        try:
+            loaded = datasets.load_dataset(str(source))
+        except (FileNotFoundError, ConnectionError) as err:
+            raise DatasetError(f"dataset {source}: not a local folder or data file, nor a "
+                               f"dataset on the Hugging Face Hub ({err})") from None
     if isinstance(loaded, datasets.DatasetDict):
         if split is None:
-            raise ValueError(f"dataset {source}: name a split, one of {list(loaded)}")
+            raise DatasetError(f"dataset {source}: name a split, one of {list(loaded)}")
         if split not in loaded:
-            raise ValueError(f"dataset {source}: no split {split!r}; splits: {list(loaded)}")
+            raise DatasetError(f"dataset {source}: no split {split!r}; splits: {list(loaded)}")
         loaded = loaded[split]
     if mapping is None:
         missing = [c for c in ("prompt", "completion") if c not in loaded.column_names]
         if missing:
-            raise ValueError(f"dataset {source}: missing column {missing[0]!r}; give a field "
-                             f"mapping (columns: {loaded.column_names})")
+            raise DatasetError(f"dataset {source}: missing column {missing[0]!r}; give a field "
+                               f"mapping (columns: {loaded.column_names})")
         return loaded
     return _map_columns(loaded, mapping, str(source))
 

@@ -94,14 +94,16 @@ def evaluate_rows(model, tokenizer, task: str, rows: Sequence[dict],
 
 def load_model(model_dir, adapter_dir=None, dtype=None):
     """Base model (and a PEFT adapter merged into it for fast generation) and tokenizer;
-    `dtype` default float32."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    `dtype` default float32. ModelError / AdapterError name a folder that is not a model, or
+    not an adapter of it."""
+    from soups.adapters import check_fits
+    from soups.base_model import load_pretrained
 
-    tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
-    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=dtype or torch.float32)
+    tokenizer, model = load_pretrained(model_dir, dtype or torch.float32)
     if adapter_dir is not None:
         from peft import PeftModel
 
+        check_fits(adapter_dir, model)
         model = PeftModel.from_pretrained(model, str(adapter_dir)).merge_and_unload()
     model.eval()
     return model, tokenizer

@@ -1,11 +1,31 @@
 """The `soups` command line. Each command lives in its own module and is registered here;
-heavy libraries (torch, transformers, ray) are imported inside commands so `--help` is fast."""
+heavy libraries (torch, transformers, ray) are imported inside commands so `--help` is fast.
+Commands raise a `SoupsError` for bad input and leave printing it to `SoupsGroup`."""
 
 from __future__ import annotations
 
 import typer
+from typer.core import TyperGroup
+
+from soups.errors import SoupsError
+
+
+class SoupsGroup(TyperGroup):
+    """The one error handler of every command, whoever invokes the group (`main()`, or
+    `CliRunner().invoke(app, ...)`): a `SoupsError` (bad input, soups/errors.py) becomes
+    `error: <message>` on stderr and exit status 2, as a bad option does; any other
+    exception is a bug and keeps its traceback."""
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except SoupsError as err:
+            typer.secho(f"error: {err}", fg="red", err=True)
+            raise typer.Exit(2) from None
+
 
 app = typer.Typer(
+    cls=SoupsGroup,
     name="soups",
     help="Compose skills by merging LoRA adapters (LoRA Soups): fine-tune, merge, search, export.",
     no_args_is_help=True,

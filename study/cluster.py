@@ -34,15 +34,12 @@ def preflight(spec: StudySpec, root: Path, log=print) -> None:
     check_sandbox(spec, log)
     if not spec.cluster.check_storage or len([n for n in ray.nodes() if n["Alive"]]) < 2:
         return
-    from trainables.shared_storage import StorageNotShared, check_shared_storage
+    from trainables.shared_storage import check_shared_storage
 
     folders = storage_folders(spec, root)
     for folder in folders:
         folder.mkdir(parents=True, exist_ok=True)
-    try:
-        count = check_shared_storage(folders)
-    except StorageNotShared as err:
-        raise SpecError(str(err)) from None  # the CLI prints it as an error, no traceback
+    count = check_shared_storage(folders)  # StorageNotShared: a SoupsError the CLI prints
     log(f"shared storage: {len(folders)} folders seen by all {count} nodes")
 
 

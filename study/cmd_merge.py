@@ -80,8 +80,7 @@ def merge(
                                      "values with --init V1,V2,...")
         run_cat(adapters, out, model, data, split, seed=seed or 0, **cat)
         return
-    from soups.adapters import AdapterError
-    from soups.merge import MergeError, merge_adapters
+    from soups.merge import merge_adapters
 
     given = {"weights": weights or None, "density": density, "rank": rank,
              "majority_sign_method": majority_sign, "seed": seed}
@@ -91,9 +90,5 @@ def merge(
         if done == total or done % 50 == 0:
             typer.echo(f"merged {done}/{total} modules", err=True)
 
-    try:
-        path = merge_adapters(adapters, method, out, progress=progress, **params)
-    except (MergeError, AdapterError) as err:
-        typer.echo(f"error: {err}", err=True)
-        raise typer.Exit(2) from None
+    path = merge_adapters(adapters, method, out, progress=progress, **params)
     typer.echo(f"wrote {path} ({method})")

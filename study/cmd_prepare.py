@@ -46,29 +46,28 @@ def evaluate(
     """Score a model (and optionally a LoRA adapter) on each task: accuracy with partial
     credit (answered / parsed / ran)."""
     from soups.base_model import BaseModelSettings, build_base_model
-    from soups.data import DataSettings, build_task_datasets, load_task_dataset
+    from soups.data import DatasetError, DataSettings, build_task_datasets, load_task_dataset
     from soups.evaluate import evaluate_rows, load_model
     from soups.home import cache_dir
-    from soups.sandbox import SANDBOXES, SandboxUnavailable, check_sandbox
+    from soups.sandbox import SANDBOXES, check_sandbox
 
     if sandbox not in SANDBOXES:
         raise typer.BadParameter(f"{sandbox!r} is not one of {', '.join(SANDBOXES)}",
                                  param_hint="--sandbox")
     model_dir = model or build_base_model(cache_dir("base_models"), BaseModelSettings())
-    data_dir = data or build_task_datasets(cache_dir("datasets"), DataSettings())
+    data_dir = Path(data or build_task_datasets(cache_dir("datasets"), DataSettings()))
+    if not data_dir.is_dir():
+        raise DatasetError(f"datasets folder {data_dir}: no such folder")
     for name in task:
-        if not (Path(data_dir) / name).exists():
-            raise typer.BadParameter(f"no dataset for task {name!r} in {data_dir}",
-                                     param_hint="--task")
-    rows = {name: load_task_dataset(Path(data_dir) / name, split) for name in task}
+        if not (data_dir / name).exists():
+            there = sorted(p.name for p in data_dir.iterdir() if p.is_dir())
+            raise DatasetError(f"no dataset for task {name!r} in {data_dir} (tasks there: "
+                               f"{', '.join(there) or 'none'})")
+    rows = {name: load_task_dataset(data_dir / name, split) for name in task}
     if limit:
         rows = {name: r.select(range(min(limit, len(r)))) for name, r in rows.items()}
     if any("program" in r.unique("scorer") for r in rows.values()):
-        try:
-            check_sandbox(sandbox)  # before the model loads: fail in a second, not a minute
-        except SandboxUnavailable as err:
-            typer.secho(f"error: {err}", fg="red", err=True)
-            raise typer.Exit(2) from None
+        check_sandbox(sandbox)  # before the model loads: fail in a second, not a minute
     lm, tokenizer = load_model(model_dir, adapter)
     report = {}
     for name in task:

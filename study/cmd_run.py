@@ -16,11 +16,6 @@ SMOKE = {
 }
 
 
-def _fail(err: Exception) -> None:
-    typer.secho(f"error: {err}", fg="red", err=True)
-    raise typer.Exit(2)
-
-
 def _run_in_console(spec, resume: bool = False) -> None:
     """The study with its terminal kept for progress; everything else in its log file."""
     from study.console import StudyConsole
@@ -43,31 +38,21 @@ def run(
 ) -> None:
     """Run a study end to end: fine-tune skill LoRAs, search merges with Ray Tune, evaluate
     the best on the test split once, export and register it."""
-    from search_spaces import SearchSpaceError
-    from study.spec import SpecError, StudySpec, overlay, parse_model, study_data
+    from study.spec import StudySpec, overlay, parse_model, study_data
 
-    try:
-        data = study_data(study)
-        if smoke:
-            data = overlay(data, {**SMOKE, "name": data.get("name", "smoke")})
-        if name:
-            data["name"] = name
-        spec = parse_model(StudySpec, data, str(study or "default study"))
-        _run_in_console(spec)
-    except (SpecError, SearchSpaceError) as err:
-        _fail(err)
+    data = study_data(study)
+    if smoke:
+        data = overlay(data, {**SMOKE, "name": data.get("name", "smoke")})
+    if name:
+        data["name"] = name
+    _run_in_console(parse_model(StudySpec, data, str(study or "default study")))
 
 
 def resume(name: str = typer.Argument(..., help="Name of an interrupted study.")) -> None:
     """Continue an interrupted study: finished trials are kept, unfinished ones rerun."""
-    from search_spaces import SearchSpaceError
     from study.registry import saved_spec
-    from study.spec import SpecError
 
-    try:
-        _run_in_console(saved_spec(name), resume=True)
-    except (SpecError, SearchSpaceError, FileNotFoundError) as err:
-        _fail(err)
+    _run_in_console(saved_spec(name), resume=True)
 
 
 def status(name: str = typer.Argument(..., help="Study name.")) -> None:
@@ -77,11 +62,7 @@ def status(name: str = typer.Argument(..., help="Study name.")) -> None:
     from study.registry import saved_spec
     from trainables.tuner import trial_states
 
-    try:
-        spec = saved_spec(name)
-    except (FileNotFoundError, ValueError) as err:
-        _fail(err)
-    root = study_dir(spec)
+    root = study_dir(saved_spec(name))
     board = root / LEADERBOARD_FILE
     states = trial_states(root / TUNE_DIR)
     typer.echo(f"study {name} ({root})")
@@ -108,20 +89,17 @@ def export(
     from study.registry import saved_spec
     from study.spec import SpecError
 
-    try:
-        spec = saved_spec(name)
-        board = study_dir(spec) / LEADERBOARD_FILE
-        if not board.is_file():
-            raise SpecError(f"study {name} has not finished (no {LEADERBOARD_FILE})")
-        rows = json.loads(board.read_text())
-        if trial:
-            rows = [r for r in rows if r["trial"] == trial]
-            if not rows:
-                raise SpecError(f"study {name} has no trial {trial!r}")
-        row = next((r for r in rows if r[OBJECTIVE] is not None), None)
-        if row is None:
-            raise SpecError(f"study {name}: trial {trial or ''} did not finish")
-        export_adapter(row, out, spec)
-        typer.echo(f"wrote {row['candidate']} to {out}")
-    except (SpecError, FileNotFoundError) as err:
-        _fail(err)
+    spec = saved_spec(name)
+    board = study_dir(spec) / LEADERBOARD_FILE
+    if not board.is_file():
+        raise SpecError(f"study {name} has not finished (no {LEADERBOARD_FILE})")
+    rows = json.loads(board.read_text())
+    if trial:
+        rows = [r for r in rows if r["trial"] == trial]
+        if not rows:
+            raise SpecError(f"study {name} has no trial {trial!r}")
+    row = next((r for r in rows if r[OBJECTIVE] is not None), None)
+    if row is None:
+        raise SpecError(f"study {name}: trial {trial or ''} did not finish")
+    export_adapter(row, out, spec)
+    typer.echo(f"wrote {row['candidate']} to {out}")

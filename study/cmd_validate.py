@@ -15,13 +15,8 @@ def validate(
     (head resources and MLflow server, worker types, shared storage, project install, token
     authentication, no open ports), without touching any cloud. Exit status 1 on errors."""
     from study.cluster_check import check_cluster_file
-    from study.spec import SpecError
 
-    try:
-        findings = check_cluster_file(cluster, study)
-    except SpecError as err:
-        typer.secho(f"error: {err}", fg="red", err=True)
-        raise typer.Exit(2) from None
+    findings = check_cluster_file(cluster, study)
     errors = [f for f in findings if f.level == "error"]
     for finding in findings:
         color = "red" if finding.level == "error" else "yellow"

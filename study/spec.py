@@ -13,6 +13,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from soups.data import DataSettings
+from soups.errors import SoupsError
 from soups.evaluate import BATCH_SIZE, MAX_NEW_TOKENS
 from soups.train_settings import LoraSettings, LossOn, TrainSettings
 from soups.yaml_file import read_yaml
@@ -24,7 +25,7 @@ _DATA, _LORA, _TRAIN = DataSettings(), LoraSettings(), TrainSettings()
 _DEEPSPEED, _SCALING = DeepSpeedSettings(), ScalingSettings()
 
 
-class SpecError(ValueError):
+class SpecError(SoupsError):
     """A study or search-space file that is not valid; the message names file, key, value."""
 
 

@@ -69,6 +69,25 @@ def tiny_model_dir(tmp_path_factory):
     return build_tiny_llama(tmp_path_factory.mktemp("tiny_llama"))
 
 
+def assert_user_error(args, *named) -> str:
+    """`soups ARGS` (the CLI app, in this process) on a bad input, as every command meets one:
+    exit status 2, one `error: ...` line on stderr that names each of `named`, and no
+    traceback. Returns that line."""
+    from typer.testing import CliRunner
+
+    from study.cli import app
+
+    result = CliRunner().invoke(app, [str(a) for a in args])
+    assert result.exit_code == 2, result.output
+    assert isinstance(result.exception, SystemExit), result.exception  # not an escaped error
+    assert "Traceback" not in result.output
+    lines = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert len(lines) == 1, result.output
+    for value in named:
+        assert str(value) in lines[0], lines[0]
+    return lines[0]
+
+
 def run_soups(home, *args: str, timeout: int = 1500):
     """The `soups` command line in a subprocess with SOUPS_HOME=home (no stdin)."""
     import subprocess

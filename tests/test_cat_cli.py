@@ -8,6 +8,7 @@ import math
 import pytest
 import torch
 import typer
+from conftest import assert_user_error
 from typer.testing import CliRunner
 
 from soups.adapters import LoraAdapter, LoraModule, save_adapter
@@ -105,6 +106,35 @@ def test_cat_command_rejects_bad_flags(tmp_path, flags, message):
     result = CliRunner().invoke(_app(), ["a", "--out", str(tmp_path / "o"), *flags])
     assert result.exit_code != 0
     assert message in result.output
+
+
+@pytest.mark.unit
+def test_cat_command_bad_inputs_are_one_line_errors(tiny_model_dir, tmp_path):
+    """Folders that are not what they should be stop `soups cat` with exit status 2 and one
+    line naming them, before any training."""
+    skill = _skill(tmp_path, "math", "Tom has {} apples.")
+    good = _adapter(tiny_model_dir, tmp_path / "good", 1)
+    wide = save_adapter(tmp_path / "wide", {"model.layers.0.self_attn.q_proj": LoraModule(
+        A=torch.ones(2, 48), B=torch.ones(48, 2), scaling=1.0)},
+        {"base_model_name_or_path": tiny_model_dir})  # for a model of hidden size 48
+    (tmp_path / "plain").mkdir()
+    (tmp_path / "plain" / "notes.txt").write_text("not an adapter")
+
+    def cat(*adapters, model=tiny_model_dir, data=skill, init="uniform"):
+        return ["cat", *adapters, "--out", tmp_path / "out", "--model", model, "--data", data,
+                "--data", skill, "--init", init, "--count", "2", "--held-out", "2"]
+
+    cases = [
+        (cat(tmp_path / "absent", good), [tmp_path / "absent", "no such folder"]),
+        (cat(tmp_path / "plain", good), [tmp_path / "plain", "adapter_config.json"]),
+        (cat(good, wide), [wide, "model.layers.0.self_attn.q_proj", "48 x 48", "32 x 32"]),
+        (cat(good, good, model=tmp_path / "no_model"), [tmp_path / "no_model"]),
+        (cat(good, good, data=tmp_path / "no_data"), [tmp_path / "no_data"]),
+        (cat(good, good, init="0.2,0.3,0.5"), ["3 numbers for 2 LoRAs"]),
+    ]
+    for args, named in cases:
+        assert_user_error(args, *named)
+    assert not (tmp_path / "out").exists()
 
 
 @pytest.mark.unit

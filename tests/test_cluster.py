@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from conftest import assert_user_error
 from typer.testing import CliRunner
 
 from study.cluster_check import (
@@ -293,3 +294,8 @@ def test_storage_probe_and_verdict(tmp_path):
     assert problems[0].startswith(f"node node-b: {shared}: cannot read")
     assert problems[1] == (f"node node-c: {shared}: what it wrote there is not visible to "
                            "the driver (a local folder, not shared storage)")
+
+
+def test_cli_study_file_that_is_not_there_is_a_one_line_error(tmp_path):
+    assert_user_error(["validate", CLUSTER, "--study", tmp_path / "absent.yaml"],
+                      tmp_path / "absent.yaml", "no such file")

@@ -5,6 +5,7 @@ import json
 
 import pytest
 import torch
+from conftest import assert_user_error
 
 from soups.evaluate import evaluate_rows, generate, load_model
 from soups.scoring import extract_program, final_number, score_final_number, score_programs
@@ -83,3 +84,41 @@ def test_evaluate_rows_rejects_unknown_scorer(tiny_model_dir):
     model, tokenizer = load_model(tiny_model_dir)
     with pytest.raises(ValueError, match="'bleu'"):
         evaluate_rows(model, tokenizer, "t", [_row([1], scorer="bleu")])
+
+
+def test_evaluate_command_bad_inputs_are_one_line_errors(tiny_model_dir, tmp_path):
+    """A model, datasets folder, task, split or adapter that is not there (or not what it
+    should be) stops `soups evaluate` with exit status 2 and one line naming it."""
+    from datasets import Dataset, DatasetDict
+
+    from soups.adapters import LoraModule, save_adapter
+
+    data = tmp_path / "data"
+    rows = [{"key": "k", "prompt": "### Question:\nTom has 2 apples.\n### Answer:\n",
+             "completion": "The answer is 2.", **_row([2])}]
+    DatasetDict({"validation": Dataset.from_list(rows)}).save_to_disk(str(data / "math"))
+    module = "model.layers.0.self_attn.q_proj"
+    lora = {module: LoraModule(A=torch.ones(2, 32), B=torch.zeros(32, 2), scaling=1.0)}
+    good = save_adapter(tmp_path / "good", lora, {"base_model_name_or_path": tiny_model_dir})
+    wide = save_adapter(tmp_path / "wide", {module: LoraModule(
+        A=torch.ones(2, 48), B=torch.ones(48, 2), scaling=1.0)}, {})
+    (tmp_path / "plain").mkdir()
+    (tmp_path / "plain" / "notes.txt").write_text("not an adapter")
+
+    def evaluate(*args, model=tiny_model_dir, data=data, task="math"):
+        return ["evaluate", "--model", model, "--data", data, "--task", task, "--limit", "1",
+                *args]
+
+    for args, named in [
+        (evaluate(model=tmp_path / "no_model"), [tmp_path / "no_model", "no such folder"]),
+        (evaluate(model=data), [data, "config.json"]),
+        (evaluate(data=tmp_path / "no_data"), [tmp_path / "no_data"]),
+        (evaluate(task="chess"), ["'chess'", data, "tasks there: math"]),
+        (evaluate("--split", "dev"), ["'dev'", data / "math"]),
+        (evaluate("--adapter", tmp_path / "absent"), [tmp_path / "absent", "no such folder"]),
+        (evaluate("--adapter", tmp_path / "plain"), [tmp_path / "plain", "adapter_config"]),
+        (evaluate("--adapter", wide), [wide, module, "48 x 48", "32 x 32"]),
+    ]:
+        assert_user_error(args, *named)
+    model, _ = load_model(tiny_model_dir, good)  # an adapter of the model passes the check
+    assert not any("lora" in name for name, _ in model.named_parameters())  # merged

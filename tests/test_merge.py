@@ -9,6 +9,7 @@ import math
 
 import pytest
 import torch
+from conftest import assert_user_error
 
 from soups.adapters import AdapterError, LoraAdapter, LoraModule, read_provenance, save_adapter
 from soups.merge import MergeError, merge_adapters, method_parameters
@@ -356,6 +357,26 @@ def test_cli_merges_and_lists(same_rank, tmp_path):
     bad = runner.invoke(app, ["merge", "--method", "linear", "--out", str(tmp_path / "x"),
                               *same_rank, "--density", "0.5"])
     assert bad.exit_code == 2 and "takes no parameter 'density'" in bad.output
+
+
+def test_cli_bad_inputs_are_one_line_errors(same_rank, tiny_model_dir, tmp_path):
+    """A folder that is missing, not an adapter, or for layers of another shape stops
+    `soups merge` with exit status 2 and one line naming it; nothing is written."""
+    (tmp_path / "plain").mkdir()
+    (tmp_path / "plain" / "notes.txt").write_text("not an adapter")
+    module = "model.layers.0.self_attn.q_proj"
+    wide = save_adapter(tmp_path / "wide", {module: LoraModule(  # same base model name
+        A=torch.ones(4, 48), B=torch.ones(48, 4), scaling=1.0)},
+        {"base_model_name_or_path": str(tiny_model_dir), "task_type": "CAUSAL_LM"})
+    out = tmp_path / "out"
+    for method in ("linear", "cat"):
+        merge = ["merge", "--method", method, "--out", out, same_rank[0]]
+        assert_user_error([*merge, tmp_path / "absent"], tmp_path / "absent", "no such folder")
+        assert_user_error([*merge, tmp_path / "plain"], tmp_path / "plain",
+                          "adapter_config.json")
+        assert_user_error([*merge, wide], wide, module, "48 x 48", "32 x 32")
+    assert_user_error(["merge", "--method", "tie", "--out", out, *same_rank], "'tie'")
+    assert not out.exists()
 
 
 @pytest.mark.parametrize("dare, plain", [("dare_linear", "linear"), ("dare_ties", "ties"),

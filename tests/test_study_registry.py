@@ -5,6 +5,7 @@ $SOUPS_HOME; the store chosen at run time is the one every later command reads."
 from __future__ import annotations
 
 import pytest
+from conftest import assert_user_error
 from typer.testing import CliRunner
 
 from analysis.runs import resolve_tracking_uri
@@ -90,3 +91,21 @@ def test_artifacts_of_a_local_store_lie_beside_its_database(tmp_path, monkeypatc
         mlflow.set_tracking_uri(saved)
     assert uri.startswith((tmp_path / "mlartifacts" / "beside").as_uri())
     assert list(elsewhere.iterdir()) == []
+
+
+def test_study_commands_bad_inputs_are_one_line_errors(home, tmp_path):
+    """A study, study file, key or store that is not there stops `run`, `resume`, `status`,
+    `export` and `report` with exit status 2 and one line naming it (nothing starts)."""
+    bad = tmp_path / "study.yaml"
+    bad.write_text("name: x\nfinetune:\n  rnaks: [8]\n")
+    for args, named in [
+        (["run", tmp_path / "absent.yaml"], [tmp_path / "absent.yaml", "no such file"]),
+        (["run", bad], [bad, "unknown key 'finetune.rnaks'"]),
+        (["resume", "nope"], ["no study 'nope'"]),
+        (["status", "nope"], ["no study 'nope'"]),
+        (["export", "nope", "--out", tmp_path / "out"], ["no study 'nope'"]),
+        (["report", "nope", "--tracking-uri", f"sqlite:///{tmp_path}/absent.db"],
+         [tmp_path / "absent.db"]),
+    ]:
+        assert_user_error(args, *named)
+    assert not (home / "x").exists() and not (tmp_path / "out").exists()

@@ -107,12 +107,13 @@ def finetune_adapter(
     from ray.train.torch import TorchTrainer
     from transformers import AutoTokenizer
 
+    from soups.base_model import model_ref
     from soups.home import soups_home
     from soups.text_batches import encode_dataset
 
     called = time.time()
-    model_ref = _model_ref(model_dir)
-    tokenizer = AutoTokenizer.from_pretrained(model_ref)
+    model_dir = model_ref(model_dir)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
     encoded = encode_dataset(tokenizer, dataset, train.max_length, train.loss_on)
     if not encoded:
         raise ValueError("the training dataset is empty")
@@ -126,7 +127,7 @@ def finetune_adapter(
     if not ray.is_initialized():
         ray.init()
     spec = WorkerSpec(
-        name=name, model_dir=model_ref, lora=lora, train=train, deepspeed=deepspeed,
+        name=name, model_dir=model_dir, lora=lora, train=train, deepspeed=deepspeed,
         scaling=scaling, train_data=ray.put(encoded),
         eval_data=ray.put(held_out) if held_out else None, n_train=len(encoded),
         pad_id=tokenizer.pad_token_id, step_hook=step_hook,
@@ -167,20 +168,6 @@ def finetune_adapter(
         step_seconds=state.step_seconds, step_tokens=state.step_tokens,
         checkpoint_path=result.checkpoint.path,
     )
-
-
-def _model_ref(model_dir: str | Path) -> str:
-    """An absolute path for a local folder (workers run in other directories), else the
-    hub id unchanged."""
-    path = Path(model_dir)
-    if path.exists():
-        if not (path / "config.json").is_file():
-            raise FileNotFoundError(f"base model {path}: no config.json (not a "
-                                    "save_pretrained folder)")
-        return str(path.resolve())
-    if str(model_dir).startswith((".", "/")) or Path(model_dir).suffix:
-        raise FileNotFoundError(f"base model {model_dir}: no such folder")
-    return str(model_dir)
 
 
 def finetune_key_inputs(

@@ -16,12 +16,13 @@ import socket
 import uuid
 from pathlib import Path
 
+from soups.errors import SoupsError
 from trainables.every_node import on_every_node
 
 PROBE_DIR = ".soups-shared-check"
 
 
-class StorageNotShared(RuntimeError):
+class StorageNotShared(SoupsError, RuntimeError):
     """Some node does not see a storage folder the study needs (message names both)."""
 
 

@@ -10,6 +10,8 @@ from __future__ import annotations
 import random
 from collections.abc import Sequence
 
+from soups.cat.settings import CatError
+
 
 def _split_evenly(total: int, parts: int) -> list[int]:
     return [total // parts + (1 if i < total % parts else 0) for i in range(parts)]
@@ -29,18 +31,18 @@ def skill_mix(
     over the skills, come from rows not used for training. Seeded.
     """
     if not skills:
-        raise ValueError("CAT mix: no skill datasets given")
+        raise CatError("CAT mix: no skill datasets given")
     if (fraction is None) == (count is None):
-        raise ValueError(f"CAT mix: give exactly one of fraction and count, got "
-                         f"fraction={fraction}, count={count}")
+        raise CatError(f"CAT mix: give exactly one of fraction and count, got "
+                       f"fraction={fraction}, count={count}")
     if fraction is not None and not 0.0 < fraction <= 1.0:
-        raise ValueError(f"CAT mix: fraction must be in (0, 1], got {fraction}")
+        raise CatError(f"CAT mix: fraction must be in (0, 1], got {fraction}")
     if count is not None and count < len(skills):
-        raise ValueError(f"CAT mix: count must be at least the number of skills "
-                         f"({len(skills)}), got {count}")
+        raise CatError(f"CAT mix: count must be at least the number of skills "
+                       f"({len(skills)}), got {count}")
     if held_out < 1:
-        raise ValueError(f"CAT mix: held_out must be at least 1 (best-checkpoint selection "
-                         f"needs held-out rows), got {held_out}")
+        raise CatError(f"CAT mix: held_out must be at least 1 (best-checkpoint selection "
+                       f"needs held-out rows), got {held_out}")
     sizes = ([max(1, round(fraction * len(s))) for s in skills] if fraction is not None
              else _split_evenly(count, len(skills)))
     held = _split_evenly(held_out, len(skills))
@@ -48,8 +50,8 @@ def skill_mix(
     train, evaluation = [], []
     for index, (skill, n_train, n_held) in enumerate(zip(skills, sizes, held, strict=True)):
         if n_train + n_held > len(skill):
-            raise ValueError(f"CAT mix: skill {index} has {len(skill)} rows, fewer than the "
-                             f"{n_train} training + {n_held} held-out rows asked for")
+            raise CatError(f"CAT mix: skill {index} has {len(skill)} rows, fewer than the "
+                           f"{n_train} training + {n_held} held-out rows asked for")
         order = list(range(len(skill)))
         rng.shuffle(order)
         rows = [{"prompt": skill[i]["prompt"], "completion": skill[i]["completion"]}

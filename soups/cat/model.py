@@ -17,9 +17,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from soups.adapters import LoraAdapter, LoraModule
+from soups.adapters import LoraAdapter, LoraModule, check_fits
 from soups.cat.layer import CatLinear, CatWeights, delta_norm
-from soups.cat.settings import CatSettings
+from soups.cat.settings import CatError, CatSettings
 
 _LAYER = re.compile(r"^(.*?\.\d+)\.")
 
@@ -33,10 +33,10 @@ def group_key(module: str, granularity: str) -> str:
     if granularity == "layer":
         match = _LAYER.match(module)
         if match is None:
-            raise ValueError(f"granularity 'layer': module {module} has no layer index in its "
-                             "path; use granularity 'module' or 'global'")
+            raise CatError(f"granularity 'layer': module {module} has no layer index in its "
+                           "path; use granularity 'module' or 'global'")
         return match.group(1)
-    raise ValueError(f"unknown granularity {granularity!r}")
+    raise CatError(f"unknown granularity {granularity!r}")
 
 
 def initial_logits(settings: CatSettings, norms: torch.Tensor,
@@ -58,8 +58,8 @@ def initial_logits(settings: CatSettings, norms: torch.Tensor,
     if settings.init == "values":
         values = torch.tensor(settings.init_values, dtype=torch.float64)
         if values.numel() != k:
-            raise ValueError(f"CAT init_values has {values.numel()} numbers for {k} LoRAs "
-                             f"({list(adapter_names)})")
+            raise CatError(f"CAT init_values has {values.numel()} numbers for {k} LoRAs "
+                           f"({list(adapter_names)})")
         return (values.log() if softmax else values).expand(n_groups, k).clone()
     # `norm`: a_i proportional to 1 / ||dW_i||, so every LoRA starts with the same update size.
     carried = norms > 0
@@ -79,17 +79,15 @@ class CatModel(nn.Module):
                  settings: CatSettings = CatSettings()):
         super().__init__()
         if len(adapters) < 1:
-            raise ValueError("CAT needs at least one adapter")
+            raise CatError("CAT needs at least one adapter")
         self.model = model
         self.settings = settings
         self.adapters = list(adapters)
         model.requires_grad_(False)
+        for adapter in adapters:
+            check_fits(adapter.path, model)  # each module is a layer of the model's shape
         names = sorted(set().union(*(a.module_names for a in adapters)))
         available = dict(model.named_modules())
-        for name in names:
-            if name not in available:
-                owner = next(a for a in adapters if name in a.module_names)
-                raise ValueError(f"adapter {owner.path}: module {name} is not in the base model")
         self.group_names = sorted({group_key(n, settings.granularity) for n in names})
         group_index = {g: i for i, g in enumerate(self.group_names)}
         factors = {n: [a.module(n) if n in a.module_names else None for a in adapters]
@@ -130,8 +128,8 @@ class CatModel(nn.Module):
                     continue
                 n = delta_norm(m)
                 if n == 0 or not math.isfinite(n):
-                    raise ValueError(f"CAT init 'norm': adapter {self.adapters[i].path} has "
-                                     f"dW norm {n} in module {name}; norm init is undefined")
+                    raise CatError(f"CAT init 'norm': adapter {self.adapters[i].path} has "
+                                   f"dW norm {n} in module {name}; norm init is undefined")
                 squared[g, i] += n * n
         return squared.sqrt()
 

@@ -10,10 +10,17 @@ from pathlib import Path
 
 import torch
 
+from soups.base_model import load_pretrained
 from soups.cat.export import export_cat
 from soups.cat.mix import skill_mix
 from soups.cat.model import CatModel
-from soups.cat.settings import PAPER_CAT_TRAIN, PAPER_FRACTION, PAPER_HELD_OUT, CatSettings
+from soups.cat.settings import (
+    PAPER_CAT_TRAIN,
+    PAPER_FRACTION,
+    PAPER_HELD_OUT,
+    CatError,
+    CatSettings,
+)
 from soups.cat.train import CatTrainResult, train_cat
 from soups.text_batches import encode_dataset
 from soups.train_settings import TrainSettings
@@ -30,7 +37,7 @@ def resolve_device(device: str | None = None, dtype: str = "auto") -> tuple[torc
         bf16 = dev.type == "cuda" and torch.cuda.is_bf16_supported()
         return dev, torch.bfloat16 if bf16 else torch.float32
     if dtype not in DTYPES:
-        raise ValueError(f"dtype must be 'auto' or one of {sorted(DTYPES)}, got {dtype!r}")
+        raise CatError(f"dtype must be 'auto' or one of {sorted(DTYPES)}, got {dtype!r}")
     return dev, DTYPES[dtype]
 
 
@@ -51,12 +58,10 @@ def learn_cat(
 ) -> CatTrainResult:
     """Train CAT weights for `adapter_dirs` on a mix of the `skills` rows (prompt/completion)
     and export the result to `out_dir` (PEFT adapter + cat_weights.json)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     dev, torch_dtype = resolve_device(device, dtype)
     torch.manual_seed(train.seed)
-    tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
-    base = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch_dtype).to(dev)
+    tokenizer, base = load_pretrained(model_dir, torch_dtype)
+    base = base.to(dev)
     model = CatModel.attach(base, adapter_dirs, cat)
     train_rows, held_rows = skill_mix(skills, fraction, count, held_out, train.seed)
     encoded = encode_dataset(tokenizer, train_rows, train.max_length, train.loss_on)

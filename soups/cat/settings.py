@@ -13,6 +13,7 @@ import math
 from dataclasses import dataclass
 from typing import Literal
 
+from soups.errors import SoupsError
 from soups.train_settings import TrainSettings
 
 Granularity = Literal["module", "layer", "global"]
@@ -22,6 +23,11 @@ Init = Literal["randn", "uniform", "ones", "norm", "values"]
 GRANULARITIES: tuple[str, ...] = ("module", "layer", "global")
 NORMALISATIONS: tuple[str, ...] = ("softmax", "none")
 INITS: tuple[str, ...] = ("randn", "uniform", "ones", "norm", "values")
+
+
+class CatError(SoupsError):
+    """CAT settings or inputs that cannot work together (init values that do not match the
+    adapters, a skill mix larger than the skills, ...); the message names the value."""
 
 
 @dataclass(frozen=True)
@@ -47,30 +53,30 @@ class CatSettings:
 
     def __post_init__(self):
         if self.granularity not in GRANULARITIES:
-            raise ValueError(f"CAT granularity must be one of {GRANULARITIES}, "
-                             f"got {self.granularity!r}")
+            raise CatError(f"CAT granularity must be one of {GRANULARITIES}, "
+                           f"got {self.granularity!r}")
         if self.normalisation not in NORMALISATIONS:
-            raise ValueError(f"CAT normalisation must be one of {NORMALISATIONS}, "
-                             f"got {self.normalisation!r}")
+            raise CatError(f"CAT normalisation must be one of {NORMALISATIONS}, "
+                           f"got {self.normalisation!r}")
         if self.init not in INITS:
-            raise ValueError(f"CAT init must be one of {INITS} (or explicit values), "
-                             f"got {self.init!r}")
+            raise CatError(f"CAT init must be one of {INITS} (or explicit values), "
+                           f"got {self.init!r}")
         if self.init == "ones" and self.normalisation == "softmax":
-            raise ValueError("CAT init 'ones' needs normalisation 'none': a softmax over k "
-                             "LoRAs sums to 1, so it cannot start every weight at 1")
+            raise CatError("CAT init 'ones' needs normalisation 'none': a softmax over k "
+                           "LoRAs sums to 1, so it cannot start every weight at 1")
         if (self.init == "values") != (self.init_values is not None):
-            raise ValueError("CAT init 'values' and init_values go together: give "
-                             f"init='values' with init_values, got init={self.init!r}, "
-                             f"init_values={self.init_values!r}")
+            raise CatError("CAT init 'values' and init_values go together: give "
+                           f"init='values' with init_values, got init={self.init!r}, "
+                           f"init_values={self.init_values!r}")
         if self.init_values is not None:
             values = tuple(float(v) for v in self.init_values)
             object.__setattr__(self, "init_values", values)
             if not values or not all(math.isfinite(v) for v in values):
-                raise ValueError(f"CAT init_values must be finite numbers, got {values}")
+                raise CatError(f"CAT init_values must be finite numbers, got {values}")
             if self.normalisation == "softmax" and (
                 min(values) <= 0 or abs(sum(values) - 1.0) > 1e-6
             ):
-                raise ValueError(
+                raise CatError(
                     "CAT init_values under softmax are the starting mixture: positive and "
                     f"summing to 1, got {list(values)} (sum {sum(values):g})"
                 )

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 import torch
 
 from soups.cat.model import CatModel
+from soups.cat.settings import CatError
 from soups.train_settings import TrainSettings
 from soups.training_loop import Encoded, held_out_loss, optimizer_steps
 
@@ -58,9 +59,9 @@ def train_cat(
     `StopTraining`) stops training after that step.
     """
     if not train_encoded:
-        raise ValueError("CAT training: no training examples")
+        raise CatError("CAT training: no training examples")
     if not held_out_encoded:
-        raise ValueError("CAT training: no held-out examples (needed to pick the best weights)")
+        raise CatError("CAT training: no held-out examples (needed to pick the best weights)")
     logits = model.weights.logits
     frozen = [n for n, p in model.named_parameters() if p.requires_grad and p is not logits]
     if frozen:

@@ -13,7 +13,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from soups.adapters import LoraAdapter, LoraModule, save_adapter
+from soups.adapters import LoraAdapter, LoraModule, layer_shapes, save_adapter
 from soups.lazy import lazy
 from soups.merge.lowrank import truncate_dense
 from soups.merge.methods import REGISTRY
@@ -66,8 +66,8 @@ def merge_adapters(
 
 
 def _check_compatible(spec: MergeMethod, adapters: list[LoraAdapter]) -> list[str]:
-    """Same base model everywhere; factor space also needs the same modules and ranks.
-    Returns the modules to merge (the union, sorted)."""
+    """Same base model and layer shapes everywhere; factor space also needs the same modules
+    and ranks. Returns the modules to merge (the union, sorted)."""
     first = adapters[0]
     for other in adapters[1:]:
         if other.base_model != first.base_model:
@@ -78,6 +78,13 @@ def _check_compatible(spec: MergeMethod, adapters: list[LoraAdapter]) -> list[st
                              f"{bool(other.config.get('fan_in_fan_out'))}, adapter {first.path} "
                              f"{bool(first.config.get('fan_in_fan_out'))}: not the same layers")
     names = sorted(set().union(*(a.module_names for a in adapters)))
+    shapes = [layer_shapes(a.path) for a in adapters]
+    for name in names:
+        seen = {a.path: s[name] for a, s in zip(adapters, shapes, strict=True) if name in s}
+        if len(set(seen.values())) > 1:
+            detail = ", ".join(f"{path}: {out} x {in_}" for path, (out, in_) in seen.items())
+            raise MergeError(f"module {name} is a layer of different shapes in the adapters "
+                             f"({detail}): adapters of different base models")
     if not spec.mixes_factors:
         return names
     for adapter in adapters:

@@ -21,6 +21,8 @@ from typing import Annotated, Any, Literal
 
 from pydantic import Field, TypeAdapter, ValidationError
 
+from soups.errors import SoupsError
+
 # Parameter types: the annotation is the check, the description is the --list help.
 Weights = Annotated[
     list[Annotated[float, Field(allow_inf_nan=False)]] | None,
@@ -39,7 +41,7 @@ INPUTS = ("tensors", "modules", "weights", "generator")
 REQUIRED = inspect.Parameter.empty
 
 
-class MergeError(ValueError):
+class MergeError(SoupsError):
     """A merge that cannot run as asked; the message names the method, parameter, adapter
     or module at fault."""
 

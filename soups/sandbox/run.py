@@ -23,6 +23,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
+from soups.errors import SoupsError
 from soups.sandbox import bwrap, seccomp
 from soups.sandbox.result import MAX_RESULT_BYTES, ExecutionResult, failed, parse_result
 
@@ -47,7 +48,7 @@ USERNS_HINT = (
     f"boundary, set `evaluation.sandbox: {UNSAFE}`")
 
 
-class SandboxUnavailable(RuntimeError):
+class SandboxUnavailable(SoupsError, RuntimeError):
     """Programs cannot be run safely here (the message says how to fix it)."""
 
 

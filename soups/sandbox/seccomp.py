@@ -21,6 +21,8 @@ import errno
 import functools
 import os
 
+from soups.errors import SoupsError
+
 ALLOW = 0x7FFF0000  # SCMP_ACT_ALLOW
 
 # Each refused with EPERM. Names missing on an architecture (fork on aarch64) are skipped.
@@ -46,7 +48,7 @@ DENIED = (
 )
 
 
-class SeccompUnavailable(RuntimeError):
+class SeccompUnavailable(SoupsError, RuntimeError):
     """libseccomp cannot be loaded or refused to build the filter."""
 
 
