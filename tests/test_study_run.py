@@ -219,7 +219,7 @@ def test_killed_study_resumes_without_repeats_or_duplicates(smoke, home, tmp_pat
 def _terminated_run_keys(root: Path) -> set[str]:
     from ray.tune import ExperimentAnalysis
 
-    from trainables.merge_trial import trial_run_key
+    from trainables.trial_run import trial_run_key
 
     analysis = ExperimentAnalysis(str(root / "tune"))
     return {trial_run_key("resumed", t.config["variant"]) for t in analysis.trials
