@@ -76,11 +76,10 @@ def resolve_tracking_uri(name: str, tracking_uri: str | None = None) -> str:
     run time), else $MLFLOW_TRACKING_URI, else the default SQLite store under $SOUPS_HOME."""
     import os
 
-    from soups.home import soups_home
+    from soups.home import TRACKING_ENV, default_tracking_uri, soups_home
 
-    return (tracking_uri or _spec_tracking(name).get("uri")
-            or os.environ.get("MLFLOW_TRACKING_URI")
-            or f"sqlite:///{(soups_home() / 'mlflow.db').resolve()}")
+    return (tracking_uri or _spec_tracking(name).get("uri") or os.environ.get(TRACKING_ENV)
+            or default_tracking_uri(soups_home()))
 
 
 def _experiment_name(name: str) -> str:

@@ -61,6 +61,8 @@ def optimizer_steps(model, params: list[torch.Tensor], encoded: Encoded,
                     settings: TrainSettings, pad_id: int) -> Iterator[OptimizerStep]:
     """Train `params` of `model` (in train mode) on `encoded` (ids, labels) examples; yields
     after each of the `settings.total_steps(len(encoded))` optimizer steps."""
+    if not encoded:  # no batch would ever come: the loop below would never end
+        raise ValueError("training: no examples to train on")
     optimizer, scheduler = adamw_with_warmup(params, settings)
     total_steps = settings.total_steps(len(encoded))
     generator = torch.Generator().manual_seed(settings.seed)

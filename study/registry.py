@@ -8,16 +8,14 @@ import os
 
 import yaml
 
+from soups.home import TRACKING_ENV, default_tracking_uri, soups_home
 from study.layout import SPEC_FILE, spec_files
 from study.spec import SpecError, StudySpec, Tracking, load_yaml, parse_model
-from trainables.tracking import TRACKING_ENV, default_tracking_uri
 
 
 def tracking_uri(spec: StudySpec) -> str:
     """Where the study logs, by precedence: its `tracking.uri`, else $MLFLOW_TRACKING_URI
     (MLflow's own convention), else an SQLite database under $SOUPS_HOME."""
-    from soups.home import soups_home
-
     if spec.tracking.uri:
         return spec.tracking.uri
     env = os.environ.get(TRACKING_ENV)
@@ -68,8 +66,6 @@ def register_study(spec: StudySpec, resume: bool = False) -> StudySpec:
 
 def saved_spec(name: str) -> StudySpec:
     """The spec a study saved when it started, found by its name under $SOUPS_HOME."""
-    from soups.home import soups_home
-
     path = soups_home() / name / SPEC_FILE
     if not path.is_file():
         raise SpecError(f"no study {name!r} under {soups_home()}")

@@ -14,6 +14,7 @@ import json
 import time
 from pathlib import Path
 
+from soups.home import TRACKING_ENV
 from soups.names import (
     BEST_METHOD_TAG,
     BEST_OBJECTIVE,
@@ -39,7 +40,7 @@ def _start_ray(spec: StudySpec, tracking_uri: str) -> None:
 
     if not ray.is_initialized():
         ray.init(address=spec.cluster.address,
-                 runtime_env={"env_vars": {tracking.TRACKING_ENV: tracking_uri,
+                 runtime_env={"env_vars": {TRACKING_ENV: tracking_uri,
                                            **QUIET_WORKERS}},
                  include_dashboard=False, log_to_driver=True)
     from study.console import active

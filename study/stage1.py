@@ -9,6 +9,7 @@ import os
 from dataclasses import asdict
 from pathlib import Path
 
+from soups.home import TRACKING_ENV
 from soups.names import (
     CACHE_KEY_TAG,
     EPOCH,
@@ -63,7 +64,7 @@ def stage1(spec: StudySpec, model_dir: str, tasks: dict[str, TaskData], ranks: l
                 adapter_cache_dir(spec), model_dir, dataset, lora, train, eval_sets[name],
                 DeepSpeedSettings(zero_stage=ft.zero_stage), scaling,
                 storage_path=study_dir(spec) / "finetunes",
-                env={tracking.TRACKING_ENV: tracking_uri},
+                env={TRACKING_ENV: tracking_uri},
             )
             adapters[str(rank)][name] = str(entry.path)
             if result is None:

@@ -48,9 +48,10 @@ def _write_fake_study(home: Path, study: str = STUDY, shift: float = 0.0) -> str
     added to every target accuracy."""
     from mlflow.tracking import MlflowClient
 
+    from soups.home import default_tracking_uri
     from trainables import tracking
 
-    uri = tracking.default_tracking_uri(home)
+    uri = default_tracking_uri(home)
     tracking.configure(uri)
     experiment = tracking.experiment_id(study)
     study_params = {"target": {"math_code": {"source": "generated"}},

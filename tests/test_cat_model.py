@@ -305,3 +305,12 @@ def test_clear_errors_for_bad_adapters(tiny_model_dir, adapters, tmp_path):
                           b_scale=0.0)
     with pytest.raises(ValueError, match="zero has dW norm 0"):
         CatModel.attach(_load(tiny_model_dir), [adapters[0], zero], CatSettings(init="norm"))
+
+
+@pytest.mark.unit
+def test_training_loop_refuses_no_examples_instead_of_waiting_forever():
+    from soups.train_settings import TrainSettings
+    from soups.training_loop import optimizer_steps
+
+    with pytest.raises(ValueError, match="no examples"):
+        next(optimizer_steps(None, [], [], TrainSettings(), pad_id=0))

@@ -73,6 +73,7 @@ def test_artifacts_of_a_local_store_lie_beside_its_database(tmp_path, monkeypatc
     """Not in `./mlruns` of whichever working directory created the experiment."""
     import mlflow
 
+    from soups.home import default_tracking_uri
     from trainables import tracking
 
     assert tracking.artifact_location("http://127.0.0.1:5000", "s") is None
@@ -81,7 +82,7 @@ def test_artifacts_of_a_local_store_lie_beside_its_database(tmp_path, monkeypatc
     monkeypatch.chdir(elsewhere)
     saved = mlflow.get_tracking_uri()
     try:
-        tracking.configure(tracking.default_tracking_uri(tmp_path))
+        tracking.configure(default_tracking_uri(tmp_path))
         experiment = tracking.experiment_id("beside")
         (tmp_path / "note.txt").write_text("kept")
         with tracking.tracked_run(experiment, "key", "run", "trial", "beside") as run_id:

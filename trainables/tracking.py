@@ -25,13 +25,6 @@ from soups.names import (
     version_tag,
 )
 
-TRACKING_ENV = "MLFLOW_TRACKING_URI"  # MLflow's own variable
-
-
-def default_tracking_uri(home: Path) -> str:
-    """An SQLite database at an absolute path: Ray changes the working directory of trials."""
-    return f"sqlite:///{(home / 'mlflow.db').resolve()}"
-
 
 def configure(uri: str) -> None:
     """This process's MLflow store (each trial and the driver call it with the study's URI;
