@@ -104,6 +104,8 @@ WALL_SECONDS = "wall_seconds"
 BEST_PREFIX = "best/"
 BEST_OBJECTIVE = "best/validation_objective"
 BEST_TEST_ACCURACY = "best/test_accuracy"
+DATA_PREFIX = "data"  # parent run: each task's rows per role, and decontamination
+DECONTAMINATED = "decontaminated"  # train rows removed: they are target evaluation rows
 
 
 def version_tag(package: str) -> str:
@@ -132,6 +134,11 @@ def accuracy_task(key, split: str = VALIDATION) -> str | None:
     if parsed is None or parsed[0] != split or parsed[2] != ACCURACY:
         return None
     return parsed[1]
+
+
+def data_metric(task: str, what: str) -> str:
+    """A parent-run metric about a task's data: `data/math/train_rows`."""
+    return f"{DATA_PREFIX}/{task}/{what}"
 
 
 def best_metric(key: str) -> str:

@@ -39,7 +39,7 @@ def _register() -> None:
     The CLI is the one place `study` reaches `analysis` (the report command lives there,
     beside the library it drives: analysis reads MLflow, never runs a study)."""
     from analysis import cmd_report
-    from study import cmd_cat, cmd_merge, cmd_prepare, cmd_run, cmd_validate
+    from study import cmd_cat, cmd_data, cmd_merge, cmd_prepare, cmd_run, cmd_validate
 
     app.command("prepare")(cmd_prepare.prepare)
     app.command("evaluate")(cmd_prepare.evaluate)
@@ -51,6 +51,7 @@ def _register() -> None:
     app.command("export")(cmd_run.export)
     app.command("validate")(cmd_validate.validate)
     app.command("report")(cmd_report.report)
+    app.add_typer(cmd_data.data_app, name="data")
 
 
 _register()

@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import replace
 
 from study.spec import EMBEDDED, CatTraining, SpecError, StudySpec
-from trainables.merge_trial import TaskData
+from soups.task_data import TaskData
 
 
 def method_parameters(name: str) -> set[str] | None:
@@ -52,9 +52,12 @@ def resolve_base_model(spec: StudySpec, log=print) -> str:
     return str(build_base_model(cache_dir("base_models"), settings, log=log))
 
 
-def resolve_tasks(spec: StudySpec) -> dict[str, TaskData]:
-    generated = {n: t for n, t in spec.tasks().items() if t.source == "generated"}
-    out: dict[str, TaskData] = {}
+def resolve_tasks(spec: StudySpec, model_dir: str | None = None) -> dict[str, TaskData]:
+    """Every task's data, ready to be read in any process: generated tasks built (cached),
+    the target's validation and test rows checked, and their keys left out of every train
+    split (decontamination: `TaskData.removed_overlap` says how many rows that removed)."""
+    generated = [n for n, t in spec.tasks().items() if t.generated]
+    data_dir = None
     if generated:
         from soups.data import build_task_datasets
         from soups.home import cache_dir
@@ -65,11 +68,29 @@ def resolve_tasks(spec: StudySpec) -> dict[str, TaskData]:
             if not (data_dir / name).exists():
                 raise SpecError(f"task {name!r} has source 'generated' but the generator "
                                 f"makes only {', '.join(TASK_NAMES)}")
-    for name, task in spec.tasks().items():
-        if task.source == "generated":
-            out[name] = TaskData(str(data_dir / name), dict(task.splits))
-        else:
-            mapping = {"prompt": task.prompt, "completion": task.completion,
-                       "expected": task.expected, "scorer": task.scorer}
-            out[name] = TaskData(task.source, dict(task.splits), mapping)
-    return out
+    tasks = {name: TaskData(name, task, str(data_dir / name) if task.generated else task.source,
+                            model_dir=model_dir, max_length=spec.finetune.max_length)
+             for name, task in spec.tasks().items()}
+    target = tasks[spec.target_name]
+    evaluated = {role: target.keys(role) for role in ("validation", "test")}
+    for role, keys in evaluated.items():
+        if not keys:
+            raise SpecError(f"target {spec.target_name!r} has no {role} rows: name its "
+                            f"{role} split (splits) or carve it from one split (carve)")
+    shared = evaluated["validation"] & evaluated["test"]
+    if shared:
+        raise SpecError(f"target {spec.target_name!r}: {len(shared)} validation rows are also "
+                        f"test rows (same key, e.g. {sorted(shared)[0][:80]!r}): the search "
+                        "would select on the rows it is tested on")
+    banned = frozenset(evaluated["validation"] | evaluated["test"])
+    return {name: replace(data, exclude=banned) for name, data in tasks.items()}
+
+
+def data_report(tasks: dict[str, TaskData]) -> dict[str, dict]:
+    """Per task: the data fingerprint, the rows of each role, and the train rows the
+    decontamination removed (logged with the study, printed by `soups data preview`)."""
+    return {name: {"fingerprint": data.fingerprint(),
+                   "rows": {role: len(data.rows(role)) for role in ("train", "validation",
+                                                                    "test")},
+                   "decontaminated": data.removed_overlap()}
+            for name, data in tasks.items()}

@@ -20,9 +20,11 @@ from soups.names import (
     BEST_OBJECTIVE,
     BEST_TEST_ACCURACY,
     BEST_TRIAL_TAG,
+    DECONTAMINATED,
     OBJECTIVE,
     ROLE_PARENT,
     WALL_SECONDS,
+    data_metric,
 )
 from study.layout import BEST_DIR, LEADERBOARD_FILE, SPEC_FILE, TUNE_DIR, study_dir
 from study.spec import StudySpec
@@ -49,13 +51,28 @@ def _start_ray(spec: StudySpec, tracking_uri: str) -> None:
         active().route_ray_logs()
 
 
+def _log_data(parent: str, report: dict, log) -> None:
+    """Each task's data fingerprint and row counts to the parent run; decontamination said."""
+    tracking.log_params(parent, {"data": {task: r["fingerprint"] for task, r in report.items()}})
+    metrics = {}
+    for task, r in report.items():
+        metrics.update({data_metric(task, f"{role}_rows"): n for role, n in r["rows"].items()})
+        metrics[data_metric(task, DECONTAMINATED)] = r["decontaminated"]
+    tracking.log_metrics(parent, metrics)
+    removed = {task: r["decontaminated"] for task, r in report.items() if r["decontaminated"]}
+    if removed:
+        log("decontamination: removed " + ", ".join(f"{n} {task} train rows" for task, n
+                                                    in removed.items())
+            + " that are target validation or test rows")
+
+
 def run_study(spec: StudySpec, resume: bool = False, log=print) -> list[dict]:
     """Run (or resume) a study end to end; returns the leaderboard rows."""
     from study.cluster import preflight
     from study.console import say
     from study.export import export_best
     from study.registry import check_study, register_study
-    from study.resolve import resolve_base_model, resolve_tasks, stage1_needs
+    from study.resolve import data_report, resolve_base_model, resolve_tasks, stage1_needs
     from study.selection import evaluate_test_split, leaderboard, print_leaderboard
     from study.stage1 import stage1
     from trainables.tuner import fit
@@ -75,7 +92,8 @@ def run_study(spec: StudySpec, resume: bool = False, log=print) -> list[dict]:
         preflight(spec, root, log)  # the sandbox on every node; shared storage (multi-node)
 
         model_dir = resolve_base_model(spec, log)
-        tasks = resolve_tasks(spec)
+        tasks = resolve_tasks(spec, model_dir)
+        _log_data(parent, data_report(tasks), log)
         ranks = space.ranks(spec.finetune.ranks)
         needs_loras, needs_data_mix = stage1_needs(space)
         adapters = (stage1(spec, model_dir, tasks, ranks, needs_data_mix, uri, experiment,

@@ -3,6 +3,7 @@ test split, evaluated once, for the selected trial only."""
 
 from __future__ import annotations
 
+import tempfile
 from pathlib import Path
 
 from soups.names import (
@@ -17,7 +18,7 @@ from soups.names import (
 )
 from study.spec import StudySpec
 from trainables import tracking
-from trainables.merge_trial import ADAPTER_DIR, TrialContext
+from trainables.merge_trial import ADAPTER_DIR, GENERATIONS_DIR, TrialContext
 
 
 def leaderboard(results) -> list[dict]:
@@ -74,11 +75,13 @@ def evaluate_test_split(spec: StudySpec, context: TrialContext, best: dict, pare
     """The test split, evaluated once, for the selected trial only."""
     from trainables.merge_trial import evaluate_candidate
 
-    metrics = evaluate_candidate(context, checkpoint_adapter(best), TEST, [context.target],
-                                 spec.evaluation.test_limit)
+    with tempfile.TemporaryDirectory() as tmp:
+        metrics = evaluate_candidate(context, checkpoint_adapter(best), TEST,
+                                     [context.target], spec.evaluation.test_limit, Path(tmp))
+        if best["run_id"]:
+            tracking.log_metrics(best["run_id"], metrics)
+            tracking.log_artifact(best["run_id"], tmp, GENERATIONS_DIR)
     score = metrics[task_metric(TEST, context.target)]
-    if best["run_id"]:
-        tracking.log_metrics(best["run_id"], metrics)
     tracking.log_metrics(parent, {best_metric(k): v for k, v in metrics.items()})
     log(f"test split of {context.target}: {score:.3f} for {best['candidate']}")
     return score

@@ -15,6 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from soups.data import DataSettings
 from soups.errors import SoupsError
 from soups.evaluate import BATCH_SIZE, MAX_NEW_TOKENS
+from soups.task_spec import TaskSpec
 from soups.train_settings import LoraSettings, LossOn, TrainSettings
 from soups.yaml_file import read_yaml
 from trainables.finetune_settings import DeepSpeedSettings, ScalingSettings
@@ -44,28 +45,6 @@ class GeneratedData(Strict):
 
     def settings(self) -> DataSettings:
         return DataSettings(**self.model_dump(exclude_none=True))
-
-
-class TaskSource(Strict):
-    """A task's data: `generated` (embedded tasks) or a dataset path / hub id, with the
-    names of its splits and, for foreign datasets, the field mapping."""
-
-    source: str = "generated"
-    splits: dict[Literal["train", "validation", "test"], str] = Field(
-        default_factory=lambda: {"train": "train", "validation": "validation", "test": "test"})
-    prompt: str = "prompt"
-    completion: str = "completion"
-    expected: str | None = None
-    scorer: str = "final_number"  # a name in soups.scoring.SCORERS
-
-    @field_validator("scorer")
-    @classmethod
-    def _known_scorer(cls, scorer: str) -> str:
-        from soups.scoring import SCORERS
-
-        if scorer not in SCORERS:
-            raise ValueError(f"unknown scorer {scorer!r}; scorers: {sorted(SCORERS)}")
-        return scorer
 
 
 class Objective(Strict):
@@ -163,6 +142,19 @@ class Evaluation(Strict):
     # program; `unsafe_subprocess` runs them with no isolation at all, only for users who
     # run the whole study inside a throw-away container of their own.
     sandbox: Literal["bwrap", "unsafe_subprocess"] = "bwrap"
+    # Where candidates are evaluated: `auto` is the GPU Tune gave the trial (CUDA), else the
+    # CPU; `auto` dtype is bfloat16 on a GPU that has it, float32 on the CPU.
+    device: str = "auto"
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+
+    @field_validator("device")
+    @classmethod
+    def _known_device(cls, device: str) -> str:
+        import re
+
+        if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", device):
+            raise ValueError(f"device must be auto, cpu, cuda or cuda:N, got {device!r}")
+        return device
 
 
 class Tracking(Strict):
@@ -204,10 +196,12 @@ class StudySpec(Strict):
     base_model_seed: int = 0
     base_model_steps: int | None = None  # embedded model pretraining steps (None: its default)
     generated: GeneratedData = GeneratedData()
-    skills: dict[str, TaskSource] = Field(
-        default_factory=lambda: {"math": TaskSource(), "code": TaskSource(scorer="program")})
-    target: dict[str, TaskSource] = Field(
-        default_factory=lambda: {"math_code": TaskSource(scorer="program")})
+    # Each task's schema (source, carve, templates, few-shot, generation, scorer) lives in
+    # the core library, which carries it into every trial: soups/task_spec.py.
+    skills: dict[str, TaskSpec] = Field(
+        default_factory=lambda: {"math": TaskSpec(), "code": TaskSpec(scorer="program")})
+    target: dict[str, TaskSpec] = Field(
+        default_factory=lambda: {"math_code": TaskSpec(scorer="program")})
     objective: Objective = Objective()
     finetune: Finetune = Finetune()
     cat: CatTraining = CatTraining()
@@ -226,6 +220,9 @@ class StudySpec(Strict):
         both = set(self.skills) & set(self.target)
         if both:
             raise ValueError(f"task {sorted(both)[0]!r} is both a skill and the target")
+        if self.target[self.target_name].scorer.kind == "loss":
+            raise ValueError(f"target {self.target_name!r} is scored by its loss: the search "
+                             "needs a score to maximise (number, program, exact_match)")
         if self.objective.task not in self.target:
             raise ValueError(f"objective.task {self.objective.task!r} is not the target task "
                              f"{sorted(self.target)[0]!r}")
@@ -235,7 +232,7 @@ class StudySpec(Strict):
     def target_name(self) -> str:
         return next(iter(self.target))
 
-    def tasks(self) -> dict[str, TaskSource]:
+    def tasks(self) -> dict[str, TaskSpec]:
         return {**self.skills, **self.target}
 
 

@@ -29,7 +29,7 @@ from pathlib import Path
 
 from soups.names import CAT_STEP, DRIVER_TAG, LOSS_TAG, NODE_TAG
 from trainables import tracking
-from trainables.merge_trial import ADAPTER_DIR, TrialContext
+from trainables.merge_trial import ADAPTER_DIR, GENERATIONS_DIR, TrialContext
 from trainables.trial_run import TrialRun, build_candidate, cat_artifacts, trial_run
 
 
@@ -72,10 +72,12 @@ def trial_work(context: TrialContext, variant: dict) -> Iterator[dict]:
             else:
                 adapter, build_seconds = value
                 break
-        metrics = score_validation(context, adapter, build_seconds)
+        generations = Path(tmp) / GENERATIONS_DIR
+        metrics = score_validation(context, adapter, build_seconds, generations)
         files = _read_tree(Path(adapter), ADAPTER_DIR) if adapter is not None else {}
         artifacts = {name: path.read_bytes()
                      for name, path in cat_artifacts(out_dir, Path(tmp), context.skills).items()}
+        artifacts.update(_read_tree(generations, GENERATIONS_DIR))
         yield {"result": {"metrics": metrics, "files": files, "artifacts": artifacts}}
 
 
@@ -131,7 +133,9 @@ def cluster_trial(config: dict, context: TrialContext, work_options: dict,
         _write_tree(result["files"], received)
         _write_tree(result["artifacts"], received / "artifacts")
         adapter = received / ADAPTER_DIR if result["files"] else None
-        artifacts = {name: received / "artifacts" / name for name in result["artifacts"]}
+        # Top-level names: a file, or a folder of them (the generations) logged as one.
+        tops = dict.fromkeys(name.split("/")[0] for name in result["artifacts"])
+        artifacts = {name: received / "artifacts" / name for name in tops}
         run.finish(result["metrics"], adapter, artifacts, {"nodes": nodes})
 
 

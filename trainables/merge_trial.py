@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 from soups.names import (
     BUILD_SECONDS,
@@ -30,23 +31,11 @@ from soups.names import (
     task_metric,
 )
 
+from soups.task_data import TaskData
+
 ADAPTER_DIR = "adapter"
 TRIAL_FILE = "trial.json"
-
-
-@dataclass(frozen=True)
-class TaskData:
-    source: str  # dataset folder / file / hub id
-    splits: dict[str, str]
-    mapping: dict | None = None  # soups.data.FieldMapping fields for foreign datasets
-
-    def rows(self, split: str, limit: int | None = None):
-        """The split's rows (a `datasets.Dataset`), the first `limit` of them when given."""
-        from soups.data import FieldMapping, load_task_dataset
-
-        mapping = FieldMapping(**self.mapping) if self.mapping else None
-        rows = load_task_dataset(self.source, self.splits[split], mapping)
-        return rows.select(range(min(limit, len(rows)))) if limit else rows
+GENERATIONS_DIR = "generations"  # <split>/<task>.jsonl: every answer, as the trial scored it
 
 
 @dataclass(frozen=True)
@@ -68,7 +57,7 @@ class TrialContext:
 
 
 def load_rows(ctx: TrialContext, task: str, split: str, limit: int | None = None) -> list[dict]:
-    return list(ctx.tasks[task].rows(split, limit))
+    return ctx.tasks[task].rows(split, limit)
 
 
 def _stage1(ctx: TrialContext, rank, name: str) -> str:
@@ -161,27 +150,50 @@ def candidate_builder(method: str) -> Callable:
 
 
 def evaluate_candidate(ctx: TrialContext, adapter: str | None, split: str, tasks,
-                       limit: int | None) -> dict[str, float]:
-    """Scores of base model + adapter on `tasks` (names) at `split`, as flat metrics."""
+                       limit: int | None, records_dir: Path | None = None) -> dict[str, float]:
+    """Scores of base model + adapter on `tasks` (names) at `split`, as flat metrics, on
+    the device the trial was given (`evaluation.device`, `auto`: its GPU, else the CPU).
+    Each task's answers go to `records_dir/<split>/<task>.jsonl` when given; a task with
+    no rows at `split` (a skill without validation rows) is left out."""
     from soups.evaluate import evaluate_rows, load_model
+    from soups.scoring import records_jsonl
 
-    model, tokenizer = load_model(ctx.model_dir, adapter)
+    evaluation = ctx.evaluation
+    model, tokenizer = load_model(ctx.model_dir, adapter, evaluation["device"],
+                                  evaluation["dtype"])
     metrics: dict[str, float] = {}
     for task in tasks:
-        rows = load_rows(ctx, task, split, limit)
-        scores = evaluate_rows(model, tokenizer, task, rows, ctx.evaluation["max_new_tokens"],
-                               ctx.evaluation["batch_size"], ctx.evaluation["sandbox"])
+        data = ctx.tasks[task]
+        rows = data.rows(split, limit)
+        if not rows:
+            continue
+        scores = evaluate_rows(model, tokenizer, task, rows, prompts=data.eval_prompts(rows),
+                               generation=data.generation(evaluation), scorer=data.scorer(),
+                               sandbox=evaluation["sandbox"])
         metrics.update(scores.metrics(split))
         metrics[task_metric(split, task, EVAL_SECONDS)] = scores.seconds
+        if records_dir is not None:
+            out = Path(records_dir) / split / f"{task}.jsonl"
+            out.parent.mkdir(parents=True, exist_ok=True)
+            out.write_text(records_jsonl(scores.records))
     return metrics
 
 
-def score_validation(ctx: TrialContext, adapter: str | None, build_seconds: float) -> dict:
+def generation_params(ctx: TrialContext) -> dict:
+    """Every task's generation and scoring settings, for the trial's MLflow parameters."""
+    from dataclasses import asdict
+
+    return {task: {"generation": data.generation(ctx.evaluation).params(),
+                   "scorer": asdict(data.scorer())} for task, data in ctx.tasks.items()}
+
+
+def score_validation(ctx: TrialContext, adapter: str | None, build_seconds: float,
+                     records_dir: Path | None = None) -> dict:
     """The trial's metrics: validation scores on the target (the objective) and, unless
     turned off, on every skill (retention), plus the time it took to build the candidate."""
     tasks = [ctx.target, *(ctx.skills if ctx.evaluation["skills"] else ())]
     metrics = evaluate_candidate(ctx, adapter, VALIDATION, tasks,
-                                 ctx.evaluation["validation_limit"])
+                                 ctx.evaluation["validation_limit"], records_dir)
     metrics[OBJECTIVE] = metrics[task_metric(VALIDATION, ctx.target)]
     metrics[BUILD_SECONDS] = build_seconds
     return metrics
@@ -196,5 +208,7 @@ def merge_trial(config: dict, context: TrialContext) -> None:
     with trial_run(context, variant) as run:
         out_dir = run.work_dir / ADAPTER_DIR
         adapter, build_seconds = build_candidate(context, variant, out_dir, run.progress)
-        metrics = score_validation(context, adapter, build_seconds)
-        run.finish(metrics, adapter, cat_artifacts(out_dir, run.work_dir, context.skills))
+        generations = run.work_dir / GENERATIONS_DIR
+        metrics = score_validation(context, adapter, build_seconds, generations)
+        run.finish(metrics, adapter, {**cat_artifacts(out_dir, run.work_dir, context.skills),
+                                      GENERATIONS_DIR: generations})

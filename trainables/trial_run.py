@@ -19,7 +19,13 @@ from pathlib import Path
 
 from soups.names import CAT_STEP, METHOD_TAG, MLFLOW_RUN_ID, ROLE_TRIAL, TRIAL_ID
 from trainables import tracking
-from trainables.merge_trial import ADAPTER_DIR, TRIAL_FILE, TrialContext, candidate_builder
+from trainables.merge_trial import (
+    ADAPTER_DIR,
+    TRIAL_FILE,
+    TrialContext,
+    candidate_builder,
+    generation_params,
+)
 
 
 def trial_run_key(study: str, variant: dict) -> str:
@@ -72,8 +78,8 @@ class TrialRun:
         from ray.tune import Checkpoint
 
         tracking.log_metrics(self.run_id, metrics)
-        for path in artifacts.values():
-            tracking.log_artifact(self.run_id, path)
+        for name, path in artifacts.items():  # a folder keeps its name in the run
+            tracking.log_artifact(self.run_id, path, name if Path(path).is_dir() else None)
         keep = self.work_dir / "checkpoint"
         keep.mkdir()
         if adapter is not None:
@@ -102,4 +108,5 @@ def trial_run(context: TrialContext, variant: dict, tags: Mapping[str, str] | No
     ) as run_id:
         tracking.log_params(run_id, {"method": variant["method"], "rank": variant["rank"],
                                      "seed": context.seed, **variant["params"]})
+        tracking.log_params(run_id, {"task": generation_params(context)})
         yield TrialRun(run_id, trial.get_trial_name(), Path(tmp), variant)
