@@ -147,6 +147,14 @@ class TaskSpec(Strict):
     generation: GenerationSpec = GenerationSpec()
     scorer: ScorerSpec = ScorerSpec()
 
+    @field_validator("source", mode="before")
+    @classmethod
+    def _source_given(cls, source):
+        if source is None or source == "":
+            raise ValueError("set the task's source: a data file, a save_to_disk folder, a "
+                             "hub dataset id, or `generated`")
+        return source
+
     @field_validator("scorer", mode="before")
     @classmethod
     def _scorer_shorthand(cls, scorer):

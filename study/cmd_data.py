@@ -18,6 +18,8 @@ def preview(
     study: Path = typer.Argument(None, help="The study file (default: the embedded study)."),
     task: list[str] = typer.Option(None, "--task", "-t", help="Only this task (repeatable)."),
     n: int = typer.Option(2, "-n", min=0, help="Examples shown per task."),
+    set_: list[str] = typer.Option(None, "--set", help="Change one key of the study: "
+                                   "KEY.PATH=VALUE, as `soups run --set`."),
 ) -> None:
     """Render each task as the study will: rows per split (after carving, filtering and
     decontamination), the first evaluation prompts with their reference completions, and
@@ -26,9 +28,9 @@ def preview(
     from soups.task_data import load_tokenizer
     from soups.text_batches import encode_example
     from study.resolve import data_report, resolve_base_model, resolve_tasks
-    from study.spec import SpecError, load_spec
+    from study.spec import SpecError, assignments, load_spec
 
-    spec = load_spec(study)
+    spec = load_spec(study, assignments(set_))
     unknown = sorted(set(task or ()) - set(spec.tasks()))
     if unknown:
         raise SpecError(f"no task {unknown[0]!r} in the study; tasks: {sorted(spec.tasks())}")

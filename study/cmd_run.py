@@ -35,12 +35,15 @@ def run(
                              "state in $SOUPS_HOME/NAME)."),
     smoke: bool = typer.Option(False, help="A minutes-long version: few fine-tune and CAT "
                                "steps, small evaluation splits."),
+    set_: list[str] = typer.Option(None, "--set", help="Change one key of the study: "
+                                   "KEY.PATH=VALUE (YAML value), e.g. --set "
+                                   "base_model=/models/llama (repeatable)."),
 ) -> None:
     """Run a study end to end: fine-tune skill LoRAs, search merges with Ray Tune, evaluate
     the best on the test split once, export and register it."""
-    from study.spec import StudySpec, overlay, parse_model, study_data
+    from study.spec import StudySpec, assignments, overlay, parse_model, study_data
 
-    data = study_data(study)
+    data = overlay(study_data(study), assignments(set_))
     if smoke:
         data = overlay(data, {**SMOKE, "name": data.get("name", "smoke")})
     if name:

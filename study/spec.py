@@ -211,6 +211,14 @@ class StudySpec(Strict):
     storage: str | None = None  # default: $SOUPS_HOME/<name>; shared storage on a cluster
     cluster: Cluster = Cluster()
 
+    @field_validator("base_model", mode="before")
+    @classmethod
+    def _base_model_given(cls, base_model):
+        if base_model is None or base_model == "":
+            raise ValueError("set base_model: a save_pretrained folder, a hub id, or "
+                             f"{EMBEDDED!r} (e.g. --set base_model=/models/llama)")
+        return base_model
+
     @model_validator(mode="after")
     def _consistent(self) -> StudySpec:
         if len(self.target) != 1:
@@ -264,7 +272,33 @@ def overlay(base: dict, extra: dict) -> dict:
     changes one key of the `cat` section)."""
     out = dict(base)
     for key, value in extra.items():
-        out[key] = overlay(out.get(key, {}), value) if isinstance(value, dict) else value
+        below = out.get(key)
+        out[key] = (overlay(below if isinstance(below, dict) else {}, value)
+                    if isinstance(value, dict) else value)
+    return out
+
+
+def assignments(items: list[str] | None) -> dict:
+    """`--set` options (`finetune.learning_rate=3e-4`, `skills.math.source=/data/m.jsonl`)
+    as a nested mapping to `overlay`; each value is read as YAML (numbers, lists, null)."""
+    import yaml
+
+    out: dict = {}
+    for item in items or ():
+        key, sep, value = item.partition("=")
+        if not sep or not key or any(not part for part in key.split(".")):
+            raise SpecError(f"--set {item!r}: expected KEY.PATH=VALUE")
+        try:
+            parsed = yaml.safe_load(value) if value else ""
+        except yaml.YAMLError as err:
+            raise SpecError(f"--set {item!r}: the value is not YAML ({err})") from None
+        *parents, last = key.split(".")
+        node = out
+        for part in parents:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise SpecError(f"--set {item!r}: {part!r} is already set to a value")
+        node[last] = parsed
     return out
 
 
