@@ -8,7 +8,10 @@
 A parameter value is a constant or a one-key mapping naming a domain: `choice`, `grid`
 (lists), `uniform`, `loguniform` ([low, high]), `randint` ([low, high), integers). Each
 method may only name parameters its function declares (checked against the method's
-signature, `method_parameters`), so a typo is an error, never a silent default.
+signature, `method_parameters`), so a typo is an error, never a silent default. Where the
+method also says what each parameter accepts (a `Check` per name), every constant, every
+choice and grid value and the ends of every range are checked too, so `density: 3` is refused
+here rather than in a trial after stage 1 has trained.
 
 This module is pure: it parses and checks. `trainables/search.py` turns the result into
 Ray Tune objects.
@@ -27,6 +30,11 @@ HERE = Path(__file__).parent
 DOMAINS = {"choice": "list", "grid": "list", "uniform": "range", "loguniform": "range",
            "randint": "range"}
 TOP_LEVEL = {"methods", "rank"}
+
+# What is wrong with one value of a parameter (`is outside (0, 1]`), or None when it fits.
+Check = Callable[[object], str | None]
+# A method's declared parameters: their names, or each name with its check; None: no method.
+Declared = Mapping[str, Check | None] | set[str] | frozenset[str] | None
 
 
 class SearchSpaceError(SoupsError):
@@ -89,13 +97,48 @@ def _domain(value, where: str):
                                    f"got {args!r}")
         if kind == "loguniform" and args[0] <= 0:
             raise SearchSpaceError(f"{where}: loguniform needs low > 0, got {args!r}")
+        if kind == "randint" and not all(_is_int(a) for a in args):
+            raise SearchSpaceError(f"{where}: randint takes integers [low, high), got {args!r}")
     return Domain(kind, tuple(args))
 
 
-def parse_space(data, source: str,
-                method_parameters: Callable[[str], set[str] | None]) -> SearchSpace:
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def sampled_values(value) -> tuple:
+    """The values a constant or domain can give a trial that stand for all of them: every
+    choice or grid value, the ends of a range (as floats for `uniform` and `loguniform`,
+    which Tune samples as floats; `randint` never gives its high end)."""
+    if not isinstance(value, Domain):
+        return (value,)
+    if value.kind in ("uniform", "loguniform"):
+        return tuple(float(v) for v in value.values)
+    if value.kind == "randint":
+        return (value.values[0], value.values[1] - 1)
+    return value.values
+
+
+def _check_values(value, check: Check, where: str) -> None:
+    shown = "" if not isinstance(value, Domain) else f"{value.kind} value "
+    for one in sampled_values(value):
+        problem = check(one)
+        if problem:
+            raise SearchSpaceError(f"{where}: {shown}{one!r} {problem}")
+
+
+def _rank_problem(rank) -> str | None:
+    return None if _is_int(rank) and rank >= 1 else "is not a LoRA rank (a positive integer)"
+
+
+def _checks(declared: Declared) -> Mapping[str, Check | None]:
+    """Names without checks (a plain set) check the names alone."""
+    return declared if isinstance(declared, Mapping) else dict.fromkeys(declared)
+
+
+def parse_space(data, source: str, method_parameters: Callable[[str], Declared]) -> SearchSpace:
     """Check a loaded YAML mapping; `method_parameters(name)` gives the parameters a method
-    declares, or None for an unknown method."""
+    declares (names, or names with their checks), or None for an unknown method."""
     if not isinstance(data, Mapping):
         raise SearchSpaceError(f"{source}: a search space is a mapping, got {data!r}")
     unknown = set(data) - TOP_LEVEL
@@ -106,27 +149,38 @@ def parse_space(data, source: str,
     if not isinstance(methods, Mapping) or not methods:
         raise SearchSpaceError(f"{source}: 'methods' must map at least one method to its "
                                "parameters")
-    parsed: dict[str, dict[str, object]] = {}
-    for method, params in methods.items():
-        declared = method_parameters(method)
-        if declared is None:
-            raise SearchSpaceError(f"{source}: unknown method {method!r}")
-        params = params or {}
-        if not isinstance(params, Mapping):
-            raise SearchSpaceError(f"{source}: methods.{method} must map parameters to "
-                                   f"values, got {params!r}")
-        for name in params:
-            if name not in declared:
-                raise SearchSpaceError(
-                    f"{source}: method {method!r} takes no parameter {name!r}; "
-                    f"it takes {sorted(declared) or 'none'}")
-        parsed[method] = {name: _domain(value, f"{source}: methods.{method}.{name}")
-                          for name, value in params.items()}
+    parsed = {method: _parse_method(method, params, source, method_parameters(method))
+              for method, params in methods.items()}
     rank = _domain(data["rank"], f"{source}: rank") if "rank" in data else None
+    if rank is not None:
+        _check_values(rank, _rank_problem, f"{source}: rank")
     return SearchSpace(source=source, methods=parsed, rank=rank)
 
 
+def _parse_method(method: str, params, source: str, declared: Declared) -> dict[str, object]:
+    """One method's parameters: declared names, well-formed domains, values its checks take."""
+    if declared is None:
+        raise SearchSpaceError(f"{source}: unknown method {method!r}")
+    params = params or {}
+    if not isinstance(params, Mapping):
+        raise SearchSpaceError(f"{source}: methods.{method} must map parameters to "
+                               f"values, got {params!r}")
+    checks = _checks(declared)
+    for name in params:
+        if name not in checks:
+            raise SearchSpaceError(
+                f"{source}: method {method!r} takes no parameter {name!r}; "
+                f"it takes {sorted(checks) or 'none'}")
+    parsed = {}
+    for name, value in params.items():
+        where = f"{source}: methods.{method}.{name}"
+        parsed[name] = _domain(value, where)
+        if checks[name] is not None:
+            _check_values(parsed[name], checks[name], where)
+    return parsed
+
+
 def load_space(name_or_path: str | Path,
-               method_parameters: Callable[[str], set[str] | None]) -> SearchSpace:
+               method_parameters: Callable[[str], Declared]) -> SearchSpace:
     path = space_path(name_or_path)
     return parse_space(read_yaml(path, SearchSpaceError), str(path), method_parameters)

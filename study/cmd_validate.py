@@ -1,4 +1,5 @@
-"""`soups validate`: check a `ray up` cluster file offline (study/cluster_check.py)."""
+"""`soups validate FILE`: check a study file (study/spec.py and its search space) or a `ray up`
+cluster file (study/cluster_check.py) offline, before anything is trained."""
 
 from __future__ import annotations
 
@@ -6,14 +7,66 @@ from pathlib import Path
 
 import typer
 
+from soups.errors import SoupsError
+
+# Top-level keys of Ray's autoscaler schema that a study file never has: one of them makes
+# FILE a cluster file, anything else is read as a study.
+CLUSTER_KEYS = ("cluster_name", "available_node_types", "head_node_type")
+
 
 def validate(
-    cluster: Path = typer.Argument(..., help="The cluster file for `ray up` (cluster.yaml)."),
-    study: Path = typer.Option(None, help="Also check this study file against the cluster."),
+    file: Path = typer.Argument(..., help="A study file (soups run FILE) or a cluster file "
+                                          "for `ray up` (cluster.yaml)."),
+    study: Path = typer.Option(None, help="With a cluster file: also check this study file "
+                                          "against the cluster."),
 ) -> None:
-    """Check a cluster file against Ray's autoscaler schema and this project's expectations
-    (head resources and MLflow server, worker types, shared storage, project install, token
-    authentication, no open ports), without touching any cloud. Exit status 1 on errors."""
+    """Check FILE offline: nothing is trained, no data or model loaded, no cloud touched.
+
+    A study file: every section's keys and value ranges, the objective, and
+    the search space (each method's parameters and their values against the
+    method's declared types and ranges). Exit status 2 on an error.
+
+    A cluster file (top-level cluster_name, available_node_types or
+    head_node_type): Ray's autoscaler schema and this project's expectations
+    (head resources and MLflow server, worker types, shared storage, project
+    install, token authentication, no open ports). Exit status 1 on errors.
+    """
+    if is_cluster_file(file):
+        validate_cluster(file, study)
+    elif study is not None:
+        raise SoupsError(f"{file}: a study file; --study goes with a cluster file (one with "
+                         f"{', '.join(CLUSTER_KEYS[:-1])} or {CLUSTER_KEYS[-1]})")
+    else:
+        typer.echo(validate_study(file))
+
+
+def is_cluster_file(path: Path) -> bool:
+    """Whether `path` is a `ray up` cluster file, by its top-level keys. A file that cannot be
+    read as YAML goes to the cluster checks, which report it as they always have."""
+    from soups.yaml_file import read_yaml
+
+    try:
+        data = read_yaml(path, SoupsError)
+    except SoupsError:
+        return True
+    return isinstance(data, dict) and any(key in data for key in CLUSTER_KEYS)
+
+
+def validate_study(path: Path) -> str:
+    """The one-line verdict on a valid study; a bad one raises the SoupsError naming the
+    file, key and value."""
+    from study.resolve import load_search_space
+    from study.spec import load_spec
+
+    spec = load_spec(path)
+    space = load_search_space(spec)
+    space.ranks(spec.finetune.ranks)  # stage 1 trains every rank: a sampled rank is refused
+    return (f"{path}: valid (study {spec.name}, {len(spec.skills)} skills, target "
+            f"{spec.target_name}, search space {spec.search.space}: {len(space.methods)} "
+            "methods)")
+
+
+def validate_cluster(cluster: Path, study: Path | None) -> None:
     from study.cluster_check import check_cluster_file
 
     findings = check_cluster_file(cluster, study)

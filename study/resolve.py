@@ -3,26 +3,51 @@ embedded one is built once, cached), each task's data, the search space and its 
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from dataclasses import replace
+from functools import partial
 
 from study.spec import EMBEDDED, CatTraining, SpecError, StudySpec
 from soups.task_data import TaskData
 
 
-def method_parameters(name: str) -> set[str] | None:
-    """Parameters a trial kind or merge method declares (the search-space check)."""
-    from dataclasses import fields
-
-    from soups.cat.settings import CatSettings
-    from soups.merge import method_parameters as merge_parameters
+def method_parameters(name: str, skills: Collection[str] | None = None) -> dict | None:
+    """What a trial kind or merge method takes (the search-space check): each parameter's
+    name with its check (`search_spaces.Check`), or None for an unknown name. `skills`: the
+    study's skills, the values `skill` may take (None: any name)."""
+    from soups.merge.methods import REGISTRY
     from trainables.merge_trial import CANDIDATES
 
-    if name == "cat_learned":  # the shape of its weights and any key of the `cat` section
-        shape = {f.name for f in fields(CatSettings) if f.name != "seed"}
-        return shape | set(CatTraining.model_fields)
+    if name == "cat_learned":
+        return _cat_learned_checks()
+    if name == "skill":
+        return {"skill": partial(_skill_problem, skills=skills)}
     if name in CANDIDATES:
-        return set(CANDIDATES[name].parameters)
-    return merge_parameters(name)
+        return dict.fromkeys(CANDIDATES[name].parameters)  # nothing to check
+    if name in REGISTRY:
+        return {n: p.problem for n, p in REGISTRY.get(name).parameters.items()}
+    return None
+
+
+def _cat_learned_checks() -> dict:
+    """The shape of its weights (`CatSettings` types, its seed is the study's) and any key
+    of the `cat` section (`CatTraining`'s fields with their ranges)."""
+    from typing import get_type_hints
+
+    from soups.cat.settings import CatSettings
+    from soups.merge.registry import value_problem
+
+    shape = {n: t for n, t in get_type_hints(CatSettings).items() if n != "seed"}
+    training = {n: f.rebuild_annotation() for n, f in CatTraining.model_fields.items()}
+    return {n: partial(value_problem, t) for n, t in {**shape, **training}.items()}
+
+
+def _skill_problem(skill, skills: Collection[str] | None) -> str | None:
+    if not isinstance(skill, str):
+        return "is not a skill name"
+    if skills is not None and skill not in skills:
+        return f"is not a skill of the study; its skills: {sorted(skills)}"
+    return None
 
 
 def stage1_needs(space) -> tuple[bool, bool]:
@@ -37,7 +62,7 @@ def stage1_needs(space) -> tuple[bool, bool]:
 def load_search_space(spec: StudySpec):
     from search_spaces import load_space
 
-    return load_space(spec.search.space, method_parameters)
+    return load_space(spec.search.space, partial(method_parameters, skills=tuple(spec.skills)))
 
 
 def resolve_base_model(spec: StudySpec, log=print) -> str:

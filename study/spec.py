@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import fields
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
@@ -39,9 +39,10 @@ class GeneratedData(Strict):
     these are."""
 
     seed: int = _DATA.seed
-    max_value: int = _DATA.max_value
-    two_step_share: float = _DATA.two_step_share
-    sizes: dict[str, dict[str, int]] | None = None  # None: DataSettings' sizes
+    max_value: int = Field(_DATA.max_value, ge=5)  # the problems need room below it
+    two_step_share: float = Field(_DATA.two_step_share, ge=0, le=1)
+    # examples per task per split; None: DataSettings' sizes
+    sizes: dict[str, dict[str, Annotated[int, Field(ge=0)]]] | None = None
 
     def settings(self) -> DataSettings:
         return DataSettings(**self.model_dump(exclude_none=True))
@@ -68,25 +69,26 @@ class Finetune(Strict):
     (`trainables/finetune_settings.py`)."""
 
     ranks: list[int] = Field(default_factory=lambda: [_LORA.rank])
-    alpha_ratio: float = _LORA.alpha / _LORA.rank  # lora_alpha = alpha_ratio * rank
-    dropout: float = _LORA.dropout
+    alpha_ratio: float = Field(_LORA.alpha / _LORA.rank, gt=0)  # lora_alpha = alpha_ratio * rank
+    dropout: float = Field(_LORA.dropout, ge=0, lt=1)  # 1 would drop every input
     target_modules: list[str] = Field(default_factory=lambda: list(_LORA.target_modules))
-    learning_rate: float = _TRAIN.learning_rate
-    epochs: float = _TRAIN.epochs
-    max_steps: int | None = _TRAIN.max_steps
-    micro_batch_size: int = _TRAIN.micro_batch_size
-    grad_accumulation: int = _TRAIN.grad_accumulation
-    max_length: int = _TRAIN.max_length
-    warmup_steps: int = _TRAIN.warmup_steps
-    weight_decay: float = _TRAIN.weight_decay
-    max_grad_norm: float = _TRAIN.max_grad_norm  # 0: no clipping
+    learning_rate: float = Field(_TRAIN.learning_rate, gt=0)
+    epochs: float = Field(_TRAIN.epochs, gt=0)
+    max_steps: int | None = Field(_TRAIN.max_steps, ge=1)  # None: `epochs` decides
+    micro_batch_size: int = Field(_TRAIN.micro_batch_size, ge=1)
+    grad_accumulation: int = Field(_TRAIN.grad_accumulation, ge=1)
+    max_length: int = Field(_TRAIN.max_length, ge=8)  # room for a prompt and an answer
+    warmup_steps: int = Field(_TRAIN.warmup_steps, ge=0)
+    weight_decay: float = Field(_TRAIN.weight_decay, ge=0)
+    max_grad_norm: float = Field(_TRAIN.max_grad_norm, ge=0)  # 0: no clipping
     loss_on: LossOn = _TRAIN.loss_on
-    eval_every: int = _TRAIN.eval_every  # steps between held-out losses; 0: once per epoch
+    # steps between held-out losses; 0: once per epoch
+    eval_every: int = Field(_TRAIN.eval_every, ge=0)
     zero_stage: Literal[0, 1, 2, 3] = _DEEPSPEED.zero_stage
-    num_workers: int = _SCALING.num_workers
+    num_workers: int = Field(_SCALING.num_workers, ge=1)
     # CPU cores (and torch threads) per training worker; None: this machine's cores divided
     # among the workers (set it explicitly on a cluster, whose worker nodes may differ).
-    cpus_per_worker: int | None = None
+    cpus_per_worker: int | None = Field(None, ge=1)
     use_gpu: bool = _SCALING.use_gpu
     data_mix: bool = True
     seed: int = _TRAIN.seed
@@ -111,32 +113,32 @@ class Finetune(Strict):
 class CatTraining(Strict):
     """Defaults of CAT weight training in trials (a search space may override them)."""
 
-    learning_rate: float = 5e-3
-    max_steps: int = 60
-    micro_batch_size: int = 16
-    warmup_steps: int = 10
-    fraction: float = 0.1
-    held_out: int = 64
-    eval_every: int = 10
+    learning_rate: float = Field(5e-3, gt=0)
+    max_steps: int = Field(60, ge=1)
+    micro_batch_size: int = Field(16, ge=1)
+    warmup_steps: int = Field(10, ge=0)
+    fraction: float = Field(0.1, gt=0, le=1)  # share of each skill's training data
+    held_out: int = Field(64, ge=1)  # examples for the best-checkpoint loss
+    eval_every: int = Field(10, ge=1)
 
 
 class Search(Strict):
     space: str = "paper"  # a name in search_spaces/ or a path to a YAML file
     algorithm: Literal["grid", "random", "optuna"] = "grid"
     scheduler: Literal["none", "asha"] = "none"
-    num_samples: int = 1
-    max_concurrent_trials: int = 2
-    cpus_per_trial: float = 1.0
-    gpus_per_trial: float = 0.0
-    max_failures: int = 1
+    num_samples: int = Field(1, ge=1)
+    max_concurrent_trials: int = Field(2, ge=1)
+    cpus_per_trial: float = Field(1.0, gt=0)  # a trial's driver needs some CPU
+    gpus_per_trial: float = Field(0.0, ge=0)  # fractions share a GPU
+    max_failures: int = Field(1, ge=0)
     seed: int = 0
 
 
 class Evaluation(Strict):
-    validation_limit: int | None = 200  # examples per task in trials; None = all
-    test_limit: int | None = None
-    max_new_tokens: int = MAX_NEW_TOKENS
-    batch_size: int = BATCH_SIZE
+    validation_limit: int | None = Field(200, ge=1)  # examples per task in trials; None = all
+    test_limit: int | None = Field(None, ge=1)
+    max_new_tokens: int = Field(MAX_NEW_TOKENS, ge=1)
+    batch_size: int = Field(BATCH_SIZE, ge=1)
     skills: bool = True  # also score every skill's validation split (retention)
     # Where model-generated programs run (docs/sandbox.md): `bwrap`, a kernel sandbox per
     # program; `unsafe_subprocess` runs them with no isolation at all, only for users who
@@ -185,7 +187,7 @@ class Cluster(Strict):
     driver_resource: str = "soups_driver"
     # Custom resources each fine-tune worker and each trial's work also needs, to keep them
     # on worker nodes (a GPU request does that by itself).
-    worker_resources: dict[str, float] = Field(default_factory=dict)
+    worker_resources: dict[str, Annotated[float, Field(gt=0)]] = Field(default_factory=dict)
     node_retries: int = Field(default=3, ge=0)  # restarts of a trial's work after node loss
     check_storage: bool = True  # before starting, every node must see the study's storage
 

@@ -15,6 +15,9 @@ from __future__ import annotations
 
 import enum
 import inspect
+import json
+import types
+import typing
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal
@@ -35,6 +38,47 @@ MajoritySign = Annotated[Literal["total", "frequency"], Field(
 Rank = Annotated[Annotated[int, Field(ge=1)] | None, Field(
     description="output rank per module (default: the largest rank among the adapters)")]
 Seed = Annotated[int, Field(ge=0, description="seed of the random masks (reproducible merges)")]
+
+RANGE_ERRORS = {"greater_than", "greater_than_equal", "less_than", "less_than_equal"}
+
+
+def value_problem(annotation: Any, value: Any) -> str | None:
+    """Why `value`, as a YAML file gives it, does not fit `annotation` (None when it does),
+    e.g. `is outside (0, 1]`. Checked strictly with JSON's types, which are YAML's: a string
+    is no number and a float no integer (lax mode would take "0.5" and 2.0), while a list
+    still fills a tuple."""
+    try:
+        TypeAdapter(annotation).validate_json(json.dumps(value), strict=True)
+    except (ValidationError, TypeError, ValueError) as err:
+        errors = err.errors() if isinstance(err, ValidationError) else []
+        if errors and errors[0]["type"] in RANGE_ERRORS:
+            return f"is outside {interval(annotation)}"
+        reason = "; ".join(e["msg"] for e in errors) or str(err)
+        return f"is not valid: {reason}"
+    return None
+
+
+def interval(annotation: Any) -> str:
+    """The range the gt/ge/lt/le constraints in `annotation` allow, as `(0, 1]` or
+    `[1, inf)`: found in its `Annotated` metadata and pydantic `Field`s, through unions."""
+    bounds: dict[str, Any] = {}
+    _collect_bounds(annotation, bounds)
+    low = f"({bounds['gt']}" if "gt" in bounds else f"[{bounds.get('ge', '-inf')}"
+    high = f"{bounds['lt']})" if "lt" in bounds else f"{bounds.get('le', 'inf')}]"
+    return f"{low}, {high}".replace("[-inf", "(-inf").replace("inf]", "inf)")
+
+
+def _collect_bounds(annotation: Any, bounds: dict[str, Any]) -> None:
+    for meta in getattr(annotation, "__metadata__", ()):
+        for item in getattr(meta, "metadata", [meta]):  # a pydantic Field holds its bounds
+            bounds.update({key: getattr(item, key) for key in ("gt", "ge", "lt", "le")
+                           if getattr(item, key, None) is not None})
+    if typing.get_origin(annotation) is Annotated:
+        _collect_bounds(annotation.__origin__, bounds)
+    elif typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        for member in typing.get_args(annotation):
+            _collect_bounds(member, bounds)
+
 
 # Function parameters the space supplies (not user parameters): tensor inputs and the generator.
 INPUTS = ("tensors", "modules", "weights", "generator")
@@ -76,6 +120,10 @@ class Parameter:
             if getattr(meta, "description", None):
                 return meta.description
         return ""
+
+    def problem(self, value: Any) -> str | None:
+        """What is wrong with `value` for this parameter (None: nothing)."""
+        return value_problem(self.annotation, value)
 
 
 @dataclass(frozen=True)
