@@ -19,6 +19,8 @@ def validate(
                                           "for `ray up` (cluster.yaml)."),
     study: Path = typer.Option(None, help="With a cluster file: also check this study file "
                                           "against the cluster."),
+    set_: list[str] = typer.Option(None, "--set", help="With a study file: change one key "
+                                   "first, KEY.PATH=VALUE, as `soups run --set`."),
 ) -> None:
     """Check FILE offline: nothing is trained, no data or model loaded, no cloud touched.
 
@@ -37,7 +39,7 @@ def validate(
         raise SoupsError(f"{file}: a study file; --study goes with a cluster file (one with "
                          f"{', '.join(CLUSTER_KEYS[:-1])} or {CLUSTER_KEYS[-1]})")
     else:
-        typer.echo(validate_study(file))
+        typer.echo(validate_study(file, set_))
 
 
 def is_cluster_file(path: Path) -> bool:
@@ -52,13 +54,13 @@ def is_cluster_file(path: Path) -> bool:
     return isinstance(data, dict) and any(key in data for key in CLUSTER_KEYS)
 
 
-def validate_study(path: Path) -> str:
+def validate_study(path: Path, assignments_: list[str] | None = None) -> str:
     """The one-line verdict on a valid study; a bad one raises the SoupsError naming the
     file, key and value."""
     from study.resolve import load_search_space
-    from study.spec import load_spec
+    from study.spec import assignments, load_spec
 
-    spec = load_spec(path)
+    spec = load_spec(path, assignments(assignments_))
     space = load_search_space(spec)
     space.ranks(spec.finetune.ranks)  # stage 1 trains every rank: a sampled rank is refused
     return (f"{path}: valid (study {spec.name}, {len(spec.skills)} skills, target "

@@ -118,6 +118,9 @@ class CatTraining(Strict):
     micro_batch_size: int = Field(16, ge=1)
     warmup_steps: int = Field(10, ge=0)
     fraction: float = Field(0.1, gt=0, le=1)  # share of each skill's training data
+    # Or a fixed size: this many examples in all, split evenly over the skills (the paper:
+    # one epoch over 10k); it wins over `fraction` when set.
+    count: int | None = Field(None, ge=1)
     held_out: int = Field(64, ge=1)  # examples for the best-checkpoint loss
     eval_every: int = Field(10, ge=1)
 

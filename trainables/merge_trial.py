@@ -92,7 +92,8 @@ def _cat_learned(ctx, variant, out_dir, report) -> str:
 
     params = {**ctx.cat, **variant["params"]}
     shape = {f.name: params.pop(f.name) for f in fields(CatSettings) if f.name in params}
-    fraction, held_out = params.pop("fraction"), params.pop("held_out")
+    fraction, count, held_out = params.pop("fraction"), params.pop("count"), params.pop(
+        "held_out")
     train = replace(PAPER_CAT_TRAIN, seed=ctx.seed, **params)
     skills = [load_rows(ctx, s, "train") for s in ctx.skills]
 
@@ -104,7 +105,8 @@ def _cat_learned(ctx, variant, out_dir, report) -> str:
     adapters = [_stage1(ctx, variant["rank"], s) for s in ctx.skills]
     result = learn_cat(adapters, ctx.model_dir, skills, out_dir,
                        CatSettings(seed=ctx.seed, **shape), train,
-                       fraction=fraction, held_out=held_out,
+                       fraction=None if count else fraction, count=count,
+                       held_out=held_out,
                        on_step=on_step, log=None)
     report({CAT_TRAINABLE_PARAMETERS: result.trainable_parameters,
             CAT_BEST_EVAL_LOSS: result.best_eval_loss, CAT_BEST_STEP: result.best_step})
