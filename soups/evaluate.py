@@ -35,7 +35,8 @@ class EvaluationError(SoupsError):
 # Device and dtype -----------------------------------------------------------------------
 
 
-def resolve_device(device: str = "auto", dtype: str = "auto"):
+def resolve_device(device: str = "auto", dtype: str = "auto"
+                   ) -> tuple[torch.device, torch.dtype]:
     """(torch.device, torch.dtype) to evaluate on. `auto` device: the GPU when there is one
     (Ray gives a trial its GPU through CUDA_VISIBLE_DEVICES), else the CPU; `auto` dtype:
     bfloat16 on a CUDA device that supports it, float16 on an older one, float32 on the
@@ -315,7 +316,8 @@ def evaluate_rows(model, tokenizer, task: str, rows: Sequence[dict],
     """Score `rows` (one task): generate from `prompts` (default: the rows' `prompt`
     column) and score with `scorer` (default: the rows' one `scorer` column value), programs
     run in `sandbox` (`soups.sandbox.SANDBOXES`); a `loss` scorer generates nothing and
-    reports the completions' loss and perplexity, with accuracy None."""
+    reports the completions' loss and perplexity (batches of `generation.batch_size`), with
+    accuracy None. Records: the scorer's, with `prompt` the final prompt."""
     rows = list(rows)
     prompts = [row["prompt"] for row in rows] if prompts is None else list(prompts)
     if len(prompts) != len(rows):
