@@ -1,109 +1,355 @@
-"""Evaluation: batched greedy generation with the KV cache, then per-task scoring
-(`soups.scoring`: stated numbers, or programs executed in the sandbox)."""
+"""Evaluation: the model on the trial's device (`resolve_device`, `load_model`), batched
+generation with the KV cache and stop sequences (`GenerationSettings`, `generate`), then
+per-task scoring (`soups.scoring`: numbers, programs executed in the sandbox, exact text),
+or, for a `loss` task, the completions' loss under teacher forcing (`completion_loss`).
+`evaluate_rows` does one task; its records are the generations artifact (`records_jsonl`).
+"""
 
 from __future__ import annotations
 
+import json
+import math
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 
+from soups.errors import SoupsError
 from soups.lazy import lazy
 from soups.names import ACCURACY, task_metric
 from soups.sandbox import BWRAP
-from soups.scoring import SCORERS, mean
+from soups.scoring import LOSS, SCORERS, ScorerSettings, mean
 
 torch = lazy("torch")  # imported on first use: the study spec reads the defaults below
 
 STOP_MARKERS = ("\n### Question", "\n### Answer")
 MAX_NEW_TOKENS = 96  # generation length per answer (the study's `evaluation` default)
 BATCH_SIZE = 32  # prompts per generation batch
+DTYPES = ("float32", "bfloat16", "float16")
+LOSS_METRIC, PERPLEXITY = "loss", "perplexity"
+
+
+class EvaluationError(SoupsError):
+    """An evaluation setting that cannot be honoured here (the message names it)."""
+
+
+# Device and dtype -----------------------------------------------------------------------
+
+
+def resolve_device(device: str = "auto", dtype: str = "auto"
+                   ) -> tuple[torch.device, torch.dtype]:
+    """(torch.device, torch.dtype) to evaluate on. `auto` device: the GPU when there is one
+    (Ray gives a trial its GPU through CUDA_VISIBLE_DEVICES), else the CPU; `auto` dtype:
+    bfloat16 on a CUDA device that supports it, float16 on an older one, float32 on the
+    CPU. `cpu`, `cuda`, `cuda:N` and the DTYPES names are honoured as given."""
+    where = _resolve_device(device)
+    return where, _resolve_dtype(dtype, where)
+
+
+def _resolve_device(device: str):
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    kind, _, index = str(device).partition(":")
+    if kind == "cpu" and not index:
+        return torch.device("cpu")
+    if kind != "cuda" or (index and not index.isdigit()):
+        raise EvaluationError(f"unknown device {device!r}; devices: auto, cpu, cuda, cuda:N")
+    if not torch.cuda.is_available():
+        raise EvaluationError(f"device {device!r}: CUDA is not available on this machine "
+                              "(use device auto or cpu)")
+    if index and int(index) >= torch.cuda.device_count():
+        raise EvaluationError(f"device {device!r}: this machine has "
+                              f"{torch.cuda.device_count()} CUDA device(s)")
+    return torch.device(device)
+
+
+def _resolve_dtype(dtype, device):
+    if isinstance(dtype, torch.dtype):  # callers that already hold one
+        return dtype
+    if dtype == "auto":
+        if device.type != "cuda":
+            return torch.float32
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    if dtype not in DTYPES:
+        raise EvaluationError(f"unknown dtype {dtype!r}; dtypes: auto, {', '.join(DTYPES)}")
+    return getattr(torch, dtype)
+
+
+def load_model(model_dir, adapter_dir=None, device: str = "auto", dtype: str = "auto"):
+    """(model, tokenizer): the base model, with a PEFT adapter merged into it for fast
+    generation, on `device` in `dtype` (`resolve_device`). The merge is done in float32,
+    then the merged weights are cast. ModelError / AdapterError name a folder that is not a
+    model, or not an adapter of it; EvaluationError a device or dtype not available."""
+    from soups.adapters import check_fits
+    from soups.base_model import load_pretrained
+
+    where, precision = resolve_device(device, dtype)  # before the load: fail in a second
+    tokenizer, model = load_pretrained(model_dir, torch.float32)
+    if adapter_dir is not None:
+        from peft import PeftModel
+
+        check_fits(adapter_dir, model)
+        model = PeftModel.from_pretrained(model, str(adapter_dir)).merge_and_unload()
+    model = model.to(device=where, dtype=precision)
+    model.eval()
+    return model, tokenizer
+
+
+# Generation -----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class GenerationSettings:
+    max_new_tokens: int = MAX_NEW_TOKENS
+    stop: tuple[str, ...] = STOP_MARKERS  # a row ends at the first of these in its text
+    temperature: float = 0.0  # 0: greedy; above: sampling
+    top_p: float = 1.0  # sampling: nucleus mass kept
+    seed: int = 0  # sampling: torch.manual_seed before each batch
+    batch_size: int = BATCH_SIZE
+
+    def __post_init__(self):
+        object.__setattr__(self, "stop", tuple(self.stop))  # a YAML list is fine too
+        if not (isinstance(self.max_new_tokens, int) and self.max_new_tokens >= 1):
+            raise EvaluationError(f"max_new_tokens must be an integer >= 1, not "
+                                  f"{self.max_new_tokens!r}")
+        if not (isinstance(self.batch_size, int) and self.batch_size >= 1):
+            raise EvaluationError(f"batch_size must be an integer >= 1, not "
+                                  f"{self.batch_size!r}")
+        if not self.temperature >= 0:
+            raise EvaluationError(f"temperature must be >= 0, not {self.temperature!r}")
+        if not 0 < self.top_p <= 1:
+            raise EvaluationError(f"top_p must be in (0, 1], not {self.top_p!r}")
+        if not all(isinstance(s, str) and s for s in self.stop):
+            raise EvaluationError(f"stop sequences must be non-empty strings, not "
+                                  f"{self.stop!r}")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+    def params(self, prefix: str = "") -> dict:
+        """The settings as a flat dict (MLflow run parameters), keys `prefix + name`; the
+        stop sequences as one JSON list, so their newlines stay visible."""
+        values = asdict(self)
+        values["stop"] = json.dumps(list(self.stop))
+        return {prefix + k: v for k, v in values.items()}
+
+
+def _prompt_ids(tokenizer, text: str) -> list[int]:
+    """A prompt's token ids as training sees them: BOS (when the tokenizer has one), then
+    the text without special tokens."""
+    bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+    return bos + tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def _pad_id(tokenizer) -> int:
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None \
+        else tokenizer.eos_token_id
+
+
+class _StopOnText:
+    """Stopping criterion: a row is done once its new text contains a stop sequence.
+    Decodes only the generated tokens, so a stop sequence that would straddle the prompt
+    and the answer (transformers' `stop_strings` matches across it) does not end a row."""
+
+    def __init__(self, tokenizer, stop: Sequence[str], prompt_width: int):
+        self.tokenizer, self.stop, self.prompt_width = tokenizer, tuple(stop), prompt_width
+        self.done: set[int] = set()
+
+    def __call__(self, input_ids, scores=None, **kwargs):
+        for row, ids in enumerate(input_ids[:, self.prompt_width:].tolist()):
+            if row not in self.done and _first_stop(
+                    self.tokenizer.decode(ids, skip_special_tokens=True), self.stop) >= 0:
+                self.done.add(row)
+        return torch.tensor([row in self.done for row in range(input_ids.shape[0])],
+                            dtype=torch.bool, device=input_ids.device)
+
+
+def _first_stop(text: str, stop: Sequence[str]) -> int:
+    """Where the earliest stop sequence starts in `text`, or -1."""
+    found = [i for i in (text.find(s) for s in stop) if i >= 0]
+    return min(found) if found else -1
+
+
+def _cut(text: str, stop: Sequence[str] = STOP_MARKERS) -> str:
+    """The answer: `text` up to its earliest stop sequence (a model that keeps writing a
+    next question), stripped."""
+    end = _first_stop(text, stop)
+    return (text if end < 0 else text[:end]).strip()
+
+
+def _left_padded(encoded: Sequence[list[int]], pad_id: int):
+    """(input ids, attention mask), rows padded on the left to the longest."""
+    width = max(len(ids) for ids in encoded)
+    ids = torch.full((len(encoded), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(encoded), width), dtype=torch.long)
+    for row, tokens in enumerate(encoded):
+        ids[row, width - len(tokens):] = torch.tensor(tokens)
+        mask[row, width - len(tokens):] = 1
+    return ids, mask
+
+
+def _sampling_args(settings: GenerationSettings) -> dict:
+    if settings.greedy:
+        return {"do_sample": False}
+    return {"do_sample": True, "temperature": settings.temperature, "top_p": settings.top_p,
+            "top_k": 0}  # no top-k cut: exactly temperature and top_p
+
+
+def generate(model, tokenizer, prompts: Sequence[str],
+             settings: GenerationSettings = GenerationSettings()) -> list[str]:
+    """Completions of `prompts` (final strings) in batches (left-padded, KV cache), in input
+    order, each cut at its earliest stop sequence. Prompts are sorted by length first so a
+    batch wastes little on padding; sampling reseeds before each batch, so the same prompts
+    and settings give the same texts. (`generate` of transformers runs without autograd.)"""
+    from transformers import StoppingCriteriaList
+
+    model.eval()
+    encoded = [_prompt_ids(tokenizer, p) for p in prompts]
+    order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))
+    outputs: list[str] = [""] * len(encoded)
+    device, pad_id = next(model.parameters()).device, _pad_id(tokenizer)
+    for start in range(0, len(order), settings.batch_size):
+        rows = order[start : start + settings.batch_size]
+        ids, mask = _left_padded([encoded[i] for i in rows], pad_id)
+        criteria = StoppingCriteriaList(
+            [_StopOnText(tokenizer, settings.stop, ids.shape[1])] if settings.stop else [])
+        if not settings.greedy:
+            torch.manual_seed(settings.seed)
+        generated = model.generate(
+            input_ids=ids.to(device), attention_mask=mask.to(device),
+            max_new_tokens=settings.max_new_tokens, use_cache=True,
+            stopping_criteria=criteria, pad_token_id=pad_id,
+            eos_token_id=tokenizer.eos_token_id, **_sampling_args(settings))
+        for r, i in enumerate(rows):
+            text = tokenizer.decode(generated[r, ids.shape[1]:], skip_special_tokens=True)
+            outputs[i] = _cut(text, settings.stop)
+    return outputs
+
+
+# Loss -----------------------------------------------------------------------------------
+
+
+def _completion_nll(model, tokenizer, rows: Sequence[dict], batch_size: int,
+                    max_length: int | None = None) -> list[tuple[float, int]]:
+    """(summed negative log-likelihood, token count) of each row's completion (and EOS)
+    given its prompt, under teacher forcing."""
+    from soups.text_batches import IGNORE_INDEX, collate, encode_example
+
+    max_length = max_length or getattr(model.config, "max_position_embeddings", None) or 2048
+    encoded = [encode_example(tokenizer, row["prompt"], row["completion"], max_length,
+                              loss_on="completion") for row in rows]
+    device, totals = next(model.parameters()).device, []
+    model.eval()
+    for start in range(0, len(encoded), batch_size):
+        batch = collate(encoded[start : start + batch_size], _pad_id(tokenizer))
+        with torch.no_grad():
+            logits = model(input_ids=batch["input_ids"].to(device),
+                           attention_mask=batch["attention_mask"].to(device)).logits
+        labels = batch["labels"][:, 1:].to(device)  # token t is predicted at position t - 1
+        nll = torch.nn.functional.cross_entropy(
+            logits[:, :-1].float().transpose(1, 2), labels, ignore_index=IGNORE_INDEX,
+            reduction="none")  # float32: a bfloat16 log-softmax loses the small losses
+        counts = (labels != IGNORE_INDEX).sum(dim=1)
+        totals += list(zip(nll.sum(dim=1).tolist(), counts.tolist(), strict=True))
+    return totals
+
+
+def completion_loss(model, tokenizer, rows: Sequence[dict], batch_size: int = BATCH_SIZE,
+                    max_length: int | None = None) -> list[float]:
+    """Each row's mean negative log-likelihood per completion token (EOS included) given its
+    prompt; NaN for a row whose prompt leaves no completion token within `max_length`
+    (default: the model's context length)."""
+    return [total / count if count else math.nan
+            for total, count in _completion_nll(model, tokenizer, rows, batch_size, max_length)]
+
+
+# Tasks ----------------------------------------------------------------------------------
 
 
 @dataclass
 class TaskScores:
     task: str
     n: int
-    accuracy: float
-    partial: dict[str, float]
+    accuracy: float | None  # None for a loss task: nothing is judged right or wrong
+    partial: dict[str, float]  # the scorer's partial scores; `loss`, `perplexity` for loss
     seconds: float
     records: list[dict] = field(default_factory=list)
 
     def metrics(self, split: str | None = None) -> dict[str, float]:
-        """Accuracy and partial scores by name: `task_metric(split, task, metric)` keys
-        (`validation/math/accuracy`), or `<task>/<metric>` without a split."""
-        scores = {ACCURACY: self.accuracy, **self.partial}
+        """Accuracy (unless None) and partial scores by name: `task_metric(split, task,
+        metric)` keys (`validation/math/accuracy`), or `<task>/<metric>` without a split."""
+        scores = {ACCURACY: self.accuracy} if self.accuracy is not None else {}
+        scores.update(self.partial)
         return {task_metric(split, self.task, k) if split else f"{self.task}/{k}": v
                 for k, v in scores.items()}
 
 
-def generate(model, tokenizer, prompts: Sequence[str], max_new_tokens: int = MAX_NEW_TOKENS,
-             batch_size: int = BATCH_SIZE) -> list[str]:
-    """Greedy completions of `prompts` in batches (left-padded, KV cache), in input order.
-    Prompts are sorted by length first so a batch wastes little on padding. (`generate`
-    of transformers runs without autograd.)"""
-    model.eval()
-    bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
-    encoded = [bos + ids for ids in tokenizer(list(prompts), add_special_tokens=False)["input_ids"]]
-    order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))
-    outputs: list[str] = [""] * len(encoded)
-    device = next(model.parameters()).device
-    for start in range(0, len(order), batch_size):
-        rows = order[start : start + batch_size]
-        width = max(len(encoded[i]) for i in rows)
-        ids = torch.full((len(rows), width), tokenizer.pad_token_id, dtype=torch.long)
-        mask = torch.zeros((len(rows), width), dtype=torch.long)
-        for r, i in enumerate(rows):
-            ids[r, width - len(encoded[i]):] = torch.tensor(encoded[i])
-            mask[r, width - len(encoded[i]):] = 1
-        generated = model.generate(
-            input_ids=ids.to(device), attention_mask=mask.to(device),
-            max_new_tokens=max_new_tokens, do_sample=False, use_cache=True,
-            pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
-        )
-        for r, i in enumerate(rows):
-            text = tokenizer.decode(generated[r, width:], skip_special_tokens=True)
-            outputs[i] = _cut(text)
-    return outputs
+def _scorer_of(task: str, rows: Sequence[dict]) -> ScorerSettings:
+    """The rows' one `scorer` column value as settings (`final_number` for no rows)."""
+    kinds = {row["scorer"] for row in rows}
+    if len(kinds) > 1:
+        raise EvaluationError(f"task {task}: rows mix scorers {sorted(kinds)}")
+    kind = kinds.pop() if kinds else "final_number"
+    if kind not in SCORERS:
+        raise EvaluationError(f"task {task}: unknown scorer {kind!r}; known: {sorted(SCORERS)}")
+    return ScorerSettings(kind=kind)
 
 
-def _cut(text: str) -> str:
-    """Drop anything after the answer (a model that keeps writing a next question)."""
-    for marker in STOP_MARKERS:
-        text = text.split(marker)[0]
-    return text.strip()
+def _loss_scores(model, tokenizer, rows: list[dict], prompts: list[str],
+                 batch_size: int) -> tuple[list[dict], dict]:
+    """Records and the token-weighted mean `loss` and its `perplexity` of a loss task."""
+    scored = [{**row, "prompt": prompt} for row, prompt in zip(rows, prompts, strict=True)]
+    totals = _completion_nll(model, tokenizer, scored, batch_size)
+    records = [{"prompt": prompt, "output": "", "extracted": None,
+                "reference": row["completion"], "correct": None,
+                "loss": total / count if count else math.nan, "tokens": count}
+               for row, prompt, (total, count) in zip(rows, prompts, totals, strict=True)]
+    tokens = sum(count for _, count in totals)
+    loss = sum(total for total, _ in totals) / tokens if tokens else math.nan
+    return records, {LOSS_METRIC: loss, PERPLEXITY: math.exp(loss) if tokens else math.nan}
 
 
 def evaluate_rows(model, tokenizer, task: str, rows: Sequence[dict],
-                  max_new_tokens: int = MAX_NEW_TOKENS, batch_size: int = BATCH_SIZE,
-                  sandbox: str = BWRAP) -> TaskScores:
-    """Generate answers for `rows` (one task, one scorer) and score them (programs run in
-    `sandbox`, `soups.sandbox.SANDBOXES`)."""
+                  prompts: Sequence[str] | None = None,
+                  generation: GenerationSettings = GenerationSettings(),
+                  scorer: ScorerSettings | None = None, sandbox: str = BWRAP) -> TaskScores:
+    """Score `rows` (one task): generate from `prompts` (default: the rows' `prompt`
+    column) and score with `scorer` (default: the rows' one `scorer` column value), programs
+    run in `sandbox` (`soups.sandbox.SANDBOXES`); a `loss` scorer generates nothing and
+    reports the completions' loss and perplexity (batches of `generation.batch_size`), with
+    accuracy None. Records: the scorer's, with `prompt` the final prompt."""
     rows = list(rows)
-    scorers = {row["scorer"] for row in rows}
-    if len(scorers) > 1:
-        raise ValueError(f"task {task}: rows mix scorers {sorted(scorers)}")
-    scorer = scorers.pop() if scorers else "final_number"
-    if scorer not in SCORERS:
-        raise ValueError(f"task {task}: unknown scorer {scorer!r}; known: {sorted(SCORERS)}")
+    prompts = [row["prompt"] for row in rows] if prompts is None else list(prompts)
+    if len(prompts) != len(rows):
+        raise EvaluationError(f"task {task}: {len(prompts)} prompts for {len(rows)} rows")
+    scorer = scorer or _scorer_of(task, rows)
     start = time.perf_counter()
-    answers = generate(model, tokenizer, [r["prompt"] for r in rows], max_new_tokens, batch_size)
-    records, partial = SCORERS[scorer](rows, answers, sandbox)
-    return TaskScores(task=task, n=len(rows), accuracy=mean(r["correct"] for r in records),
-                      partial=partial, seconds=time.perf_counter() - start, records=records)
+    if scorer.kind == LOSS:
+        records, partial = _loss_scores(model, tokenizer, rows, prompts, generation.batch_size)
+        accuracy = None
+    else:
+        answers = generate(model, tokenizer, prompts, generation)
+        records, partial = SCORERS[scorer.kind].score(rows, answers, scorer, sandbox)
+        records = [{**record, "prompt": prompt}
+                   for record, prompt in zip(records, prompts, strict=True)]
+        accuracy = mean(record["correct"] for record in records)
+    return TaskScores(task=task, n=len(rows), accuracy=accuracy, partial=partial,
+                      seconds=time.perf_counter() - start, records=records)
 
 
-def load_model(model_dir, adapter_dir=None, dtype=None):
-    """Base model (and a PEFT adapter merged into it for fast generation) and tokenizer;
-    `dtype` default float32. ModelError / AdapterError name a folder that is not a model, or
-    not an adapter of it."""
-    from soups.adapters import check_fits
-    from soups.base_model import load_pretrained
+def _json_safe(value):
+    """`value` with non-finite floats as strings ("nan", "inf"): strict JSON everywhere."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if isinstance(value, dict):
+        return {str(k): _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    return value
 
-    tokenizer, model = load_pretrained(model_dir, dtype or torch.float32)
-    if adapter_dir is not None:
-        from peft import PeftModel
 
-        check_fits(adapter_dir, model)
-        model = PeftModel.from_pretrained(model, str(adapter_dir)).merge_and_unload()
-    model.eval()
-    return model, tokenizer
+def records_jsonl(records: Sequence[dict]) -> str:
+    """The records as JSON lines, one per record (the generations artifact); values JSON
+    cannot carry are written as their str()."""
+    return "".join(json.dumps(_json_safe(record), default=str, allow_nan=False) + "\n"
+                   for record in records)
