@@ -14,8 +14,12 @@ import time
 
 from soups.base_model import BaseModelSettings, build_base_model
 from soups.data import DataSettings, build_task_datasets, load_task_dataset
-from soups.evaluate import generate, load_model
+from soups.evaluate import GenerationSettings, generate, load_model
 from soups.home import cache_dir
+
+
+def _settings(max_new_tokens: int, batch_size: int) -> GenerationSettings:
+    return GenerationSettings(max_new_tokens=max_new_tokens, batch_size=batch_size)
 
 
 def main() -> None:
@@ -32,13 +36,13 @@ def main() -> None:
     rows = load_task_dataset(data_dir / args.task, "validation")
     prompts = [r["prompt"] for r in rows.select(range(min(args.n, len(rows))))]
     model, tokenizer = load_model(model_dir)
-    generate(model, tokenizer, prompts[:2], args.max_new_tokens, 2)  # warm-up
+    generate(model, tokenizer, prompts[:2], _settings(args.max_new_tokens, 2))  # warm-up
 
     start = time.perf_counter()
-    single = [generate(model, tokenizer, [p], args.max_new_tokens, 1)[0] for p in prompts]
+    single = [generate(model, tokenizer, [p], _settings(args.max_new_tokens, 1))[0] for p in prompts]
     t_single = time.perf_counter() - start
     start = time.perf_counter()
-    batched = generate(model, tokenizer, prompts, args.max_new_tokens, args.batch_size)
+    batched = generate(model, tokenizer, prompts, _settings(args.max_new_tokens, args.batch_size))
     t_batched = time.perf_counter() - start
     same = sum(a == b for a, b in zip(single, batched, strict=True))
     print(f"{len(prompts)} prompts of {args.task}, max {args.max_new_tokens} new tokens")

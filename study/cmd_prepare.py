@@ -73,8 +73,9 @@ def evaluate(
     for name in task:
         scores = evaluate_rows(lm, tokenizer, name, rows[name], sandbox=sandbox)
         partial = "  ".join(f"{k} {v:.3f}" for k, v in scores.partial.items())
-        typer.echo(f"{name:<10} {split:<10} n={scores.n:<4} accuracy {scores.accuracy:.3f}  "
-                   f"{partial}  ({scores.seconds:.1f} s)")
+        accuracy = f"accuracy {scores.accuracy:.3f}  " if scores.accuracy is not None else ""
+        typer.echo(f"{name:<10} {split:<10} n={scores.n:<4} {accuracy}{partial}  "
+                   f"({scores.seconds:.1f} s)")
         report[name] = {"metrics": scores.metrics(), "n": scores.n, "records": scores.records}
     if out:
         out.write_text(json.dumps(report, indent=2, default=str))

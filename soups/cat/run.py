@@ -25,20 +25,19 @@ from soups.cat.train import CatTrainResult, train_cat
 from soups.text_batches import encode_dataset
 from soups.train_settings import TrainSettings
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
 def resolve_device(device: str | None = None, dtype: str = "auto") -> tuple[torch.device,
                                                                              torch.dtype]:
-    """Default device: CUDA when present, else CPU. dtype `auto`: bf16 on a GPU that supports
-    it (the frozen base and factors; the CAT logits stay float32), else float32."""
-    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if dtype == "auto":
-        bf16 = dev.type == "cuda" and torch.cuda.is_bf16_supported()
-        return dev, torch.bfloat16 if bf16 else torch.float32
-    if dtype not in DTYPES:
-        raise CatError(f"dtype must be 'auto' or one of {sorted(DTYPES)}, got {dtype!r}")
-    return dev, DTYPES[dtype]
+    """As `soups.evaluate.resolve_device` (CUDA when present, else the CPU; bf16 on a GPU
+    that supports it: the frozen base and factors, the CAT logits stay float32), except
+    that `auto` never picks float16: training in float16 without loss scaling underflows."""
+    from soups.evaluate import resolve_device as evaluation_device
+
+    dev, torch_dtype = evaluation_device(device or "auto", dtype)
+    if dtype == "auto" and torch_dtype == torch.float16:
+        torch_dtype = torch.float32
+    return dev, torch_dtype
 
 
 def learn_cat(
