@@ -31,7 +31,11 @@ def encode_example(
     With `loss_on="completion"` the labels of tokens whose character span ends at or before
     the end of the prompt are -100; a token straddling the boundary carries the loss (it
     holds completion text). A slow tokenizer has no character offsets: the two parts are
-    then tokenized apart, as before. BOS and EOS follow `_bos` and `_needs_eos`."""
+    then tokenized apart, as before.
+
+    BOS comes first unless the tokenizer has none or the text already starts with it (as a
+    chat template may write it); EOS comes last unless the tokenizer has none or the
+    completion already ends with it, trailing whitespace aside (a chat turn's `</s>\n`)."""
     if loss_on not in ("all", "completion"):
         raise ValueError(f"loss_on must be 'all' or 'completion', got {loss_on!r}")
     text = prompt + completion
