@@ -39,7 +39,8 @@ def main() -> None:
     generate(model, tokenizer, prompts[:2], _settings(args.max_new_tokens, 2))  # warm-up
 
     start = time.perf_counter()
-    single = [generate(model, tokenizer, [p], _settings(args.max_new_tokens, 1))[0] for p in prompts]
+    one = _settings(args.max_new_tokens, 1)
+    single = [generate(model, tokenizer, [p], one)[0] for p in prompts]
     t_single = time.perf_counter() - start
     start = time.perf_counter()
     batched = generate(model, tokenizer, prompts, _settings(args.max_new_tokens, args.batch_size))

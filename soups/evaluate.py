@@ -134,18 +134,6 @@ class GenerationSettings:
         return {prefix + k: v for k, v in values.items()}
 
 
-def _prompt_ids(tokenizer, text: str) -> list[int]:
-    """A prompt's token ids as training sees them: BOS (when the tokenizer has one), then
-    the text without special tokens."""
-    bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
-    return bos + tokenizer(text, add_special_tokens=False)["input_ids"]
-
-
-def _pad_id(tokenizer) -> int:
-    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None \
-        else tokenizer.eos_token_id
-
-
 class _StopOnText:
     """Stopping criterion: a row is done once its new text contains a stop sequence.
     Decodes only the generated tokens, so a stop sequence that would straddle the prompt
@@ -204,10 +192,13 @@ def generate(model, tokenizer, prompts: Sequence[str],
     from transformers import StoppingCriteriaList
 
     model.eval()
-    encoded = [_prompt_ids(tokenizer, p) for p in prompts]
+    # The same BOS rule as training (soups.text_batches, imported here: it loads torch).
+    from soups.text_batches import pad_token_id, prompt_ids
+
+    encoded = [prompt_ids(tokenizer, p) for p in prompts]
     order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))
     outputs: list[str] = [""] * len(encoded)
-    device, pad_id = next(model.parameters()).device, _pad_id(tokenizer)
+    device, pad_id = next(model.parameters()).device, pad_token_id(tokenizer)
     for start in range(0, len(order), settings.batch_size):
         rows = order[start : start + settings.batch_size]
         ids, mask = _left_padded([encoded[i] for i in rows], pad_id)
@@ -233,7 +224,7 @@ def _completion_nll(model, tokenizer, rows: Sequence[dict], batch_size: int,
                     max_length: int | None = None) -> list[tuple[float, int]]:
     """(summed negative log-likelihood, token count) of each row's completion (and EOS)
     given its prompt, under teacher forcing."""
-    from soups.text_batches import IGNORE_INDEX, collate, encode_example
+    from soups.text_batches import IGNORE_INDEX, collate, encode_example, pad_token_id
 
     max_length = max_length or getattr(model.config, "max_position_embeddings", None) or 2048
     encoded = [encode_example(tokenizer, row["prompt"], row["completion"], max_length,
@@ -241,7 +232,7 @@ def _completion_nll(model, tokenizer, rows: Sequence[dict], batch_size: int,
     device, totals = next(model.parameters()).device, []
     model.eval()
     for start in range(0, len(encoded), batch_size):
-        batch = collate(encoded[start : start + batch_size], _pad_id(tokenizer))
+        batch = collate(encoded[start : start + batch_size], pad_token_id(tokenizer))
         with torch.no_grad():
             logits = model(input_ids=batch["input_ids"].to(device),
                            attention_mask=batch["attention_mask"].to(device)).logits

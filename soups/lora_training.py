@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from soups.text_batches import encode_dataset
+from soups.text_batches import encode_dataset, pad_token_id
 from soups.train_settings import LoraSettings, TrainSettings
 from soups.training_loop import held_out_loss, optimizer_steps
 
@@ -53,7 +53,7 @@ def train_lora(
         if eval_rows is not None else None
     )
     params = [p for p in model.parameters() if p.requires_grad]
-    pad_id = tokenizer.pad_token_id
+    pad_id = pad_token_id(tokenizer)
     step, tokens, start, history = 0, 0, time.perf_counter(), []
     for done in optimizer_steps(model, params, encoded, train, pad_id):
         step, tokens = done.step, done.tokens

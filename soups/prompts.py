@@ -122,6 +122,9 @@ class Preset:
     stop: tuple[str, ...]
     demos: tuple[dict, ...]
     description: str
+    # What identifies a row for decontamination (the question, not the preset's wrapping
+    # text), so tasks in different formats still compare on their content.
+    key: str = "{{ question }}"
 
 
 SOUPS_QA = Preset(
@@ -149,10 +152,10 @@ ALPACA = Preset(
     name="alpaca",
     prompt=(
         "Below is an instruction that describes a task"
-        "{% if input %}, paired with an input that provides further context{% endif %}. "
-        "Write a response that appropriately completes the request.\n\n"
+        "{% if input is defined and input %}, paired with an input that provides further "
+        "context{% endif %}. Write a response that appropriately completes the request.\n\n"
         "### Instruction:\n{{ instruction }}\n\n"
-        "{% if input %}### Input:\n{{ input }}\n\n{% endif %}"
+        "{% if input is defined and input %}### Input:\n{{ input }}\n\n{% endif %}"
         "### Response:\n"
     ),
     completion="{{ output }}",
@@ -169,7 +172,8 @@ ALPACA = Preset(
          "output": "def reverse(text):\n    return text[::-1]"},
     ),
     description="The Alpaca instruction format (instruction, optional input, response); "
-                "the rows need the columns instruction, input (may be empty) and output.",
+                "the rows need the columns instruction and output, and may have input.",
+    key="{{ instruction }}{% if input is defined and input %}\n{{ input }}{% endif %}",
 )
 
 PAL = Preset(

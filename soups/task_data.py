@@ -19,7 +19,6 @@ from soups.data import DatasetError, _as_number
 from soups.task_spec import TaskSpec
 
 
-
 @dataclass(frozen=True)
 class TaskData:
     name: str
@@ -130,7 +129,7 @@ class TaskData:
         if not chat and not demos:
             return [r.get("raw_prompt", r["prompt"]) for r in rows]
         fmt = PromptFormat(chat=chat, demos=tuple(demos))
-        tokenizer = self.tokenizer()
+        tokenizer = self.tokenizer() if chat else None  # plain prompts need no tokenizer
         return [fmt.generation_prompt(tokenizer, r.get("raw_prompt", r["prompt"]))
                 for r in rows]
 

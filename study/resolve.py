@@ -7,8 +7,8 @@ from collections.abc import Collection
 from dataclasses import replace
 from functools import partial
 
-from study.spec import EMBEDDED, CatTraining, SpecError, StudySpec
 from soups.task_data import TaskData
+from study.spec import EMBEDDED, CatTraining, SpecError, StudySpec
 
 
 def method_parameters(name: str, skills: Collection[str] | None = None) -> dict | None:

@@ -22,18 +22,21 @@ from soups.base_model import ModelError
 from soups.cat.settings import CatError
 from soups.data import DatasetError
 from soups.errors import SoupsError
+from soups.evaluate import EvaluationError
 from soups.merge import MergeError
+from soups.prompts import TemplateError
 from soups.sandbox import SandboxUnavailable
 from soups.sandbox.seccomp import SeccompUnavailable
+from soups.scoring import ScorerError
 from study.cli import app
 from study.spec import SpecError
 from trainables.shared_storage import StorageNotShared
 
 pytestmark = pytest.mark.unit
 ROOT = Path(__file__).resolve().parents[1]
-PROJECT_ERRORS = (AdapterError, CatError, DatasetError, MergeError, ModelError,
-                  SandboxUnavailable, SeccompUnavailable, SearchSpaceError, SpecError,
-                  StorageNotShared, StudyNotFound)
+PROJECT_ERRORS = (AdapterError, CatError, DatasetError, EvaluationError, MergeError,
+                  ModelError, SandboxUnavailable, ScorerError, SeccompUnavailable,
+                  SearchSpaceError, SpecError, StorageNotShared, StudyNotFound, TemplateError)
 NOT_ERRORS = {"StopTraining"}  # soups/cat/train.py: a signal that ends training early
 
 
@@ -96,6 +99,7 @@ MAIN = """
 import sys
 import study.cluster_check
 from soups.errors import SoupsError
+from soups.evaluate import EvaluationError
 
 def check(*args):
     raise {error}

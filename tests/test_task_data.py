@@ -8,7 +8,7 @@ import json
 
 import pytest
 import real_schemas
-from conftest import TINY_CORPUS
+from conftest import build_tiny_llama
 
 from soups.task_data import TaskData
 from soups.task_spec import TaskSpec
@@ -23,14 +23,14 @@ CHAT_TEMPLATE = ("{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
-    """A folder with only a tokenizer (with a chat template): all TaskData reads of a model."""
-    from soups.tokenizer import train_tokenizer
+    """A tiny model whose tokenizer has a chat template."""
+    from transformers import AutoTokenizer
 
-    out = tmp_path_factory.mktemp("tok")
-    tokenizer = train_tokenizer(TINY_CORPUS * 20, vocab_size=400, max_number=50)
+    out = build_tiny_llama(tmp_path_factory.mktemp("tiny"))
+    tokenizer = AutoTokenizer.from_pretrained(out)
     tokenizer.chat_template = CHAT_TEMPLATE
     tokenizer.save_pretrained(out)
-    return str(out)
+    return out
 
 
 def assert_user_error(err: BaseException, *named: str) -> None:

@@ -109,7 +109,7 @@ def finetune_adapter(
 
     from soups.base_model import model_ref
     from soups.home import soups_home
-    from soups.text_batches import encode_dataset
+    from soups.text_batches import encode_dataset, pad_token_id
 
     called = time.time()
     model_dir = model_ref(model_dir)
@@ -130,7 +130,7 @@ def finetune_adapter(
         name=name, model_dir=model_dir, lora=lora, train=train, deepspeed=deepspeed,
         scaling=scaling, train_data=ray.put(encoded),
         eval_data=ray.put(held_out) if held_out else None, n_train=len(encoded),
-        pad_id=tokenizer.pad_token_id, step_hook=step_hook,
+        pad_id=pad_token_id(tokenizer), step_hook=step_hook,
     )
     resources = {"CPU": scaling.cpus_per_worker, **({"GPU": 1} if scaling.use_gpu else {}),
                  **scaling.custom_resources}

@@ -30,7 +30,6 @@ from soups.names import (
     VALIDATION,
     task_metric,
 )
-
 from soups.task_data import TaskData
 
 ADAPTER_DIR = "adapter"

@@ -18,13 +18,11 @@ from soups.cat.settings import (
     PAPER_CAT_TRAIN,
     PAPER_FRACTION,
     PAPER_HELD_OUT,
-    CatError,
     CatSettings,
 )
 from soups.cat.train import CatTrainResult, train_cat
-from soups.text_batches import encode_dataset
+from soups.text_batches import encode_dataset, pad_token_id
 from soups.train_settings import TrainSettings
-
 
 
 def resolve_device(device: str | None = None, dtype: str = "auto") -> tuple[torch.device,
@@ -68,7 +66,7 @@ def learn_cat(
     if log is not None:
         log(f"CAT: {len(adapter_dirs)} LoRAs, {len(model.layers)} wrapped modules, "
             f"{len(encoded)} training / {len(held)} held-out examples on {dev} ({torch_dtype})")
-    result = train_cat(model, encoded, held, train, tokenizer.pad_token_id, on_step, log)
+    result = train_cat(model, encoded, held, train, pad_token_id(tokenizer), on_step, log)
     summary = {**result.summary(), "train_examples": len(encoded), "held_out_examples": len(held),
                "device": str(dev), "dtype": str(torch_dtype).removeprefix("torch."),
                "train_settings": asdict(train), "fraction": fraction, "count": count}
