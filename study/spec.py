@@ -103,6 +103,8 @@ class Finetune(Strict):
     max_grad_norm: float = _TRAIN.max_grad_norm  # 0: no clipping
     loss_on: LossOn = _TRAIN.loss_on
     eval_every: int = _TRAIN.eval_every  # steps between held-out losses; 0: once per epoch
+    held_out: int = Field(default=_TRAIN.held_out, ge=0)  # validation rows per skill; 0: none
+    keep_best: bool = _TRAIN.keep_best  # the adapter of the lowest held-out loss, not the last
     zero_stage: Literal[0, 1, 2, 3] = _DEEPSPEED.zero_stage
     num_workers: int = _SCALING.num_workers
     # CPU cores (and torch threads) per training worker; None: this machine's cores divided
@@ -127,6 +129,14 @@ class Finetune(Strict):
         if not ranks or bad:
             raise ValueError(f"ranks must be positive integers, got {ranks}")
         return ranks
+
+    @model_validator(mode="after")
+    def _best_needs_held_out(self) -> Finetune:
+        if self.keep_best and self.held_out == 0:
+            raise ValueError("keep_best: true picks the adapter by its held-out loss, but "
+                             "held_out: 0 holds out no rows; set held_out > 0 or keep_best: "
+                             "false")
+        return self
 
 
 class CatTraining(Strict):
