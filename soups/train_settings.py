@@ -40,7 +40,8 @@ class LoraSettings:
 class TrainSettings:
     """The optimiser recipe. The defaults are the default study's stage 1 on the embedded
     model (the study file's `finetune` section reads its defaults from here); the paper's
-    7B recipe is lr 3e-4, 3 epochs, length 256 (`docs/finetune.md`)."""
+    7B recipe is lr 3e-4, 3 epochs, length 256, loss on all tokens, 100 warm-up steps
+    (`docs/finetune.md`)."""
 
     learning_rate: float = 2e-3
     epochs: float = 2.0  # fractional epochs allowed; `max_steps` wins when set
