@@ -40,7 +40,8 @@ class LoraSettings:
 class TrainSettings:
     """The optimiser recipe. The defaults are the default study's stage 1 on the embedded
     model (the study file's `finetune` section reads its defaults from here); the paper's
-    7B recipe is lr 3e-4, 3 epochs, length 256 (`docs/finetune.md`)."""
+    7B recipe is lr 3e-4, 3 epochs, length 256, loss on all tokens, 100 warm-up steps
+    (`docs/finetune.md`)."""
 
     learning_rate: float = 2e-3
     epochs: float = 2.0  # fractional epochs allowed; `max_steps` wins when set
@@ -54,6 +55,10 @@ class TrainSettings:
     loss_on: LossOn = "completion"
     seed: int = 0
     eval_every: int = 0  # optimizer steps between held-out evaluations; 0 = once per epoch
+    # The result is the evaluated checkpoint with the lowest held-out loss (evaluations at
+    # `eval_steps`), not the last step's; without a held-out set, the last step's.
+    keep_best: bool = False
+    held_out: int = 64  # validation rows per skill a study holds out for that loss; 0 = none
 
     def steps_per_epoch(self, n_examples: int, world_size: int = 1) -> int:
         """Optimizer steps in one pass over `n_examples` when each step takes
@@ -64,3 +69,15 @@ class TrainSettings:
     def total_steps(self, n_examples: int, world_size: int = 1) -> int:
         per_epoch = self.steps_per_epoch(n_examples, world_size)
         return self.max_steps or max(1, math.ceil(per_epoch * self.epochs))
+
+    def eval_steps(self, n_examples: int, world_size: int = 1) -> set[int]:
+        """Steps after which the held-out loss is evaluated: every `eval_every` steps, or at
+        each epoch's end (micro-batches form one stream across epochs, so an epoch ends in
+        the step that consumes its last micro-batch), and always the last step."""
+        total = self.total_steps(n_examples, world_size)
+        if self.eval_every:
+            return set(range(self.eval_every, total + 1, self.eval_every)) | {total}
+        chunks_per_epoch = math.ceil(n_examples / self.micro_batch_size)
+        per_step = world_size * self.grad_accumulation
+        ends = {math.ceil(e * chunks_per_epoch / per_step) for e in range(1, total + 1)}
+        return {s for s in ends if s <= total} | {total}

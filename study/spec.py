@@ -84,6 +84,8 @@ class Finetune(Strict):
     loss_on: LossOn = _TRAIN.loss_on
     # steps between held-out losses; 0: once per epoch
     eval_every: int = Field(_TRAIN.eval_every, ge=0)
+    held_out: int = Field(default=_TRAIN.held_out, ge=0)  # validation rows per skill; 0: none
+    keep_best: bool = _TRAIN.keep_best  # the adapter of the lowest held-out loss, not the last
     zero_stage: Literal[0, 1, 2, 3] = _DEEPSPEED.zero_stage
     num_workers: int = Field(_SCALING.num_workers, ge=1)
     # CPU cores (and torch threads) per training worker; None: this machine's cores divided
@@ -108,6 +110,14 @@ class Finetune(Strict):
         if not ranks or bad:
             raise ValueError(f"ranks must be positive integers, got {ranks}")
         return ranks
+
+    @model_validator(mode="after")
+    def _best_needs_held_out(self) -> Finetune:
+        if self.keep_best and self.held_out == 0:
+            raise ValueError("keep_best: true picks the adapter by its held-out loss, but "
+                             "held_out: 0 holds out no rows; set held_out > 0 or keep_best: "
+                             "false")
+        return self
 
 
 class CatTraining(Strict):

@@ -25,20 +25,22 @@ from study.spec import StudySpec
 from trainables import tracking
 from trainables.merge_trial import TaskData
 
-HELD_OUT_ROWS = 64  # validation rows per skill for each fine-tune's held-out loss
 DATA_MIX = "data_mix"
 
 
 def _skill_sets(spec: StudySpec, tasks: dict[str, TaskData], data_mix: bool):
-    """Training and held-out rows per fine-tune: each skill, and their DATA-MIX."""
+    """Training and held-out rows per fine-tune: each skill, and their DATA-MIX. The first
+    `finetune.held_out` validation rows of each skill; with 0, no held-out set (None)."""
     from soups.data_mix import mix_datasets
 
+    rows = spec.finetune.held_out
     train = {s: tasks[s].rows("train") for s in spec.skills}
-    held_out = {s: tasks[s].rows("validation", HELD_OUT_ROWS) for s in spec.skills}
+    held_out = {s: tasks[s].rows("validation", rows) if rows else None for s in spec.skills}
     if data_mix:
         equal = {s: 1.0 for s in spec.skills}
         train[DATA_MIX] = mix_datasets(train, equal, seed=spec.finetune.seed)
-        held_out[DATA_MIX] = mix_datasets(held_out, equal, seed=spec.finetune.seed)
+        held_out[DATA_MIX] = (mix_datasets(held_out, equal, seed=spec.finetune.seed)
+                              if rows else None)
     return train, held_out
 
 
@@ -70,7 +72,11 @@ def stage1(spec: StudySpec, model_dir: str, tasks: dict[str, TaskData], ranks: l
             if result is None:
                 log(f"  cached: {entry.path}")
             else:
-                held = f", held-out loss {result.eval_loss:.3f}" if result.eval_loss else ""
+                held = (f", held-out loss {result.eval_loss:.3f}"
+                        if result.eval_loss is not None else "")
+                if result.best_step is not None:
+                    held += (f" (kept step {result.best_step}: held-out loss "
+                             f"{result.best_eval_loss:.3f})")
                 log(f"  trained {result.steps} steps in {result.wall_seconds:.0f} s: train loss "
                     f"{result.train_loss:.3f}{held}")
             _log_finetune(spec, experiment, parent_run_id, name, rank, entry, result,

@@ -9,10 +9,11 @@ cached entry point a study uses (`cached_finetune`: each adapter is trained once
 The driver tokenises once and puts the examples in Ray's object store; the workers
 (`trainables.finetune_worker`) train, report train / held-out loss with a checkpoint each
 epoch (or every `eval_every` steps), and resume from the last checkpoint when a worker dies
-(`FailureConfig(max_failures)`). The final checkpoint holds the adapter, which the driver
-copies to `out_dir`. A run is named `storage_path/name`; reusing a name resumes that run
-(Ray Train V2 semantics), which `cached_finetune` uses on purpose: a driver that dies and
-asks again continues the same training.
+(`FailureConfig(max_failures)`). The final checkpoint holds the adapter (with `keep_best`,
+the reported step's with the lowest held-out loss), which the driver copies to `out_dir`.
+A run is named `storage_path/name`; reusing a name resumes that run (Ray Train V2
+semantics), which `cached_finetune` uses on purpose: a driver that dies and asks again
+continues the same training.
 
 DATA-MIX (the paper's baseline): `finetune_adapter(model_dir, soups.data_mix.mix_datasets(
 {"math": ..., "code": ...}, {"math": 1.0, "code": 1.0}), ...)`.
@@ -63,7 +64,7 @@ class FinetuneResult:
     steps: int
     epochs: float
     train_loss: float  # mean over the steps since the previous report
-    eval_loss: float | None
+    eval_loss: float | None  # the last step's held-out loss
     history: list[dict]  # one record per report: step, epoch, train_loss, eval_loss, ...
     train_losses: list[float]  # per optimizer step
     tokens: int
@@ -75,6 +76,8 @@ class FinetuneResult:
     step_seconds: list[float] = field(default_factory=list)  # rank 0 compute time per step
     step_tokens: list[int] = field(default_factory=list)  # all ranks, per step
     checkpoint_path: str = ""
+    best_step: int | None = None  # keep_best with a held-out set: the adapter's step
+    best_eval_loss: float | None = None  # ... and its held-out loss
 
 
 def finetune_adapter(
@@ -167,6 +170,7 @@ def finetune_adapter(
         startup_seconds=state.first_step_start[0] - called,
         step_seconds=state.step_seconds, step_tokens=state.step_tokens,
         checkpoint_path=result.checkpoint.path,
+        best_step=state.best_step, best_eval_loss=state.best_eval_loss,
     )
 
 
@@ -177,25 +181,42 @@ def finetune_key_inputs(
     train: TrainSettings,
     deepspeed: DeepSpeedSettings = DeepSpeedSettings(),
     scaling: ScalingSettings = ScalingSettings(),
+    eval_dataset=None,
 ) -> dict:
     """What determines a fine-tuned adapter, for `soups.adapter_cache`. Left out on
-    purpose: the ZeRO stage and CPU count (memory and speed, not the result) and
-    `eval_every` (what is reported, not what is trained). The worker count stays in: the
-    global batch is micro-batch x accumulation x workers."""
+    purpose: the ZeRO stage and CPU count (memory and speed, not the result) and, unless
+    `keep_best`, the held-out evaluation (`eval_every`, `held_out`, the held-out rows:
+    what is reported, not what is trained; `keep_best` itself is left out too when False,
+    so the keys of adapters trained before it existed stay the same). With `keep_best`
+    the held-out loss picks the adapter, so all of it is in. The worker count stays in:
+    the global batch is micro-batch x accumulation x workers."""
     path = Path(model_dir)
     base = ({"fingerprint": fingerprint_files(path)} if path.is_dir()
             else {"hub_id": str(model_dir)})
-    train_fields = {k: v for k, v in asdict(train).items() if k != "eval_every"}
-    return {
+    inputs = {
         "trainer": f"trainables.finetune/{TRAINER_VERSION}",
         "base_model": base,
         "dataset": fingerprint_rows(dataset),
         "lora": asdict(lora),
-        "train": train_fields,
+        "train": _trained_fields(train),
         "num_workers": scaling.num_workers,
         "precision": deepspeed.precision,
         "use_gpu": scaling.use_gpu,
     }
+    if train.keep_best:
+        inputs["eval_dataset"] = (fingerprint_rows(eval_dataset)
+                                  if eval_dataset is not None else None)
+    return inputs
+
+
+# TrainSettings fields that change only what is reported, unless keep_best is True.
+_EVALUATION_FIELDS = ("eval_every", "held_out", "keep_best")
+
+
+def _trained_fields(train: TrainSettings) -> dict:
+    fields = asdict(train)
+    return fields if train.keep_best else {k: v for k, v in fields.items()
+                                           if k not in _EVALUATION_FIELDS}
 
 
 def cached_finetune(
@@ -213,7 +234,8 @@ def cached_finetune(
     """The adapter for these inputs from the cache at `cache_root`, trained once if absent.
     Returns the entry and, when this call trained it, the fine-tune result. The Ray run is
     named after the cache key, so a retry after a driver crash resumes the same run."""
-    key_inputs = finetune_key_inputs(model_dir, dataset, lora, train, deepspeed, scaling)
+    key_inputs = finetune_key_inputs(model_dir, dataset, lora, train, deepspeed, scaling,
+                                     eval_dataset)
     cache = AdapterCache(cache_root)
     trained: list[FinetuneResult] = []
 

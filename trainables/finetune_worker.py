@@ -22,6 +22,14 @@ holds the adapter: under ZeRO-3 the LoRA parameters are gathered on all ranks
 (`GatheredParameters`, a collective) and rank 0 saves them, then re-reads the file and
 compares it with what it gathered, so an empty or partial save fails loudly.
 
+With `keep_best` the result is the reported step with the lowest held-out loss: at each
+report that improves on it, the LoRA parameters are gathered (as for the final save) and
+rank 0 keeps a CPU copy. Every checkpoint holds that copy as `best_adapter/` (rank 0
+writes it from memory, so it carries forward through later checkpoints), a restarted
+rank 0 reads it back, and the final report saves it as the checkpoint's `adapter/`: a run
+that fails after its best step still ends with that step's weights. Every rank takes the
+same decisions, since the held-out loss is all-reduced and the loop state is shared.
+
 References: Ray Train V2 user guide (https://docs.ray.io/en/latest/train/); DeepSpeed
 ZeRO (Rajbhandari et al., 2020, arXiv 1910.02054) and its model-checkpointing docs.
 """
@@ -55,6 +63,7 @@ from trainables.finetune_settings import (
 DS_TAG = "state"  # DeepSpeed checkpoint tag: one per Ray checkpoint folder
 STATE_FILE = "loop_state.json"
 ADAPTER_DIR = "adapter"
+BEST_ADAPTER_DIR = "best_adapter"  # keep_best: the lowest held-out loss so far
 
 Encoded = list[tuple[list[int], list[int]]]
 StepHook = Callable[[int, int, bool], None]  # (rank, step, resumed) after each optimizer step
@@ -92,6 +101,8 @@ class LoopState:
     precision: str = "fp32"
     worker_start: list[float] = field(default_factory=list)  # time.time() per attempt
     first_step_start: list[float] = field(default_factory=list)
+    best_step: int | None = None  # keep_best: the step of the lowest held-out loss so far
+    best_eval_loss: float | None = None
 
 
 class ChunkStream:
@@ -128,17 +139,6 @@ def rank_step_chunks(stream: ChunkStream, world: int, accum: int, rank: int,
         step += 1
 
 
-def report_steps(train: TrainSettings, n_train: int, world: int, total: int) -> set[int]:
-    """Steps after which to evaluate, checkpoint and report: every `eval_every` steps, or
-    at each epoch's end, and always the last step."""
-    if train.eval_every:
-        return set(range(train.eval_every, total + 1, train.eval_every)) | {total}
-    chunks_per_epoch = math.ceil(n_train / train.micro_batch_size)
-    per_step = world * train.grad_accumulation
-    ends = {math.ceil(e * chunks_per_epoch / per_step) for e in range(1, total + 1)}
-    return {s for s in ends if s <= total} | {total}
-
-
 def train_worker(config: dict) -> None:
     """Ray Train worker entry point: `config["spec"]` is a `WorkerSpec`."""
     import ray
@@ -156,6 +156,7 @@ def train_worker(config: dict) -> None:
 
     engine, precision = _build_engine(spec, world)
     state = LoopState(precision=precision)
+    best: dict[str, torch.Tensor] | None = None  # rank 0: CPU copy of the best LoRA weights
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as folder:
@@ -163,13 +164,15 @@ def train_worker(config: dict) -> None:
             if loaded is None:
                 raise RuntimeError(f"{spec.name}: no DeepSpeed state in checkpoint {folder}")
             state = LoopState(**json.loads((Path(folder) / STATE_FILE).read_text()))
+            if rank == 0 and state.best_step is not None:
+                best = read_adapter(engine.module, Path(folder) / BEST_ADAPTER_DIR)
         state.resumed_from.append(state.step)
     state.attempts += 1
     state.worker_start.append(worker_start)
     resumed = checkpoint is not None
 
     total = train.total_steps(spec.n_train, world)
-    reports = report_steps(train, spec.n_train, world, total)
+    reports = train.eval_steps(spec.n_train, world)
     per_epoch = train.steps_per_epoch(spec.n_train, world)
     stream = ChunkStream(spec.n_train, train.micro_batch_size, train.seed)
     steps = rank_step_chunks(stream, world, train.grad_accumulation, rank, state.step)
@@ -202,16 +205,25 @@ def train_worker(config: dict) -> None:
             if held_out is not None:
                 record["eval_loss"] = _held_out_loss(engine, held_out, train.micro_batch_size,
                                                      spec.pad_id, rank, world)
+                if train.keep_best and _improves(state, record["eval_loss"]):
+                    state.best_step, state.best_eval_loss = state.step, record["eval_loss"]
+                    best = gather_adapter(engine, ds.zero_stage, rank)
             state.history.append(record)
             if rank == 0:
                 print(PROGRESS_PREFIX + _format_record(spec.name, record, total), flush=True)
-            _report(engine, state, record, rank, ds.zero_stage, final=state.step >= total)
+            _report(engine, state, record, rank, ds.zero_stage, final=state.step >= total,
+                    best=best)
     if bar is not None:
         bar.close()
     if not ran_a_step:
         # Resumed a run that had finished (same storage path and name): report its end
         # again, so this attempt too ends with the adapter in its last checkpoint.
-        _report(engine, state, state.history[-1], rank, ds.zero_stage, final=True)
+        _report(engine, state, state.history[-1], rank, ds.zero_stage, final=True, best=best)
+
+
+def _improves(state: LoopState, eval_loss: float) -> bool:
+    """Strictly lower than the best so far: ties keep the earlier step."""
+    return state.best_eval_loss is None or eval_loss < state.best_eval_loss
 
 
 def _build_engine(spec: WorkerSpec, world: int):
@@ -295,16 +307,22 @@ def _held_out_loss(engine, held_out: Encoded, micro: int, pad_id: int, rank: int
 
 
 def _report(engine, state: LoopState, record: dict, rank: int, zero_stage: int,
-            final: bool) -> None:
-    """Checkpoint (DeepSpeed state on every rank, loop state on rank 0, the adapter when
-    final) and report it to Ray Train; a barrier every rank calls."""
+            final: bool, best: dict[str, torch.Tensor] | None = None) -> None:
+    """Checkpoint (DeepSpeed state on every rank, loop state on rank 0, the best adapter
+    when `keep_best` found one, the result adapter when final) and report it to Ray Train;
+    a barrier every rank calls. `best`: rank 0's copy (None on the other ranks)."""
     import ray.train
 
     folder = Path(tempfile.mkdtemp(prefix=f"soups-ckpt-r{rank}-"))
     try:
         engine.save_checkpoint(str(folder), tag=DS_TAG, exclude_frozen_parameters=True)
-        if final:
+        # Every rank knows whether a best exists (state.best_step): they agree on gathering.
+        if final and state.best_step is None:
             save_adapter(engine, folder / ADAPTER_DIR, zero_stage, rank)
+        if rank == 0 and state.best_step is not None:
+            write_adapter(engine.module, folder / BEST_ADAPTER_DIR, best)
+            if final:
+                write_adapter(engine.module, folder / ADAPTER_DIR, best)
         if rank == 0:
             (folder / STATE_FILE).write_text(json.dumps(state.__dict__))
         metrics = {k: v for k, v in record.items() if isinstance(v, int | float)}
@@ -315,24 +333,55 @@ def _report(engine, state: LoopState, record: dict, rank: int, zero_stage: int,
 
 
 def save_adapter(engine, out: Path, zero_stage: int, rank: int) -> None:
-    """Save the LoRA weights as a PEFT folder (safetensors, float32) from rank 0.
+    """Save the LoRA weights as a PEFT folder (safetensors, float32) from rank 0; all ranks
+    call it (`gather_adapter`)."""
+    state = gather_adapter(engine, zero_stage, rank)
+    if rank == 0:
+        write_adapter(engine.module, out, state)
+
+
+def gather_adapter(engine, zero_stage: int, rank: int) -> dict[str, torch.Tensor] | None:
+    """A CPU float32 copy of the LoRA parameters on rank 0 (None on the other ranks).
 
     Under ZeRO-3 each rank holds a shard of every partitioned parameter; reading them
     outside `GatheredParameters` gives empty tensors. The gather is a collective, so all
-    ranks enter it; only rank 0 copies and writes."""
+    ranks enter it; only rank 0 copies."""
     import deepspeed
 
-    model = engine.module
-    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    named = [(n, p) for n, p in engine.module.named_parameters() if p.requires_grad]
     gather = (deepspeed.zero.GatheredParameters([p for _, p in named], modifier_rank=None)
               if zero_stage == 3 else nullcontext())
     with gather:
-        state = ({n: p.detach().to("cpu", torch.float32).clone() for n, p in named}
-                 if rank == 0 else None)
-    if rank != 0:
-        return
+        return ({n: p.detach().to("cpu", torch.float32).clone() for n, p in named}
+                if rank == 0 else None)
+
+
+def write_adapter(model, out: Path, state: dict[str, torch.Tensor]) -> None:
+    """Save `state` (LoRA parameters by `named_parameters` name) as the PEFT folder `out`,
+    and check the file."""
     model.save_pretrained(str(out), state_dict=state, safe_serialization=True)
     _check_saved(out, state)
+
+
+def read_adapter(model, folder: Path) -> dict[str, torch.Tensor]:
+    """The LoRA parameters of a folder `write_adapter` wrote, by `named_parameters` name."""
+    from safetensors.torch import load_file
+
+    from soups.adapters import WEIGHTS_FILE
+
+    if not (folder / WEIGHTS_FILE).is_file():
+        raise RuntimeError(f"checkpoint has a best step but no best adapter: {folder}")
+    saved = load_file(str(folder / WEIGHTS_FILE))
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    missing = [n for n in names if _saved_key(n) not in saved]
+    if missing:
+        raise RuntimeError(f"best adapter {folder}: no weights for {missing[:3]}")
+    return {n: saved[_saved_key(n)] for n in names}
+
+
+def _saved_key(name: str) -> str:
+    """A parameter's key in a PEFT file: the adapter name ("default") is dropped."""
+    return name.replace(".default.", ".")
 
 
 def _check_saved(out: Path, state: dict[str, torch.Tensor]) -> None:
@@ -343,7 +392,7 @@ def _check_saved(out: Path, state: dict[str, torch.Tensor]) -> None:
 
     LoraAdapter.open(out)  # the project's reader accepts it (layout, shapes, finiteness)
     saved = load_file(str(out / WEIGHTS_FILE))
-    expected = {k.replace(".default.", "."): v for k, v in state.items()}
+    expected = {_saved_key(k): v for k, v in state.items()}
     if set(saved) != set(expected):
         raise RuntimeError(f"adapter {out}: saved keys differ from the trained LoRA "
                            f"parameters ({sorted(set(saved) ^ set(expected))[:3]})")
