@@ -35,12 +35,15 @@ def _skill_sets(spec: StudySpec, tasks: dict[str, TaskData], data_mix: bool):
 
     rows = spec.finetune.held_out
     train = {s: tasks[s].rows("train") for s in spec.skills}
-    held_out = {s: tasks[s].rows("validation", rows) if rows else None for s in spec.skills}
+    # A skill whose source has no validation rows (a training set, a raw text) has none.
+    held_out = {s: (tasks[s].rows("validation", rows) or None) if rows else None
+                for s in spec.skills}
     if data_mix:
         equal = {s: 1.0 for s in spec.skills}
         train[DATA_MIX] = mix_datasets(train, equal, seed=spec.finetune.seed)
-        held_out[DATA_MIX] = (mix_datasets(held_out, equal, seed=spec.finetune.seed)
-                              if rows else None)
+        held = {s: r for s, r in held_out.items() if r}
+        held_out[DATA_MIX] = (mix_datasets(held, {s: 1.0 for s in held},
+                                           seed=spec.finetune.seed) if held else None)
     return train, held_out
 
 
