@@ -1,5 +1,6 @@
 """Task datasets: the generated skills and target (train / validation / test, disjoint), saved
-as Hugging Face `datasets`, and a loader that maps any HF dataset onto the same columns.
+as Hugging Face `datasets`, and a loader of datasets in the same columns (a study renders
+any other dataset through templates: `soups.task_data`).
 
 Generated splits are disjoint by problem text across every split of every task (`math` and
 `math_code` draw from the same problem space, so a target test problem never appears in the
@@ -12,12 +13,11 @@ import hashlib
 import json
 import random
 import shutil
-import string
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from soups.errors import SoupsError
-from soups.tasks import EXAMPLE_BUILDERS, TASK_NAMES, format_prompt
+from soups.tasks import EXAMPLE_BUILDERS, TASK_NAMES
 
 SPLITS = ("train", "validation", "test")
 COLUMNS = ("key", "prompt", "completion", "scorer", "function", "calls", "expected")
@@ -113,35 +113,10 @@ def build_task_datasets(root: str | Path, settings: DataSettings = DataSettings(
     return out
 
 
-@dataclass(frozen=True)
-class FieldMapping:
-    """How a foreign dataset's columns become ours. Each value is a column name or a
-    template with `{column}` placeholders, e.g. MetaMathQA: prompt="query",
-    completion="response"; CodeAlpaca: prompt="{instruction}\\n{input}", completion="output"."""
-
-    prompt: str = "prompt"
-    completion: str = "completion"
-    expected: str | None = None  # column with the reference answer, for scoring
-    scorer: str = "final_number"
-    wrap_prompt: bool = True  # wrap the prompt in this project's question/answer template
-
-
-def _render(spec: str, row: dict, columns: list[str], what: str, source: str) -> str:
-    if spec in columns:
-        return str(row[spec])
-    names = {name for _, name, _, _ in string.Formatter().parse(spec) if name}
-    missing = sorted(names - set(columns))
-    if not names or missing:
-        bad = missing[0] if missing else spec
-        raise DatasetError(f"dataset {source}: {what} field {bad!r} is not a column "
-                           f"(columns: {columns})")
-    return spec.format(**{name: row[name] for name in names})
-
-
-def load_task_dataset(source: str | Path, split: str | None = None,
-                      mapping: FieldMapping | None = None):
-    """Load a dataset (a `save_to_disk` folder, local data files, or a hub id) as a `Dataset`
-    with this project's columns. Without a mapping, the columns must already be ours."""
+def load_task_dataset(source: str | Path, split: str | None = None):
+    """Load a dataset that already has this project's columns (a `save_to_disk` folder such
+    as the generated tasks, local data files, or a hub id) as a `Dataset`. A study renders
+    any other dataset through its task's templates (`soups.task_data`)."""
     import datasets
 
     path = Path(source)
@@ -168,35 +143,12 @@ def load_task_dataset(source: str | Path, split: str | None = None,
         if split not in loaded:
             raise DatasetError(f"dataset {source}: no split {split!r}; splits: {list(loaded)}")
         loaded = loaded[split]
-    if mapping is None:
-        missing = [c for c in ("prompt", "completion") if c not in loaded.column_names]
-        if missing:
-            raise DatasetError(f"dataset {source}: missing column {missing[0]!r}; give a field "
-                               f"mapping (columns: {loaded.column_names})")
-        return loaded
-    return _map_columns(loaded, mapping, str(source))
-
-
-def _map_columns(dataset, mapping: FieldMapping, source: str):
-    columns = dataset.column_names
-
-    def convert(row):
-        prompt = _render(mapping.prompt, row, columns, "prompt", source)
-        expected = (_render(mapping.expected, row, columns, "expected", source)
-                    if mapping.expected else "")
-        return {
-            "key": prompt,
-            "prompt": format_prompt(prompt) if mapping.wrap_prompt else prompt,
-            "completion": _render(mapping.completion, row, columns, "completion", source),
-            "scorer": mapping.scorer,
-            "function": "solution" if mapping.scorer == "program" else "",
-            "calls": json.dumps([[]]) if mapping.scorer == "program" else "[]",
-            "expected": json.dumps([_as_number(expected)]) if expected else "[]",
-        }
-
-    if len(dataset):
-        convert(dataset[0])  # fail fast, naming the bad field, before mapping every row
-    return dataset.map(convert, remove_columns=columns)
+    missing = [c for c in ("prompt", "completion") if c not in loaded.column_names]
+    if missing:
+        raise DatasetError(f"dataset {source}: missing column {missing[0]!r}; a study task "
+                           f"renders other columns through templates (columns: "
+                           f"{loaded.column_names})")
+    return loaded
 
 
 def _as_number(text: str):

@@ -97,7 +97,7 @@ def test_the_study_runs_every_candidate_and_exports_the_best(study, smoke_home, 
     assert {r["method"] for r in rows} == {"linear", "cat_learned", "skill"}
     assert all(r["status"] == "finished" for r in rows), rows
     assert 0.0 <= rows[0]["test"] <= 1.0
-    assert (smoke_home / NAME / "best" / "adapter_config.json").is_file()
+    assert (smoke_home / NAME / "best_adapter" / "adapter_config.json").is_file()
     assert f"decontamination: removed {removed} math train rows" in study.stdout
 
 

@@ -240,3 +240,53 @@ def test_bad_task_settings_are_named(spec, message):
     with pytest.raises(Exception) as caught:
         TaskSpec(**spec)
     assert_user_error(caught.value, message)
+
+
+def test_the_task_schema_reads_its_defaults_from_the_core_settings():
+    from dataclasses import fields
+
+    from soups.evaluate import GenerationSettings
+    from soups.scoring import ScorerSettings
+
+    assert set(TaskSpec.model_fields["scorer"].annotation.model_fields) == {
+        f.name for f in fields(ScorerSettings)}
+    assert TaskSpec().scorer.settings() == ScorerSettings()
+    default = GenerationSettings()
+    assert TaskSpec().generation_settings(default.max_new_tokens,
+                                          default.batch_size) == default
+    from soups.prompts import PRESETS
+
+    pal = TaskSpec(preset="pal", source="x.jsonl").generation_settings(10, 4)
+    assert (pal.stop, pal.max_new_tokens, pal.batch_size) == (PRESETS["pal"].stop, 10, 4)
+
+
+def test_a_trial_evaluates_each_task_on_its_settings_and_writes_its_generations(
+        tmp_path, model_dir):
+    from study.spec import Evaluation
+    from trainables.merge_trial import TrialContext, evaluate_candidate
+
+    gsm8k = real_schemas.gsm8k(tmp_path / "gsm8k.parquet", n=12)
+    code = real_schemas.codealpaca(tmp_path / "code.json", n=12)
+    carve = {"split": "train", "sizes": {"validation": 4, "test": 4, "train": "rest"}}
+    tasks = {
+        "gsm8k": _task("gsm8k", model_dir, source=str(gsm8k), preset="soups_qa", carve=carve,
+                       columns={"answer": "answer"}, expected="answer",
+                       generation={"max_new_tokens": 5, "stop": ["\n"]},
+                       scorer={"kind": "number", "extract": "hashes"}),
+        "code": _task("code", model_dir, source=str(code), preset="alpaca", carve=carve,
+                      scorer="loss"),
+    }
+    evaluation = Evaluation(device="cpu", dtype="float32").model_dump()
+    ctx = TrialContext(study="s", experiment_id="0", tracking_uri="", parent_run_id="",
+                       model_dir=model_dir, skills=("code",), target="gsm8k", tasks=tasks,
+                       adapters={}, evaluation=evaluation, cat={})
+    metrics = evaluate_candidate(ctx, None, "validation", ["gsm8k", "code"], None, tmp_path)
+    assert 0.0 <= metrics["validation/gsm8k/accuracy"] <= 1.0
+    assert metrics["validation/code/loss"] > 0 and "validation/code/accuracy" not in metrics
+    records = [json.loads(line) for line in
+               (tmp_path / "validation" / "gsm8k.jsonl").read_text().splitlines()]
+    rows = tasks["gsm8k"].rows("validation")
+    assert [r["prompt"] for r in records] == [r["prompt"] for r in rows]
+    assert [r["reference"] for r in records] == [json.loads(r["expected"])[0] for r in rows]
+    assert all("\n" not in r["output"] for r in records)  # cut at the task's stop sequence
+    assert len((tmp_path / "validation" / "code.jsonl").read_text().splitlines()) == 4

@@ -1,5 +1,5 @@
 """Generated skills and target: answers correct by construction, splits disjoint, sizes and
-difficulty as set, the HF round trip, and the loader's field mapping for foreign datasets."""
+difficulty as set, the HF round trip, and the loader's column check."""
 
 import ast
 import json
@@ -9,7 +9,6 @@ import pytest
 
 from soups.data import (
     DataSettings,
-    FieldMapping,
     build_task_datasets,
     generate_rows,
     load_task_dataset,
@@ -134,25 +133,8 @@ def test_build_saves_and_reuses(tmp_path):
         load_task_dataset(out / "math", "dev")
 
 
-def test_loader_maps_foreign_dataset_fields(tmp_path):
-    # A MetaMathQA-like file and a CodeAlpaca-like file, written here (no hub access).
-    meta = tmp_path / "metamath.jsonl"
-    meta.write_text("\n".join(json.dumps(r) for r in [
-        {"query": "What is 2+3?", "response": "2+3=5. The answer is: 5", "ans": "5"},
-        {"query": "Half of 1,000?", "response": "The answer is: 500", "ans": "#### 500"},
-    ]))
-    ds = load_task_dataset(meta, "train", FieldMapping(prompt="query", completion="response",
-                                                       expected="ans"))
-    assert ds[0]["prompt"] == "### Question:\nWhat is 2+3?\n### Answer:\n"
-    assert ds[0]["completion"] == "2+3=5. The answer is: 5"
-    assert json.loads(ds[1]["expected"]) == [500]
+def test_loader_refuses_a_dataset_without_the_task_columns(tmp_path):
     alpaca = tmp_path / "alpaca.json"
     alpaca.write_text(json.dumps([{"instruction": "Add", "input": "1 2", "output": "3"}]))
-    ds = load_task_dataset(alpaca, "train", FieldMapping(prompt="{instruction}\n{input}",
-                                                         completion="output"))
-    assert ds[0]["key"] == "Add\n1 2" and ds[0]["completion"] == "3"
-    with pytest.raises(ValueError, match="'instruct'"):
-        load_task_dataset(alpaca, "train", FieldMapping(prompt="{instruct}",
-                                                        completion="output"))
-    with pytest.raises(ValueError, match="missing column 'prompt'"):
+    with pytest.raises(ValueError, match="missing column 'prompt'.*templates"):
         load_task_dataset(alpaca, "train")

@@ -156,8 +156,7 @@ def evaluate_candidate(ctx: TrialContext, adapter: str | None, split: str, tasks
     the device the trial was given (`evaluation.device`, `auto`: its GPU, else the CPU).
     Each task's answers go to `records_dir/<split>/<task>.jsonl` when given; a task with
     no rows at `split` (a skill without validation rows) is left out."""
-    from soups.evaluate import evaluate_rows, load_model
-    from soups.scoring import records_jsonl
+    from soups.evaluate import evaluate_rows, load_model, records_jsonl
 
     evaluation = ctx.evaluation
     model, tokenizer = load_model(ctx.model_dir, adapter, evaluation["device"],
