@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import time
+import warnings
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 
@@ -195,7 +196,8 @@ def generate(model, tokenizer, prompts: Sequence[str],
     # The same BOS rule as training (soups.text_batches, imported here: it loads torch).
     from soups.text_batches import pad_token_id, prompt_ids
 
-    encoded = [prompt_ids(tokenizer, p) for p in prompts]
+    encoded = _fit_context(model, [prompt_ids(tokenizer, p) for p in prompts],
+                           settings.max_new_tokens)
     order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))
     outputs: list[str] = [""] * len(encoded)
     device, pad_id = next(model.parameters()).device, pad_token_id(tokenizer)
@@ -215,6 +217,25 @@ def generate(model, tokenizer, prompts: Sequence[str],
             text = tokenizer.decode(generated[r, ids.shape[1]:], skip_special_tokens=True)
             outputs[i] = _cut(text, settings.stop)
     return outputs
+
+
+def _fit_context(model, encoded: list[list[int]], max_new_tokens: int) -> list[list[int]]:
+    """Prompts cut from the left to leave room for the answer in the model's context (as
+    lm-evaluation-harness does: a long few-shot prompt loses its first demos, never the
+    question); the first token (BOS) is kept. Says how many were cut."""
+    context = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    room = context - max_new_tokens if isinstance(context, int) else None
+    if room is None or all(len(ids) <= room for ids in encoded):
+        return encoded
+    if room < 2:
+        raise EvaluationError(f"max_new_tokens {max_new_tokens} leaves no room for a prompt "
+                              f"in the model's context of {context} tokens")
+    cut = sum(len(ids) > room for ids in encoded)
+    warnings.warn(f"{cut} of {len(encoded)} prompts are longer than the model's context "
+                  f"({context} tokens) minus max_new_tokens ({max_new_tokens}): cut from the "
+                  "left, the first demos go first", stacklevel=3)
+    return [ids if len(ids) <= room else ids[:1] + ids[len(ids) - room + 1:]
+            for ids in encoded]
 
 
 # Loss -----------------------------------------------------------------------------------

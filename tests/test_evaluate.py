@@ -357,3 +357,23 @@ def test_evaluate_command_bad_inputs_are_one_line_errors(tiny_model_dir, tmp_pat
         assert_user_error(args, *named)
     model, _ = load_model(tiny_model_dir, good)  # an adapter of the model passes the check
     assert not any("lora" in name for name, _ in model.named_parameters())  # merged
+
+
+def test_a_prompt_longer_than_the_context_loses_its_start_not_its_question(tiny):
+    from soups.evaluate import _fit_context
+
+    model, tokenizer = tiny
+    context = model.config.max_position_embeddings
+    short, long = [1, 5, 6], [1, *range(10, 10 + context)]
+    with pytest.warns(UserWarning, match="1 of 2 prompts are longer"):
+        fitted = _fit_context(model, [short, long], 16)
+    assert fitted[0] == short
+    assert fitted[1] == [1, *long[len(long) - (context - 16) + 1:]]
+    assert len(fitted[1]) == context - 16
+    with pytest.raises(EvaluationError, match="leaves no room"):
+        _fit_context(model, [long], context)
+    demos = "Tom has 3 apples. The answer is 3.\n\n" * 60
+    with pytest.warns(UserWarning, match="cut from the left"):
+        (text,) = generate(model, tokenizer, [demos + PROMPTS[0]],
+                           GenerationSettings(max_new_tokens=4, stop=()))
+    assert isinstance(text, str)
