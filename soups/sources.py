@@ -48,7 +48,7 @@ def load_source(source: str, name: str | None = None, revision: str | None = Non
     `data_files`. Raises `DatasetError` naming the source when it cannot be loaded."""
     import datasets
 
-    path = _local_path(source)
+    path = local_path(source)
     if path is None:
         return _as_dataset_dict(_load_hub(source, name, revision, data_files))
     if path.is_file():
@@ -61,7 +61,7 @@ def load_source(source: str, name: str | None = None, revision: str | None = Non
     return _load_files(source, _folder_files(source, path, data_files))
 
 
-def _local_path(source: str) -> Path | None:
+def local_path(source: str) -> Path | None:
     """The local path `source` names, or None for a hub id. A path-looking string (starts
     with / . ~, or ends in a data-file suffix) that does not exist is an error rather than
     a hub lookup, whose failure would only say the hub has no such dataset."""
@@ -157,7 +157,7 @@ def source_fingerprint(source: str, name: str | None = None, revision: str | Non
     (a folder's over its sorted relative paths and file hashes), or a hub id with the
     requested name and revision and, given the `loaded` DatasetDict, its split fingerprints
     (what `datasets` derives from the files it resolved)."""
-    path = _local_path(source)
+    path = local_path(source)
     if path is None:
         record = {"kind": "hub", "id": source, "name": name, "revision": revision or "main"}
         if data_files is not None:

@@ -61,11 +61,29 @@ def validate_study(path: Path, assignments_: list[str] | None = None) -> str:
     from study.spec import assignments, load_spec
 
     spec = load_spec(path, assignments(assignments_))
+    _check_local_sources(spec, path)
     space = load_search_space(spec)
     space.ranks(spec.finetune.ranks)  # stage 1 trains every rank: a sampled rank is refused
     return (f"{path}: valid (study {spec.name}, {len(spec.skills)} skills, target "
             f"{spec.target_name}, search space {spec.search.space}: {len(space.methods)} "
             "methods)")
+
+
+def _check_local_sources(spec, path: Path) -> None:
+    """Each task's (and few-shot) source that names a local file or folder exists; hub ids
+    are left for the run (offline, nothing is downloaded)."""
+    from soups.data import DatasetError
+    from soups.sources import local_path
+
+    for name, task in spec.tasks().items():
+        sources = [] if task.generated else [task.source]
+        if task.fewshot is not None and task.fewshot.source not in ("preset", "task"):
+            sources.append(task.fewshot.source)
+        for source in sources:
+            try:
+                local_path(source)
+            except DatasetError as err:
+                raise DatasetError(f"{path}: task {name}: {err}") from None
 
 
 def validate_cluster(cluster: Path, study: Path | None) -> None:

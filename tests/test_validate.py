@@ -88,3 +88,13 @@ def test_cluster_file_still_gets_the_cluster_checks(tmp_path):
     done = _validate(bad)
     assert done.exit_code == 1
     assert f"error: {bad}: max_worker: unknown key" in done.output
+
+
+def test_a_missing_local_source_is_named_offline(tmp_path):
+    study = tmp_path / "study.yaml"
+    study.write_text("skills:\n  math: {source: generated}\n  code: {source: generated, "
+                     "scorer: program}\ntarget:\n  gsm: {source: ./no/such.jsonl, "
+                     "scorer: program, carve: {sizes: {validation: 5, test: rest}}}\n"
+                     "objective: {task: gsm}\n")
+    assert_user_error(["validate", study], str(study), "task gsm", "./no/such.jsonl",
+                      "no such folder or file")
