@@ -47,7 +47,7 @@ def evaluate(
     credit (answered / parsed / ran)."""
     from soups.base_model import BaseModelSettings, build_base_model
     from soups.data import DatasetError, DataSettings, build_task_datasets, load_task_dataset
-    from soups.evaluate import evaluate_rows, load_model
+    from soups.resident import ResidentModel, evaluate_side_by_side
     from soups.home import cache_dir
     from soups.sandbox import SANDBOXES, check_sandbox
 
@@ -68,10 +68,12 @@ def evaluate(
         rows = {name: r.select(range(min(limit, len(r)))) for name, r in rows.items()}
     if any("program" in r.unique("scorer") for r in rows.values()):
         check_sandbox(sandbox)  # before the model loads: fail in a second, not a minute
-    lm, tokenizer = load_model(model_dir, adapter)
+    # The study's evaluator: the base loaded once, the adapter applied unmerged.
+    resident = ResidentModel(model_dir)
     report = {}
     for name in task:
-        scores = evaluate_rows(lm, tokenizer, name, rows[name], sandbox=sandbox)
+        (scores,) = evaluate_side_by_side(resident, [adapter], name, list(rows[name]),
+                                          sandbox=sandbox)
         partial = "  ".join(f"{k} {v:.3f}" for k, v in scores.partial.items())
         accuracy = f"accuracy {scores.accuracy:.3f}  " if scores.accuracy is not None else ""
         typer.echo(f"{name:<10} {split:<10} n={scores.n:<4} {accuracy}{partial}  "

@@ -66,6 +66,14 @@ def _log_data(parent: str, report: dict, log) -> None:
             + " that are target validation or test rows")
 
 
+def _evaluation(spec: StudySpec) -> dict:
+    """The `evaluation` section as trials read it, the evaluators' GPUs resolved."""
+    evaluation = spec.evaluation.model_dump()
+    if evaluation["evaluator_gpus"] is None:
+        evaluation["evaluator_gpus"] = spec.search.gpus_per_trial
+    return evaluation
+
+
 def run_study(spec: StudySpec, resume: bool = False, log=print) -> list[dict]:
     """Run (or resume) a study end to end; returns the leaderboard rows."""
     from study.cluster import preflight
@@ -75,6 +83,7 @@ def run_study(spec: StudySpec, resume: bool = False, log=print) -> list[dict]:
     from study.resolve import data_report, resolve_base_model, resolve_tasks, stage1_needs
     from study.selection import evaluate_test_split, leaderboard, print_leaderboard
     from study.stage1 import stage1
+    from trainables.evaluator import start_evaluators, stop_evaluators
     from trainables.tuner import fit
 
     root = study_dir(spec)
@@ -99,19 +108,27 @@ def run_study(spec: StudySpec, resume: bool = False, log=print) -> list[dict]:
         adapters = (stage1(spec, model_dir, tasks, ranks, needs_data_mix, uri, experiment,
                            parent, log) if needs_loras else {})
 
+        evaluation = _evaluation(spec)
+        evaluators = (start_evaluators(spec.name, str(model_dir), tasks, evaluation,
+                                       dict(spec.cluster.worker_resources),
+                                       spec.cluster.driver_resource, log)
+                      if spec.evaluation.resident else ())
         context = TrialContext(
             study=spec.name, experiment_id=experiment, tracking_uri=uri, parent_run_id=parent,
             model_dir=str(model_dir), skills=tuple(spec.skills), target=spec.target_name,
-            tasks=tasks, adapters=adapters, evaluation=spec.evaluation.model_dump(),
-            cat=spec.cat.model_dump(), seed=spec.search.seed)
-        results = fit(spec.search, spec.cat, spec.cluster, space, ranks, context,
-                      root / TUNE_DIR, resume, log, say)
-
-        rows = leaderboard(results)
-        best = next((r for r in rows if r[OBJECTIVE] is not None), None)
-        if best is None:
-            raise RuntimeError(f"study {spec.name}: no trial finished; see {root / TUNE_DIR}")
-        best["test"] = evaluate_test_split(spec, context, best, parent, log)
+            tasks=tasks, adapters=adapters, evaluation=evaluation,
+            cat=spec.cat.model_dump(), seed=spec.search.seed, evaluators=evaluators)
+        try:
+            results = fit(spec.search, spec.cat, spec.cluster, space, ranks, context,
+                          root / TUNE_DIR, resume, log, say)
+            rows = leaderboard(results)
+            best = next((r for r in rows if r[OBJECTIVE] is not None), None)
+            if best is None:
+                raise RuntimeError(f"study {spec.name}: no trial finished; see "
+                                   f"{root / TUNE_DIR}")
+            best["test"] = evaluate_test_split(spec, context, best, parent, log)
+        finally:
+            stop_evaluators(evaluators)
         export_best(spec, best, root, log)
         tracking.log_metrics(parent, {BEST_OBJECTIVE: best[OBJECTIVE],
                                       BEST_TEST_ACCURACY: best["test"],

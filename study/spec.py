@@ -161,6 +161,16 @@ class Evaluation(Strict):
     # CPU; `auto` dtype is bfloat16 on a GPU that has it, float32 on the CPU.
     device: str = "auto"
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    # Resident evaluators (trainables/evaluator.py): long-lived actors that hold the base
+    # model once and evaluate the trials' candidates, side by side when they arrive
+    # together. false: each trial loads the base model itself.
+    resident: bool = True
+    evaluators: int = Field(1, ge=1)  # evaluation slots (one per GPU on a GPU cluster)
+    side_by_side: int = Field(8, ge=1)  # candidates evaluated in one pass at most
+    # Ray resources each evaluator holds. CPUs 0: it works while the trials that hold CPUs
+    # wait for it; GPUs None: the trial's (search.gpus_per_trial).
+    evaluator_cpus: float = Field(0.0, ge=0)
+    evaluator_gpus: float | None = Field(None, ge=0)
 
     @field_validator("device")
     @classmethod

@@ -25,7 +25,6 @@ from soups.names import (
     CAT_STEP,
     CAT_TRAIN_LOSS,
     CAT_TRAINABLE_PARAMETERS,
-    EVAL_SECONDS,
     OBJECTIVE,
     VALIDATION,
     task_metric,
@@ -53,6 +52,7 @@ class TrialContext:
     evaluation: dict  # the study's `evaluation` section, every key (study/spec.py)
     cat: dict  # the study's `cat` section, every key: CAT trials' defaults
     seed: int = 0
+    evaluators: tuple[str, ...] = ()  # the study's resident evaluators (actor names)
 
 
 def load_rows(ctx: TrialContext, task: str, split: str, limit: int | None = None) -> list[dict]:
@@ -152,31 +152,34 @@ def candidate_builder(method: str) -> Callable:
 
 def evaluate_candidate(ctx: TrialContext, adapter: str | None, split: str, tasks,
                        limit: int | None, records_dir: Path | None = None) -> dict[str, float]:
-    """Scores of base model + adapter on `tasks` (names) at `split`, as flat metrics, on
-    the device the trial was given (`evaluation.device`, `auto`: its GPU, else the CPU).
-    Each task's answers go to `records_dir/<split>/<task>.jsonl` when given; a task with
-    no rows at `split` (a skill without validation rows) is left out."""
-    from soups.evaluate import evaluate_rows, load_model, records_jsonl
+    """Scores of base model + adapter on `tasks` (names) at `split`, as flat metrics, by one
+    of the study's resident evaluators (`trainables/evaluator.py`), or in this process when
+    the study has none. Each task's answers go to `records_dir/<split>/<task>.jsonl` when
+    given; a task with no rows at `split` (a skill without validation rows) is left out."""
+    if ctx.evaluators:
+        from trainables.evaluator import evaluate_remote
 
-    evaluation = ctx.evaluation
-    model, tokenizer = load_model(ctx.model_dir, adapter, evaluation["device"],
-                                  evaluation["dtype"])
-    metrics: dict[str, float] = {}
-    for task in tasks:
-        data = ctx.tasks[task]
-        rows = data.rows(split, limit)
-        if not rows:
-            continue
-        scores = evaluate_rows(model, tokenizer, task, rows, prompts=data.eval_prompts(rows),
-                               generation=data.generation(evaluation), scorer=data.scorer(),
-                               sandbox=evaluation["sandbox"])
-        metrics.update(scores.metrics(split))
-        metrics[task_metric(split, task, EVAL_SECONDS)] = scores.seconds
-        if records_dir is not None:
+        result = evaluate_remote(ctx.evaluators, f"{split}:{adapter}", adapter, split,
+                                 tasks, limit)
+    else:
+        result = _evaluate_here(ctx, adapter, split, tasks, limit)
+    if records_dir is not None:
+        for task, lines in result["records"].items():
             out = Path(records_dir) / split / f"{task}.jsonl"
             out.parent.mkdir(parents=True, exist_ok=True)
-            out.write_text(records_jsonl(scores.records))
-    return metrics
+            out.write_text(lines)
+    return result["metrics"]
+
+
+def _evaluate_here(ctx: TrialContext, adapter: str | None, split: str, tasks,
+                   limit: int | None) -> dict:
+    """The evaluators' work for one candidate, in this process (the base loaded here)."""
+    from soups.resident import ResidentModel
+    from trainables.evaluator import Candidate, adapter_files, evaluate_together
+
+    resident = ResidentModel(ctx.model_dir, ctx.evaluation["device"], ctx.evaluation["dtype"])
+    candidate = Candidate(adapter_files(adapter), split, tuple(tasks), limit)
+    return evaluate_together(resident, ctx.tasks, ctx.evaluation, [candidate])[0]
 
 
 def generation_params(ctx: TrialContext) -> dict:
