@@ -48,7 +48,10 @@ class MixedLoraLinear(torch.nn.Module):
     """A linear layer (`base`, untouched) plus k LoRA candidates applied per batch row.
 
     Factors are stacked and zero-padded to the largest rank: `A` (k, r_max, in), `B`
-    (k, out, r_max), in the base weight's dtype and device; `scalings` holds each
+    (k, out, r_max), on the base weight's device in its dtype, except float32 for a float16
+    or bfloat16 base, as PEFT keeps them (`autocast_adapter_dtype`, its default): the input
+    is cast to that dtype, the delta added, and the sum cast back to the base output's
+    dtype, PEFT's order of operations. `scalings` holds each
     candidate's PEFT scaling as a Python float, multiplied after B as PEFT does. A candidate
     without this module (or the base model alone) has rank 0 and is skipped. `rows` (a long
     tensor, one candidate index per batch row) is set before each batch; None applies the
@@ -69,16 +72,16 @@ class MixedLoraLinear(torch.nn.Module):
         out_features, in_features = present[0].B.shape[0], present[0].A.shape[1]
         self.ranks = tuple(0 if f is None else f.rank for f in factors)
         self.scalings = tuple(0.0 if f is None else f.scaling for f in factors)
-        r_max = max(self.ranks)
+        r_max, dtype = max(self.ranks), factor_dtype(weight.dtype)
         # Plain attributes, not buffers: the model's state_dict keeps only its own tensors.
-        self.A = torch.zeros(len(factors), r_max, in_features, dtype=weight.dtype,
+        self.A = torch.zeros(len(factors), r_max, in_features, dtype=dtype,
                              device=weight.device)
-        self.B = torch.zeros(len(factors), out_features, r_max, dtype=weight.dtype,
+        self.B = torch.zeros(len(factors), out_features, r_max, dtype=dtype,
                              device=weight.device)
         for c, f in enumerate(factors):
             if f is not None:
-                self.A[c, :f.rank] = f.A.to(weight.dtype)
-                self.B[c, :, :f.rank] = f.B.to(weight.dtype)
+                self.A[c, :f.rank] = f.A.to(dtype)
+                self.B[c, :, :f.rank] = f.B.to(dtype)
         self._rows: torch.Tensor | None = None
         self._groups: RowGroups = [(0, None)] if self.ranks[0] > 0 else []
 
@@ -106,13 +109,15 @@ class MixedLoraLinear(torch.nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self._check_rows(x.shape[0])
         result = self.base(x)
-        for candidate, index in self._groups:
+        out_dtype, x = result.dtype, x.to(self.A.dtype)
+        for candidate, index in self._groups:  # one group per row: one addition per row
             a, b, scaling = self.factors(candidate)
             if index is None:  # every row: PEFT's expression exactly
-                result = result + F.linear(F.linear(x, a), b) * scaling
+                result = (result + F.linear(F.linear(x, a), b) * scaling).to(out_dtype)
             else:
                 delta = F.linear(F.linear(x.index_select(0, index), a), b) * scaling
-                result = result.index_copy(0, index, result.index_select(0, index) + delta)
+                summed = (result.index_select(0, index) + delta).to(out_dtype)
+                result = result.index_copy(0, index, summed)
         return result
 
     def _check_rows(self, batch: int) -> None:
@@ -122,6 +127,12 @@ class MixedLoraLinear(torch.nn.Module):
         if self._rows is not None and self._rows.shape[0] != batch:
             raise EvaluationError(f"set_rows gave {self._rows.shape[0]} rows, the batch has "
                                   f"{batch}")
+
+
+def factor_dtype(weight_dtype: torch.dtype) -> torch.dtype:
+    """The dtype PEFT keeps LoRA factors in on a base layer of `weight_dtype`: float32 for
+    float16 and bfloat16 (its `autocast_adapter_dtype`), else the weight's own."""
+    return torch.float32 if weight_dtype in (torch.float16, torch.bfloat16) else weight_dtype
 
 
 def row_groups(rows: torch.Tensor, ranks: Sequence[int]) -> RowGroups:

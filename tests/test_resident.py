@@ -145,6 +145,25 @@ def test_one_candidate_gives_peft_unmerged_logits_bit_for_bit(resident, adapters
     assert not torch.equal(mixed[1], want[1])  # row 1 used the other adapter
 
 
+def test_in_bfloat16_the_factors_stay_float32_as_peft_keeps_them(tiny_model_dir, adapters):
+    """PEFT upcasts half-precision adapter weights to float32 (autocast_adapter_dtype) and
+    casts the sum back: the same order here gives its bfloat16 logits bit for bit."""
+    from peft import PeftModel
+
+    half = ResidentModel(tiny_model_dir, device="cpu", dtype="bfloat16")
+    base, _ = load_model(tiny_model_dir, device="cpu", dtype="bfloat16")
+    peft = PeftModel.from_pretrained(base, adapters[0]).eval()
+    ids, mask = _batch(half.tokenizer)
+    want = _logits(peft, ids, mask)
+    with half.candidates([adapters[1], adapters[0]]):
+        q = half.model.model.layers[0].self_attn.q_proj
+        assert q.A.dtype == torch.float32 and q.base.weight.dtype == torch.bfloat16
+        half.set_rows([1, 0, 1])
+        mixed = _logits(half.model, ids, mask)
+    assert want.dtype == mixed.dtype == torch.bfloat16
+    assert torch.equal(mixed[[0, 2]], want[[0, 2]])
+
+
 def test_one_candidate_generates_what_peft_unmerged_generates(resident, adapters,
                                                               peft_unmerged):
     want = generate(peft_unmerged, resident.tokenizer, PROMPTS, GREEDY)
