@@ -11,7 +11,7 @@ import json
 import math
 import time
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 
 from soups.errors import SoupsError
@@ -27,6 +27,7 @@ MAX_NEW_TOKENS = 96  # generation length per answer (the study's `evaluation` de
 BATCH_SIZE = 32  # prompts per generation batch
 DTYPES = ("float32", "bfloat16", "float16")
 LOSS_METRIC, PERPLEXITY = "loss", "perplexity"
+OnBatch = Callable[[list[int]], None]  # told the input indices of each batch before it runs
 
 
 class EvaluationError(SoupsError):
@@ -185,11 +186,14 @@ def _sampling_args(settings: GenerationSettings) -> dict:
 
 
 def generate(model, tokenizer, prompts: Sequence[str],
-             settings: GenerationSettings = GenerationSettings()) -> list[str]:
+             settings: GenerationSettings = GenerationSettings(),
+             on_batch: OnBatch | None = None) -> list[str]:
     """Completions of `prompts` (final strings) in batches (left-padded, KV cache), in input
     order, each cut at its earliest stop sequence. Prompts are sorted by length first so a
     batch wastes little on padding; sampling reseeds before each batch, so the same prompts
-    and settings give the same texts. (`generate` of transformers runs without autograd.)"""
+    and settings give the same texts. (`generate` of transformers runs without autograd.)
+    `on_batch`, when given, is called with the indices in `prompts` of each batch's rows,
+    in row order, just before that batch runs (`soups.resident` picks each row's adapter)."""
     from transformers import StoppingCriteriaList
 
     model.eval()
@@ -208,6 +212,8 @@ def generate(model, tokenizer, prompts: Sequence[str],
             [_StopOnText(tokenizer, settings.stop, ids.shape[1])] if settings.stop else [])
         if not settings.greedy:
             torch.manual_seed(settings.seed)
+        if on_batch is not None:
+            on_batch(rows)
         generated = model.generate(
             input_ids=ids.to(device), attention_mask=mask.to(device),
             max_new_tokens=settings.max_new_tokens, use_cache=True,
@@ -242,9 +248,10 @@ def _fit_context(model, encoded: list[list[int]], max_new_tokens: int) -> list[l
 
 
 def _completion_nll(model, tokenizer, rows: Sequence[dict], batch_size: int,
-                    max_length: int | None = None) -> list[tuple[float, int]]:
+                    max_length: int | None = None,
+                    on_batch: OnBatch | None = None) -> list[tuple[float, int]]:
     """(summed negative log-likelihood, token count) of each row's completion (and EOS)
-    given its prompt, under teacher forcing."""
+    given its prompt, under teacher forcing; `on_batch` as in `generate`."""
     from soups.text_batches import IGNORE_INDEX, collate, encode_example, pad_token_id
 
     max_length = max_length or getattr(model.config, "max_position_embeddings", None) or 2048
@@ -254,6 +261,8 @@ def _completion_nll(model, tokenizer, rows: Sequence[dict], batch_size: int,
     model.eval()
     for start in range(0, len(encoded), batch_size):
         batch = collate(encoded[start : start + batch_size], pad_token_id(tokenizer))
+        if on_batch is not None:
+            on_batch(list(range(start, min(start + batch_size, len(encoded)))))
         with torch.no_grad():
             logits = model(input_ids=batch["input_ids"].to(device),
                            attention_mask=batch["attention_mask"].to(device)).logits
@@ -267,12 +276,13 @@ def _completion_nll(model, tokenizer, rows: Sequence[dict], batch_size: int,
 
 
 def completion_loss(model, tokenizer, rows: Sequence[dict], batch_size: int = BATCH_SIZE,
-                    max_length: int | None = None) -> list[float]:
+                    max_length: int | None = None,
+                    on_batch: OnBatch | None = None) -> list[float]:
     """Each row's mean negative log-likelihood per completion token (EOS included) given its
     prompt; NaN for a row whose prompt leaves no completion token within `max_length`
-    (default: the model's context length)."""
-    return [total / count if count else math.nan
-            for total, count in _completion_nll(model, tokenizer, rows, batch_size, max_length)]
+    (default: the model's context length). `on_batch` as in `generate`."""
+    totals = _completion_nll(model, tokenizer, rows, batch_size, max_length, on_batch)
+    return [total / count if count else math.nan for total, count in totals]
 
 
 # Tasks ----------------------------------------------------------------------------------
@@ -308,10 +318,16 @@ def _scorer_of(task: str, rows: Sequence[dict]) -> ScorerSettings:
 
 
 def _loss_scores(model, tokenizer, rows: list[dict], prompts: list[str],
-                 batch_size: int) -> tuple[list[dict], dict]:
+                 batch_size: int, on_batch: OnBatch | None = None) -> tuple[list[dict], dict]:
     """Records and the token-weighted mean `loss` and its `perplexity` of a loss task."""
     scored = [{**row, "prompt": prompt} for row, prompt in zip(rows, prompts, strict=True)]
-    totals = _completion_nll(model, tokenizer, scored, batch_size)
+    totals = _completion_nll(model, tokenizer, scored, batch_size, on_batch=on_batch)
+    return _loss_records(rows, prompts, totals)
+
+
+def _loss_records(rows: list[dict], prompts: list[str], totals: list[tuple[float, int]]
+                  ) -> tuple[list[dict], dict]:
+    """`_loss_scores` from the rows' (summed NLL, token count) totals."""
     records = [{"prompt": prompt, "output": "", "extracted": None,
                 "reference": row["completion"], "correct": None,
                 "loss": total / count if count else math.nan, "tokens": count}
@@ -324,12 +340,14 @@ def _loss_scores(model, tokenizer, rows: list[dict], prompts: list[str],
 def evaluate_rows(model, tokenizer, task: str, rows: Sequence[dict],
                   prompts: Sequence[str] | None = None,
                   generation: GenerationSettings = GenerationSettings(),
-                  scorer: ScorerSettings | None = None, sandbox: str = BWRAP) -> TaskScores:
+                  scorer: ScorerSettings | None = None, sandbox: str = BWRAP,
+                  on_batch: OnBatch | None = None) -> TaskScores:
     """Score `rows` (one task): generate from `prompts` (default: the rows' `prompt`
     column) and score with `scorer` (default: the rows' one `scorer` column value), programs
     run in `sandbox` (`soups.sandbox.SANDBOXES`); a `loss` scorer generates nothing and
     reports the completions' loss and perplexity (batches of `generation.batch_size`), with
-    accuracy None. Records: the scorer's, with `prompt` the final prompt."""
+    accuracy None. Records: the scorer's, with `prompt` the final prompt. `on_batch` is
+    told each batch's row indices (`generate`)."""
     rows = list(rows)
     prompts = [row["prompt"] for row in rows] if prompts is None else list(prompts)
     if len(prompts) != len(rows):
@@ -337,16 +355,23 @@ def evaluate_rows(model, tokenizer, task: str, rows: Sequence[dict],
     scorer = scorer or _scorer_of(task, rows)
     start = time.perf_counter()
     if scorer.kind == LOSS:
-        records, partial = _loss_scores(model, tokenizer, rows, prompts, generation.batch_size)
+        records, partial = _loss_scores(model, tokenizer, rows, prompts, generation.batch_size,
+                                        on_batch)
         accuracy = None
     else:
-        answers = generate(model, tokenizer, prompts, generation)
-        records, partial = SCORERS[scorer.kind].score(rows, answers, scorer, sandbox)
-        records = [{**record, "prompt": prompt}
-                   for record, prompt in zip(records, prompts, strict=True)]
-        accuracy = mean(record["correct"] for record in records)
+        answers = generate(model, tokenizer, prompts, generation, on_batch)
+        records, partial, accuracy = _answer_records(rows, prompts, answers, scorer, sandbox)
     return TaskScores(task=task, n=len(rows), accuracy=accuracy, partial=partial,
                       seconds=time.perf_counter() - start, records=records)
+
+
+def _answer_records(rows: list[dict], prompts: list[str], answers: list[str],
+                    scorer: ScorerSettings, sandbox: str) -> tuple[list[dict], dict, float]:
+    """(records, partial scores, accuracy) of generated answers under `scorer`."""
+    records, partial = SCORERS[scorer.kind].score(rows, answers, scorer, sandbox)
+    records = [{**record, "prompt": prompt}
+               for record, prompt in zip(records, prompts, strict=True)]
+    return records, partial, mean(record["correct"] for record in records)
 
 
 def _json_safe(value):
