@@ -47,8 +47,8 @@ def evaluate(
     credit (answered / parsed / ran)."""
     from soups.base_model import BaseModelSettings, build_base_model
     from soups.data import DatasetError, DataSettings, build_task_datasets, load_task_dataset
-    from soups.resident import ResidentModel, evaluate_side_by_side
     from soups.home import cache_dir
+    from soups.resident import ResidentModel, evaluate_side_by_side
     from soups.sandbox import SANDBOXES, check_sandbox
 
     if sandbox not in SANDBOXES:

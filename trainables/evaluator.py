@@ -25,6 +25,9 @@ ACTOR_PREFIX = "soups-evaluator"
 # How long an evaluator waits for more candidates before it starts a batch: trials that
 # finish building at nearly the same time share one pass over the prompts.
 GATHER_SECONDS = 0.5
+# The driver holds each evaluator's handle while the study runs: a named actor that is not
+# detached lives as long as a handle of its creator does (and dies with the driver).
+_HANDLES: dict[str, object] = {}
 
 
 @dataclass(frozen=True)
@@ -162,13 +165,14 @@ def start_evaluators(study: str, model_dir: str, tasks: dict, evaluation: dict,
     cpus = evaluation["evaluator_cpus"]
     if on_cluster(driver_resource):
         cpus = max(cpus, 1)  # the head offers no CPU (cluster.yaml): never there
-    actor = ray.remote(Evaluator).options(
-        num_cpus=cpus, num_gpus=evaluation["evaluator_gpus"],
-        resources=dict(worker_resources or {}), max_restarts=-1, max_task_retries=-1,
-        max_concurrency=64, get_if_exists=True)
+    actor = ray.remote(Evaluator)
+    options = {"num_cpus": cpus, "num_gpus": evaluation["evaluator_gpus"],
+               "resources": dict(worker_resources or {}), "max_restarts": -1,
+               "max_task_retries": -1, "max_concurrency": 64, "get_if_exists": True}
     start = time.perf_counter()
-    handles = [actor.options(name=name).remote(model_dir, tasks, evaluation)
+    handles = [actor.options(name=name, **options).remote(model_dir, tasks, evaluation)
                for name in names]
+    _HANDLES.update(zip(names, handles, strict=True))
     infos = ray.get([h.info.remote() for h in handles])
     log(f"evaluators: {len(names)} holding the base model (loaded in "
         f"{max(i['load_seconds'] for i in infos):.1f} s; ready in "
@@ -180,10 +184,9 @@ def stop_evaluators(names: tuple[str, ...]) -> None:
     import ray
 
     for name in names:
-        try:
-            ray.kill(ray.get_actor(name), no_restart=True)
-        except ValueError:  # already gone
-            pass
+        handle = _HANDLES.pop(name, None)
+        if handle is not None:
+            ray.kill(handle, no_restart=True)
 
 
 def evaluate_remote(names: tuple[str, ...], key: str, adapter: str | Path | None,
