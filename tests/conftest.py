@@ -69,6 +69,16 @@ def tiny_model_dir(tmp_path_factory):
     return build_tiny_llama(tmp_path_factory.mktemp("tiny_llama"))
 
 
+def raises_naming(error: type[BaseException], call, *named) -> str:
+    """The message of the `error` that `call()` raises; it names each of `named`."""
+    with pytest.raises(error) as caught:
+        call()
+    message = str(caught.value)
+    for value in named:
+        assert str(value) in message, message
+    return message
+
+
 def assert_user_error(args, *named) -> str:
     """`soups ARGS` (the CLI app, in this process) on a bad input, as every command meets one:
     exit status 2, one `error: ...` line on stderr that names each of `named`, and no

@@ -8,7 +8,7 @@ import copy
 import re
 
 import pytest
-from conftest import TINY_CORPUS
+from conftest import TINY_CORPUS, raises_naming
 
 from soups.errors import SoupsError
 from soups.prompts import (
@@ -53,13 +53,7 @@ def chat_tok(tok):
 
 
 def _error(call, *named) -> str:
-    """The message of the TemplateError `call()` raises; it names each of `named`."""
-    with pytest.raises(TemplateError) as caught:
-        call()
-    message = str(caught.value)
-    for value in named:
-        assert str(value) in message, message
-    return message
+    return raises_naming(TemplateError, call, *named)
 
 
 # --- Template -------------------------------------------------------------------------------

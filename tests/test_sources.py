@@ -11,6 +11,7 @@ import math
 import random
 
 import pytest
+from conftest import raises_naming
 
 from soups.data import DatasetError
 from soups.sources import (
@@ -62,13 +63,7 @@ def _write_jsonl(path, rows):
 
 
 def _raises(call, *named) -> str:
-    """`call()` raises a DatasetError whose message names each of `named`."""
-    with pytest.raises(DatasetError) as info:
-        call()
-    message = str(info.value)
-    for value in named:
-        assert str(value) in message, message
-    return message
+    return raises_naming(DatasetError, call, *named)
 
 
 def _sha(data: bytes) -> str:
