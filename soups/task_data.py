@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import functools
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from soups.data import DatasetError, _as_number
 from soups.task_spec import TaskSpec
@@ -27,6 +27,10 @@ class TaskData:
     model_dir: str | None = None  # its tokenizer: chat templates, raw-text blocks
     max_length: int = 192  # raw-text block length (the fine-tune's max_length)
     exclude: frozenset[str] = frozenset()  # normalised keys dropped from train (decontamination)
+
+    def __hash__(self) -> int:  # the spec's dicts are not hashable; its JSON is
+        return hash((self.name, self.spec.model_dump_json(), self.location, self.model_dir,
+                     self.max_length, self.exclude))
 
     # -- rows ---------------------------------------------------------------------------
     def rows(self, role: str, limit: int | None = None) -> list[dict]:
@@ -55,10 +59,16 @@ class TaskData:
         return {normalise_key(r["key"]) for r in self._rendered(role)}
 
     def _rendered(self, role: str) -> list[dict]:
+        """The role's rows before decontamination, rendered once per process (every stage
+        asks again: the report, stage 1, each trial's evaluation); copies, so a caller
+        that changes a row changes only its own."""
+        return [dict(r) for r in _render_once(replace(self, exclude=frozenset()), role)]
+
+    def _render(self, role: str) -> list[dict]:
         spec = self.spec
         if spec.generated:
             split = spec.splits.get(role)
-            return [dict(r) for r in _generated_split(self.location, split)] if split else []
+            return list(_generated_split(self.location, split)) if split else []
         raw = self._raw(role)
         if spec.is_text:
             return self._text_rows(raw)
@@ -77,23 +87,28 @@ class TaskData:
         """The source's rows of `role`, filtered, carved, with the `columns` aliases."""
         spec = self.spec
         if spec.carve is not None:
-            from soups.sources import Carve, carve_rows
-
-            carve = spec.carve
-            rows = self._filtered(carve.split, role)
-            carved = carve_rows(rows, Carve(dict(carve.sizes), carve.seed, carve.key),
-                                f"task {self.name}")
-            rows = carved.get(role, [])
+            rows = _carve_once(replace(self, exclude=frozenset())).get(role, [])
         else:
             split = spec.splits.get(role)
-            rows = self._filtered(split, role) if split else []
+            rows = self._filtered(split, missing_ok=role != "train") if split else []
         return [_with_aliases(r, spec.columns, self.name) for r in rows]
 
-    def _filtered(self, split: str, role: str) -> list[dict]:
-        loaded = _source(self.spec.source, self.spec.name, self.spec.revision,
-                         _frozen(self.spec.data_files))
+    def _carved(self) -> dict[str, list[dict]]:
+        """Every role's rows of the carved split (one carve serves the three roles)."""
+        from soups.sources import Carve, carve_rows
+
+        carve = self.spec.carve
+        return carve_rows(self._filtered(carve.split),
+                          Carve(dict(carve.sizes), carve.seed, carve.key), f"task {self.name}")
+
+    def _loaded(self) -> dict[str, list[dict]]:
+        spec = self.spec
+        return _source(spec.source, spec.name, spec.revision, _frozen(spec.data_files))
+
+    def _filtered(self, split: str, missing_ok: bool = False) -> list[dict]:
+        loaded = self._loaded()
         if split not in loaded:
-            if self.spec.carve is None and role != "train" and len(loaded) == 1:
+            if missing_ok and len(loaded) == 1:
                 # A one-split source that is not carved (a skill's text file, a training
                 # set): its train role has rows, the others none (study/resolve.py refuses
                 # that for the target, whose validation and test must exist).
@@ -187,9 +202,8 @@ class TaskData:
             return {"kind": "generated", "path": self.location}
         from soups.sources import source_fingerprint
 
-        loaded = _source(spec.source, spec.name, spec.revision, _frozen(spec.data_files))
         out = source_fingerprint(spec.source, spec.name, spec.revision, spec.data_files,
-                                 loaded=loaded)
+                                 loaded=self._loaded())
         if spec.carve is not None:
             out["carve"] = spec.carve.model_dump()
             out["carved"] = {role: len(self._raw(role)) for role in spec.carve.sizes}
@@ -265,6 +279,16 @@ def _source(source: str, name: str | None, revision: str | None, data_files: str
     files = json.loads(data_files) if data_files is not None else None
     loaded = load_source(source, name=name, revision=revision, data_files=files)
     return {split: loaded[split].to_list() for split in loaded}
+
+
+@functools.lru_cache(maxsize=8)
+def _carve_once(data: TaskData) -> dict[str, list[dict]]:
+    return data._carved()
+
+
+@functools.lru_cache(maxsize=32)
+def _render_once(data: TaskData, role: str) -> tuple[dict, ...]:
+    return tuple(data._render(role))
 
 
 @functools.lru_cache(maxsize=16)

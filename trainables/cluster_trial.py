@@ -29,6 +29,7 @@ from pathlib import Path
 
 from soups.names import CAT_STEP, DRIVER_TAG, LOSS_TAG, NODE_TAG
 from trainables import tracking
+from trainables.file_tree import read_tree, write_tree
 from trainables.merge_trial import ADAPTER_DIR, GENERATIONS_DIR, TrialContext
 from trainables.trial_run import TrialRun, build_candidate, cat_artifacts, trial_run
 
@@ -74,23 +75,11 @@ def trial_work(context: TrialContext, variant: dict) -> Iterator[dict]:
                 break
         generations = Path(tmp) / GENERATIONS_DIR
         metrics = score_validation(context, adapter, build_seconds, generations)
-        files = _read_tree(Path(adapter), ADAPTER_DIR) if adapter is not None else {}
+        files = read_tree(Path(adapter), ADAPTER_DIR) if adapter is not None else {}
         artifacts = {name: path.read_bytes()
                      for name, path in cat_artifacts(out_dir, Path(tmp), context.skills).items()}
-        artifacts.update(_read_tree(generations, GENERATIONS_DIR))
+        artifacts.update(read_tree(generations, GENERATIONS_DIR))
         yield {"result": {"metrics": metrics, "files": files, "artifacts": artifacts}}
-
-
-def _read_tree(root: Path, prefix: str) -> dict[str, bytes]:
-    return {f"{prefix}/{p.relative_to(root).as_posix()}": p.read_bytes()
-            for p in sorted(root.rglob("*")) if p.is_file()}
-
-
-def _write_tree(files: dict[str, bytes], root: Path) -> None:
-    for name, data in files.items():
-        path = root / name
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_bytes(data)
 
 
 def cluster_trial(config: dict, context: TrialContext, work_options: dict,
@@ -130,8 +119,8 @@ def cluster_trial(config: dict, context: TrialContext, work_options: dict,
             except ray.exceptions.RayTaskError as err:
                 raise err.as_instanceof_cause() from None
         received = run.work_dir / "received"
-        _write_tree(result["files"], received)
-        _write_tree(result["artifacts"], received / "artifacts")
+        write_tree(result["files"], received)
+        write_tree(result["artifacts"], received / "artifacts")
         adapter = received / ADAPTER_DIR if result["files"] else None
         # Top-level names: a file, or a folder of them (the generations) logged as one.
         tops = dict.fromkeys(name.split("/")[0] for name in result["artifacts"])

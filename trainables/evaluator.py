@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from soups.names import EVAL_SECONDS, task_metric
+from trainables.file_tree import read_tree, write_tree
 
 ACTOR_PREFIX = "soups-evaluator"
 # How long an evaluator waits for more candidates before it starts a batch: trials that
@@ -46,11 +47,7 @@ class Candidate:
 
 
 def adapter_files(adapter: str | Path | None) -> dict[str, bytes] | None:
-    if adapter is None:
-        return None
-    root = Path(adapter)
-    return {p.relative_to(root).as_posix(): p.read_bytes()
-            for p in sorted(root.rglob("*")) if p.is_file()}
+    return read_tree(adapter) if adapter is not None else None
 
 
 class Evaluator:
@@ -141,10 +138,7 @@ def evaluate_together(resident, tasks: dict, evaluation: dict,
 def _write_adapter(files: dict[str, bytes] | None, folder: Path) -> str | None:
     if files is None:
         return None
-    for name, data in files.items():
-        path = folder / name
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_bytes(data)
+    write_tree(files, folder)
     return str(folder)
 
 
