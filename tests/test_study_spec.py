@@ -120,6 +120,8 @@ def test_grid_variants_expand_methods_grids_and_ranks():
 
 
 def test_optuna_space_is_conditional_on_method():
+    import pickle
+
     import optuna
 
     from trainables.search import optuna_define_by_run
@@ -127,6 +129,7 @@ def test_optuna_space_is_conditional_on_method():
     space = parse_space({"methods": {"ties": {"density": {"uniform": [0.2, 0.9]}},
                                      "base": {}}}, "s.yaml", _lookup)
     define = optuna_define_by_run(space, ranks=[8, 16])
+    define = pickle.loads(pickle.dumps(define))  # Tune pickles it with the searcher's state
     study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
     seen = set()
     for _ in range(12):

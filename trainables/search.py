@@ -75,12 +75,21 @@ def param_space(space: SearchSpace, ranks: list[int], algorithm: str) -> dict:
     raise ValueError(f"param_space is for grid or random search, got {algorithm!r}")
 
 
-def optuna_define_by_run(space: SearchSpace, ranks: list[int]):
+def optuna_define_by_run(space: SearchSpace, ranks: list[int]) -> OptunaDefineByRun:
     """A define-by-run function for `OptunaSearch`: the method first, then its parameters
     (named `<method>.<param>`), then the rank when the method uses skill LoRAs."""
-    rank_domain = Domain("choice", tuple(space.ranks(ranks)))
+    return OptunaDefineByRun(space, Domain("choice", tuple(space.ranks(ranks))))
 
-    def suggest(trial, name: str, value):
+
+class OptunaDefineByRun:
+    """`optuna_define_by_run`'s function. An object, not a closure: Tune pickles the searcher,
+    this function with it, whenever it saves the experiment's state."""
+
+    def __init__(self, space: SearchSpace, rank_domain: Domain):
+        self.space, self.rank_domain = space, rank_domain
+
+    @staticmethod
+    def _suggest(trial, name: str, value):
         if not isinstance(value, Domain):
             return value
         if value.kind in ("choice", "grid"):
@@ -93,16 +102,14 @@ def optuna_define_by_run(space: SearchSpace, ranks: list[int]):
             return trial.suggest_float(name, *value.values, log=True)
         return trial.suggest_int(name, value.values[0], value.values[1] - 1)
 
-    def define(trial) -> dict:
-        method = trial.suggest_categorical("method", list(space.methods))
-        params = {name: suggest(trial, f"{method}.{name}", value)
-                  for name, value in space.methods[method].items()}
+    def __call__(self, trial) -> dict:
+        method = trial.suggest_categorical("method", list(self.space.methods))
+        params = {name: self._suggest(trial, f"{method}.{name}", value)
+                  for name, value in self.space.methods[method].items()}
         rank = None
         if _ranked(method):
-            rank = suggest(trial, "rank", rank_domain)
+            rank = self._suggest(trial, "rank", self.rank_domain)
         return {"variant": {"method": method, "params": params, "rank": rank}}
-
-    return define
 
 
 class FinalResultOptuna(OptunaSearch):
