@@ -51,7 +51,10 @@ Fine-tune metrics (`study.stage1`, from the training history that `soups.lora_tr
 
 Parent run metrics (`study.runner`, `study.selection`): `best_metric(key)` `best/<key>`, the
 selected trial's test metrics; BEST_OBJECTIVE `best/validation_objective`, BEST_TEST_ACCURACY
-`best/test_accuracy`; WALL_SECONDS `wall_seconds`, the study's run time.
+`best/test_accuracy`; WALL_SECONDS `wall_seconds`, the study's run time. With several seeds
+(`study.seeds`) these are the selected candidate's means over its seeds, and
+BEST_OBJECTIVE_STDERR `best/validation_objective_stderr` and BEST_TEST_STDERR
+`best/test_accuracy_stderr` their standard errors.
 """
 
 from __future__ import annotations
@@ -104,6 +107,8 @@ WALL_SECONDS = "wall_seconds"
 BEST_PREFIX = "best/"
 BEST_OBJECTIVE = "best/validation_objective"
 BEST_TEST_ACCURACY = "best/test_accuracy"
+BEST_OBJECTIVE_STDERR = "best/validation_objective_stderr"
+BEST_TEST_STDERR = "best/test_accuracy_stderr"
 DATA_PREFIX = "data"  # parent run: each task's rows per role, and decontamination
 DECONTAMINATED = "decontaminated"  # train rows removed: they are target evaluation rows
 

@@ -59,10 +59,12 @@ def resume(name: str = typer.Argument(..., help="Name of an interrupted study.")
 
 
 def status(name: str = typer.Argument(..., help="Study name.")) -> None:
-    """Print a study's progress: trials by state and the best so far."""
+    """Print a study's progress: trials by state and the best so far (over seeds: mean ±
+    standard error and the number of seeds)."""
     from soups.names import OBJECTIVE
     from study.layout import LEADERBOARD_FILE, TUNE_DIR, study_dir
     from study.registry import saved_spec
+    from study.seeds import shown
     from trainables.tuner import trial_states
 
     root = study_dir(saved_spec(name))
@@ -74,8 +76,8 @@ def status(name: str = typer.Argument(..., help="Study name.")) -> None:
     if board.is_file():
         rows = json.loads(board.read_text())
         best = rows[0]
-        typer.echo(f"complete; best {best['candidate']}: validation {best[OBJECTIVE]:.3f}, "
-                   f"test {best.get('test')}")
+        typer.echo(f"complete; best {best['candidate']}: validation "
+                   f"{shown(best, OBJECTIVE)}, test {shown(best, 'test')}")
     else:
         typer.echo("not complete (run `soups resume " + name + "` if it was interrupted)")
 
@@ -90,6 +92,7 @@ def export(
     from study.export import export_adapter
     from study.layout import LEADERBOARD_FILE, study_dir
     from study.registry import saved_spec
+    from study.seeds import exported_trial, trial_rows
     from study.spec import SpecError
 
     spec = saved_spec(name)
@@ -97,12 +100,14 @@ def export(
     if not board.is_file():
         raise SpecError(f"study {name} has not finished (no {LEADERBOARD_FILE})")
     rows = json.loads(board.read_text())
-    if trial:
-        rows = [r for r in rows if r["trial"] == trial]
+    if trial:  # any trial, also one seed of a candidate over seeds
+        rows = [r for r in trial_rows(rows) if r["trial"] == trial]
         if not rows:
             raise SpecError(f"study {name} has no trial {trial!r}")
     row = next((r for r in rows if r[OBJECTIVE] is not None), None)
     if row is None:
         raise SpecError(f"study {name}: trial {trial or ''} did not finish")
+    row = exported_trial(row)  # the trial itself, or the best candidate's best seed
     export_adapter(row, out, spec)
-    typer.echo(f"wrote {row['candidate']} to {out}")
+    seed = f" seed {row['seed']}" if "seed" in row else ""
+    typer.echo(f"wrote {row['candidate']}{seed} to {out}")

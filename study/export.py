@@ -52,7 +52,9 @@ def _model_card(spec: StudySpec, row: dict, trial: dict) -> str:
             f"(LoRA Soups skill composition).\nSkills: {', '.join(spec.skills)}; target: "
             f"{spec.target_name}; base model: `{spec.base_model}`.\n\n"
             "Load it with `PeftModel.from_pretrained(base_model, this_folder)`.\n\n"
-            f"Method `{row['method']}`, rank {row['rank']}, parameters "
+            f"Method `{row['method']}`, rank {row['rank']}, "
+            + (f"seed {row['seed']}, " if row.get("seed") is not None else "")
+            + "parameters "
             f"`{json.dumps(row['params'], default=str)}`.\n\n"
             f"| metric | value |\n|---|---|\n{metrics}\n"
             + (f"| {task_metric(TEST, spec.target_name)} | {row['test']:.4f} |\n"

@@ -4,7 +4,8 @@
 2. resolve its inputs (`study/resolve.py`): base model, task data, search space, ranks;
 3. stage 1 (`study/stage1.py`): every skill LoRA and the DATA-MIX LoRA, through the cache;
 4. stage 2 (`trainables/tuner.py`): the Ray Tune search, one trial per candidate;
-5. selection (`study/selection.py`): the leaderboard, the test split once for the best;
+5. selection (`study/selection.py`): the leaderboard (with several seeds one row per
+   candidate over its seeds, `study/seeds.py`), the test split once for the best;
 6. export (`study/export.py`): the best adapter as a PEFT folder, registered in MLflow.
 """
 
@@ -18,7 +19,9 @@ from soups.home import TRACKING_ENV
 from soups.names import (
     BEST_METHOD_TAG,
     BEST_OBJECTIVE,
+    BEST_OBJECTIVE_STDERR,
     BEST_TEST_ACCURACY,
+    BEST_TEST_STDERR,
     BEST_TRIAL_TAG,
     DECONTAMINATED,
     OBJECTIVE,
@@ -27,6 +30,7 @@ from soups.names import (
     data_metric,
 )
 from study.layout import BEST_DIR, LEADERBOARD_FILE, SPEC_FILE, TUNE_DIR, study_dir
+from study.seeds import candidate_rows, exported_trial, shown, stderr_key
 from study.spec import StudySpec
 from trainables import tracking
 from trainables.merge_trial import TrialContext
@@ -117,11 +121,14 @@ def run_study(spec: StudySpec, resume: bool = False, log=print) -> list[dict]:
             study=spec.name, experiment_id=experiment, tracking_uri=uri, parent_run_id=parent,
             model_dir=str(model_dir), skills=tuple(spec.skills), target=spec.target_name,
             tasks=tasks, adapters=adapters, evaluation=evaluation,
-            cat=spec.cat.model_dump(), seed=spec.search.seed, evaluators=evaluators)
+            cat=spec.cat.model_dump(), seed=spec.search.seed,
+            stage1_seed=spec.finetune.seed, evaluators=evaluators)
         try:
             results = fit(spec.search, spec.cat, spec.cluster, space, ranks, context,
                           root / TUNE_DIR, resume, log, say)
             rows = leaderboard(results)
+            if len(spec.stage1_seeds) > 1:  # one row per candidate, over its seeds
+                rows = candidate_rows(rows)
             best = next((r for r in rows if r[OBJECTIVE] is not None), None)
             if best is None:
                 raise RuntimeError(f"study {spec.name}: no trial finished; see "
@@ -129,16 +136,22 @@ def run_study(spec: StudySpec, resume: bool = False, log=print) -> list[dict]:
             best["test"] = evaluate_test_split(spec, context, best, parent, log)
         finally:
             stop_evaluators(evaluators)
-        export_best(spec, best, root, log)
+        exported = exported_trial(best)  # the best itself, or its best seed
+        export_best(spec, exported, root, log)
         tracking.log_metrics(parent, {BEST_OBJECTIVE: best[OBJECTIVE],
                                       BEST_TEST_ACCURACY: best["test"],
                                       WALL_SECONDS: time.time() - started})
-        tracking.set_tags(parent, {BEST_TRIAL_TAG: best["trial"],
+        spread = {BEST_OBJECTIVE_STDERR: best.get(stderr_key(OBJECTIVE)),
+                  BEST_TEST_STDERR: best.get(stderr_key("test"))}
+        tracking.log_metrics(parent, {k: v for k, v in spread.items() if v is not None})
+        tracking.set_tags(parent, {BEST_TRIAL_TAG: exported["trial"],
                                    BEST_METHOD_TAG: best["method"]})
         (root / LEADERBOARD_FILE).write_text(json.dumps(rows, indent=2, default=str))
         tracking.log_artifact(parent, root / LEADERBOARD_FILE)
     print_leaderboard(rows, spec.target_name, log)
-    log(f"\nstudy {spec.name}: {len(rows)} trials in {time.time() - started:.0f} s; best "
-        f"{best['candidate']} (validation {best[OBJECTIVE]:.3f}, test {best['test']:.3f}); "
-        f"adapter in {root / BEST_DIR}")
+    counted = (f"{len(rows)} candidates x {len(spec.stage1_seeds)} seeds"
+               if len(spec.stage1_seeds) > 1 else f"{len(rows)} trials")
+    log(f"\nstudy {spec.name}: {counted} in {time.time() - started:.0f} s; best "
+        f"{best['candidate']} (validation {shown(best, OBJECTIVE)}, test "
+        f"{shown(best, 'test')}); adapter in {root / BEST_DIR}")
     return rows

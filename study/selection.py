@@ -1,5 +1,6 @@
-"""Selection: the leaderboard of every trial (best validation objective first), and the
-test split, evaluated once, for the selected trial only."""
+"""Selection: the leaderboard of every trial (best validation objective first; with several
+seeds, of every candidate over its seeds, `study.seeds`), and the test split, evaluated once,
+for the selected trial (or each seed of the selected candidate) only."""
 
 from __future__ import annotations
 
@@ -16,13 +17,15 @@ from soups.names import (
     best_metric,
     task_metric,
 )
+from study.seeds import PER_SEED, add_test, count_key, mean_stderr, shown
 from study.spec import StudySpec
 from trainables import tracking
 from trainables.merge_trial import ADAPTER_DIR, GENERATIONS_DIR, TrialContext
 
 
 def leaderboard(results) -> list[dict]:
-    """One row per trial, best objective first; failed and early-stopped trials last."""
+    """One row per trial, best objective first; failed and early-stopped trials last. A
+    trial on a seed axis has its `seed`."""
     from trainables.progress import describe
 
     rows = []
@@ -36,6 +39,7 @@ def leaderboard(results) -> list[dict]:
             "trial": metrics.get(TRIAL_ID) or Path(result.path).name,
             "candidate": describe(config), "method": variant.get("method"),
             "rank": variant.get("rank"), "params": variant.get("params", {}),
+            **({"seed": variant["seed"]} if "seed" in variant else {}),
             "status": status, OBJECTIVE: metrics.get(OBJECTIVE),
             "metrics": {k: v for k, v in metrics.items()
                         if k.startswith(f"{VALIDATION}/") or k.endswith("seconds")},
@@ -48,18 +52,21 @@ def leaderboard(results) -> list[dict]:
 
 
 def print_leaderboard(rows: list[dict], target: str, print_fn=print) -> None:
-    print_fn(f"\n{'#':>2}  {'candidate':<44} {'val ' + target:>14} {'test':>6}  "
+    """The leaderboard as a table; over seeds each value is mean ± standard error (n), the
+    skills and the time are means."""
+    seeded = any(count_key(OBJECTIVE) in r for r in rows)
+    value_w, test_w = (22, 22) if seeded else (14, 6)
+    print_fn(f"\n{'#':>2}  {'candidate':<44} {'val ' + target:>{value_w}} {'test':>{test_w}}  "
              f"{'skills (val)':<24} {'time':>6}")
     for i, row in enumerate(rows, 1):
         m = row["metrics"]
         skills = " ".join(f"{task}={v:.2f}" for k, v in m.items()
                           if (task := accuracy_task(k)) not in (None, target))
-        objective = f"{row[OBJECTIVE]:.3f}" if row[OBJECTIVE] is not None else row["status"]
-        test = row.get("test")
+        objective = shown(row, OBJECTIVE) if row[OBJECTIVE] is not None else row["status"]
         seconds = sum(v for k, v in m.items() if k.endswith("seconds"))
-        print_fn(f"{i:>2}  {row['candidate'][:44]:<44} {objective:>14} "
-                 f"{(f'{test:.3f}' if test is not None else '-'):>6}  {skills:<24} "
-                 f"{seconds:>5.0f}s")
+        name = row["candidate"] + (f" seed {row['seed']}" if "seed" in row else "")
+        print_fn(f"{i:>2}  {name[:44]:<44} {objective:>{value_w}} "
+                 f"{shown(row, 'test'):>{test_w}}  {skills:<24} {seconds:>5.0f}s")
 
 
 def checkpoint_adapter(row: dict) -> str | None:
@@ -72,16 +79,31 @@ def checkpoint_adapter(row: dict) -> str | None:
 
 def evaluate_test_split(spec: StudySpec, context: TrialContext, best: dict, parent: str,
                         log) -> float:
-    """The test split, evaluated once, for the selected trial only."""
+    """The test split, evaluated once, for the selected trial only; of a selected candidate
+    over seeds, for each of its finished seeds' trials (each trial's `test`, the candidate's
+    mean, standard error and n). Each trial's run gets its metrics, the parent run their
+    mean; returns the (mean) score."""
     from trainables.merge_trial import evaluate_candidate
 
-    with tempfile.TemporaryDirectory() as tmp:
-        metrics = evaluate_candidate(context, checkpoint_adapter(best), TEST,
-                                     [context.target], spec.evaluation.test_limit, Path(tmp))
-        if best["run_id"]:
-            tracking.log_metrics(best["run_id"], metrics)
-            tracking.log_artifact(best["run_id"], tmp, GENERATIONS_DIR)
-    score = metrics[task_metric(TEST, context.target)]
-    tracking.log_metrics(parent, {best_metric(k): v for k, v in metrics.items()})
-    log(f"test split of {context.target}: {score:.3f} for {best['candidate']}")
-    return score
+    score_key = task_metric(TEST, context.target)
+    scored = []
+    for trial in [t for t in best.get(PER_SEED, [best]) if t[OBJECTIVE] is not None]:
+        with tempfile.TemporaryDirectory() as tmp:
+            metrics = evaluate_candidate(context, checkpoint_adapter(trial), TEST,
+                                         [context.target], spec.evaluation.test_limit,
+                                         Path(tmp))
+            if trial["run_id"]:
+                tracking.log_metrics(trial["run_id"], metrics)
+                tracking.log_artifact(trial["run_id"], tmp, GENERATIONS_DIR)
+        trial["test"] = metrics[score_key]
+        scored.append(metrics)
+    mean = (scored[0] if len(scored) == 1
+            else {k: mean_stderr(m[k] for m in scored)[0] for k in scored[0]})
+    tracking.log_metrics(parent, {best_metric(k): v for k, v in mean.items()})
+    if PER_SEED in best:
+        add_test(best)
+        log(f"test split of {context.target}: {shown(best, 'test')} over seeds for "
+            f"{best['candidate']}")
+    else:
+        log(f"test split of {context.target}: {mean[score_key]:.3f} for {best['candidate']}")
+    return mean[score_key]

@@ -144,7 +144,27 @@ class Search(Strict):
     cpus_per_trial: float = Field(1.0, gt=0)  # a trial's driver needs some CPU
     gpus_per_trial: float = Field(0.0, ge=0)  # fractions share a GPU
     max_failures: int = Field(1, ge=0)
-    seed: int = 0
+    seed: int = 0  # the search algorithm's (Optuna; the draws of seeded random search)
+    # The seed axis (study/seeds.py): every candidate runs once per seed, on that seed's
+    # stage-1 adapters (fine-tuned with it instead of `finetune.seed`) and with it for its
+    # CAT training; the leaderboard gives each candidate's mean and standard error. None:
+    # one run per candidate, stage 1 on `finetune.seed`, CAT on `seed` (no seed axis).
+    seeds: list[int] | None = None
+
+    @field_validator("seeds")
+    @classmethod
+    def _distinct_seeds(cls, seeds: list[int] | None) -> list[int] | None:
+        if seeds is None:
+            return None
+        if not seeds:
+            raise ValueError("seeds must name at least one seed, or be left out")
+        negative = [s for s in seeds if s < 0]
+        if negative:
+            raise ValueError(f"seeds must be non-negative integers, got {negative[0]}")
+        repeated = sorted({s for s in seeds if seeds.count(s) > 1})
+        if repeated:
+            raise ValueError(f"seeds must be distinct, got {repeated[0]} more than once")
+        return seeds
 
 
 class Evaluation(Strict):
@@ -264,6 +284,12 @@ class StudySpec(Strict):
     @property
     def target_name(self) -> str:
         return next(iter(self.target))
+
+    @property
+    def stage1_seeds(self) -> list[int]:
+        """The seeds stage 1 fine-tunes every adapter with: `search.seeds`, else
+        `finetune.seed`."""
+        return list(self.search.seeds) if self.search.seeds is not None else [self.finetune.seed]
 
     def tasks(self) -> dict[str, TaskSpec]:
         return {**self.skills, **self.target}

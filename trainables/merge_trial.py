@@ -6,6 +6,9 @@ adapter folder to evaluate (None = the base model alone):
 - `cat_learned` trains CAT weights (reporting every held-out evaluation to Tune, so ASHA
   can stop it) and exports the folded adapter;
 - every other name is a merge method of `soups.merge`, applied to the skill LoRAs.
+On a study with a seed axis (`search.seeds`) the variant carries the trial's seed: its
+stage-1 adapters are those fine-tuned with that seed, and it seeds the CAT training and a
+random merge (DARE) whose seed the search space leaves open.
 The trial scores the target's validation split (the objective) and each skill's validation
 split (retention), logs everything to its MLflow child run, and reports with a checkpoint
 holding the adapter, so the study can export the best trial's adapter later.
@@ -48,10 +51,14 @@ class TrialContext:
     skills: tuple[str, ...]
     target: str
     tasks: dict[str, TaskData]
-    adapters: dict[str, dict[str, str]]  # str(rank) -> skill name or "data_mix" -> folder
+    # str(seed) -> str(rank) -> skill name or "data_mix" -> folder
+    adapters: dict[str, dict[str, dict[str, str]]]
     evaluation: dict  # the study's `evaluation` section, every key (study/spec.py)
     cat: dict  # the study's `cat` section, every key: CAT trials' defaults
+    # Without a seed axis (no seed in the variant): the CAT seed (`search.seed`) and the
+    # seed of the study's one set of stage-1 adapters (`finetune.seed`).
     seed: int = 0
+    stage1_seed: int = 0
     evaluators: tuple[str, ...] = ()  # the study's resident evaluators (actor names)
 
 
@@ -59,12 +66,21 @@ def load_rows(ctx: TrialContext, task: str, split: str, limit: int | None = None
     return ctx.tasks[task].rows(split, limit)
 
 
-def _stage1(ctx: TrialContext, rank, name: str) -> str:
+def trial_seed(ctx: TrialContext, variant: dict) -> int:
+    """The seed of a trial's CAT training (weights and data), logged as its `seed`: its
+    variant's on a seed axis, else the study's `search.seed`."""
+    return variant.get("seed", ctx.seed)
+
+
+def _stage1(ctx: TrialContext, variant: dict, name: str) -> str:
+    """The stage-1 adapter `name` at the trial's rank, fine-tuned with the trial's seed."""
+    seed, rank = str(variant.get("seed", ctx.stage1_seed)), variant["rank"]
     try:
-        return ctx.adapters[str(rank)][name]
+        return ctx.adapters[seed][str(rank)][name]
     except KeyError:
-        raise ValueError(f"no stage-1 adapter {name!r} at rank {rank}; the study trained "
-                         f"ranks {sorted(ctx.adapters)}") from None
+        raise ValueError(f"no stage-1 adapter {name!r} at rank {rank} with seed {seed}; the "
+                         f"study trained ranks {sorted(ctx.adapters.get(seed, {}))} with "
+                         f"seeds {sorted(ctx.adapters)}") from None
 
 
 def _base(ctx, variant, out_dir, report) -> str | None:
@@ -75,11 +91,11 @@ def _skill(ctx, variant, out_dir, report) -> str:
     skill = variant["params"]["skill"]
     if skill not in ctx.skills:
         raise ValueError(f"skill {skill!r} is not a skill of this study: {list(ctx.skills)}")
-    return _stage1(ctx, variant["rank"], skill)
+    return _stage1(ctx, variant, skill)
 
 
 def _data_mix(ctx, variant, out_dir, report) -> str:
-    return _stage1(ctx, variant["rank"], "data_mix")
+    return _stage1(ctx, variant, "data_mix")
 
 
 def _cat_learned(ctx, variant, out_dir, report) -> str:
@@ -93,7 +109,8 @@ def _cat_learned(ctx, variant, out_dir, report) -> str:
     shape = {f.name: params.pop(f.name) for f in fields(CatSettings) if f.name in params}
     fraction, count, held_out = params.pop("fraction"), params.pop("count"), params.pop(
         "held_out")
-    train = replace(PAPER_CAT_TRAIN, seed=ctx.seed, **params)
+    seed = trial_seed(ctx, variant)
+    train = replace(PAPER_CAT_TRAIN, seed=seed, **params)
     skills = [load_rows(ctx, s, "train") for s in ctx.skills]
 
     def on_step(record: dict) -> None:
@@ -101,9 +118,9 @@ def _cat_learned(ctx, variant, out_dir, report) -> str:
             report({CAT_STEP: record["step"], CAT_EVAL_LOSS: record["eval_loss"],
                     CAT_TRAIN_LOSS: record["train_loss"]})
 
-    adapters = [_stage1(ctx, variant["rank"], s) for s in ctx.skills]
+    adapters = [_stage1(ctx, variant, s) for s in ctx.skills]
     result = learn_cat(adapters, ctx.model_dir, skills, out_dir,
-                       CatSettings(seed=ctx.seed, **shape), train,
+                       CatSettings(seed=seed, **shape), train,
                        fraction=None if count else fraction, count=count,
                        held_out=held_out,
                        on_step=on_step, log=None)
@@ -114,9 +131,13 @@ def _cat_learned(ctx, variant, out_dir, report) -> str:
 
 def _merge_method(ctx, variant, out_dir, report) -> str:
     from soups.merge import merge_adapters
+    from soups.merge.methods import REGISTRY
 
-    adapters = [_stage1(ctx, variant["rank"], s) for s in ctx.skills]
-    merge_adapters(adapters, variant["method"], out_dir, **variant["params"])
+    adapters = [_stage1(ctx, variant, s) for s in ctx.skills]
+    params = dict(variant["params"])
+    if "seed" in variant and REGISTRY.get(variant["method"]).random:
+        params.setdefault("seed", variant["seed"])  # each seed its own masks
+    merge_adapters(adapters, variant["method"], out_dir, **params)
     return str(out_dir)
 
 

@@ -11,10 +11,17 @@ from soups.names import OBJECTIVE
 
 
 def describe(config: dict) -> str:
+    """A trial's candidate: `ties r8 (density=0.75)` (its seed, if any, left out)."""
     variant = config.get("variant", {})
     params = ", ".join(f"{k}={v}" for k, v in sorted(variant.get("params", {}).items()))
     rank = f" r{variant['rank']}" if variant.get("rank") is not None else ""
     return f"{variant.get('method', '?')}{rank}" + (f" ({params})" if params else "")
+
+
+def _trial(config: dict) -> str:
+    """A trial in the progress lines: its candidate, and its seed on a seed axis."""
+    seed = config.get("variant", {}).get("seed")
+    return describe(config) + (f" seed {seed}" if seed is not None else "")
 
 
 class StudyProgress(Callback):
@@ -36,22 +43,22 @@ class StudyProgress(Callback):
                     f"{best} | {event}")
 
     def on_trial_start(self, iteration, trials, trial, **info):
-        self._line(trials, f"started {describe(trial.config)}")
+        self._line(trials, f"started {_trial(trial.config)}")
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
         if OBJECTIVE in result:
             score = result[OBJECTIVE]
             if self._best is None or score > self._best[0]:
-                self._best = (score, describe(trial.config))
+                self._best = (score, _trial(trial.config))
 
     def on_trial_complete(self, iteration, trials, trial, **info):
         score = (trial.last_result or {}).get(OBJECTIVE)
         shown = f"{score:.3f}" if score is not None else "stopped early"
-        self._line(trials, f"finished {describe(trial.config)}: {shown}")
+        self._line(trials, f"finished {_trial(trial.config)}: {shown}")
 
     def on_trial_error(self, iteration, trials, trial, **info):
         where = f" (traceback: {trial.error_file})" if trial.error_file else ""
-        self._line(trials, f"FAILED {describe(trial.config)}: {_last_line(trial)}{where}")
+        self._line(trials, f"FAILED {_trial(trial.config)}: {_last_line(trial)}{where}")
 
 
 def _last_line(trial) -> str:

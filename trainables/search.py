@@ -6,14 +6,23 @@ Parameters are conditional on the method: a trial only ever sees its own method'
   rank, as one `grid_search` over variants; other domains are sampled inside a variant;
 - random: a `choice` over the same variants (domains inside are sampled);
 - optuna: a define-by-run space, so TPE models each method's parameters separately.
+
+With a seed axis (`search.seeds`) each candidate runs once per seed, the seed in its variant
+(`"seed": s`): grid and random search draw their candidates here, once, and grid over them
+and the seeds (Tune would draw sampled values again for each seed); Optuna's suggestions are
+repeated once per seed by `SeedRepeater`, and TPE learns from their mean objective.
 """
 
 from __future__ import annotations
 
 import itertools
+import json
 
 from ray import tune
+from ray.tune.search import Repeater
 from ray.tune.search.optuna import OptunaSearch
+from ray.tune.search.repeater import TRIAL_INDEX
+from ray.tune.search.sample import Domain as TuneDomain
 
 from search_spaces import Domain, SearchSpace
 from trainables.merge_trial import candidate_kind
@@ -65,8 +74,35 @@ def variants(space: SearchSpace, ranks: list[int]) -> list[dict]:
     return out
 
 
-def param_space(space: SearchSpace, ranks: list[int], algorithm: str) -> dict:
-    """The `variant` entry of a Tune param_space for grid or random search."""
+def seeded_variants(space: SearchSpace, ranks: list[int], algorithm: str, seeds: list[int],
+                    num_samples: int = 1, seed: int = 0) -> list[dict]:
+    """Every candidate once per seed: grid search's variants, or `num_samples` variants drawn
+    for random search (a candidate drawn twice runs once), their sampled values drawn once
+    per candidate, each candidate with every seed in turn. `seed`: the search's own."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    options = variants(space, ranks)
+    if algorithm == "random":
+        options = [options[i] for i in rng.integers(len(options), size=num_samples)]
+    elif algorithm != "grid":
+        raise ValueError(f"seeded variants are for grid or random search, got {algorithm!r}")
+    candidates: dict[str, dict] = {}
+    for variant in options:
+        params = {k: v.sample(random_state=rng) if isinstance(v, TuneDomain)
+                  else v for k, v in variant["params"].items()}
+        drawn = {**variant, "params": params}
+        candidates.setdefault(json.dumps(drawn, sort_keys=True, default=str), drawn)
+    return [{**c, "seed": s} for c in candidates.values() for s in seeds]
+
+
+def param_space(space: SearchSpace, ranks: list[int], algorithm: str,
+                seeds: list[int] | None = None, num_samples: int = 1, seed: int = 0) -> dict:
+    """The `variant` entry of a Tune param_space for grid or random search; with `seeds`
+    (the seed axis) a grid over `seeded_variants`, for either."""
+    if seeds is not None:
+        return {"variant": tune.grid_search(
+            seeded_variants(space, ranks, algorithm, seeds, num_samples, seed))}
     options = variants(space, ranks)
     if algorithm == "grid":
         return {"variant": tune.grid_search(options)}
@@ -119,3 +155,21 @@ class FinalResultOptuna(OptunaSearch):
     def on_trial_result(self, trial_id: str, result: dict) -> None:
         if self.metric in result:
             super().on_trial_result(trial_id, result)
+
+
+class SeedRepeater(Repeater):
+    """Each suggestion of `searcher` run once per seed (the seed axis), the seed in the
+    trial's variant; the searcher sees the mean objective over the seeds (Tune's Repeater,
+    whose state Tune saves with the experiment, so a resumed search keeps its groups)."""
+
+    def __init__(self, searcher, seeds: list[int]):
+        super().__init__(searcher, repeat=len(seeds), set_index=True)
+        self.seeds = list(seeds)
+
+    def suggest(self, trial_id: str):
+        config = super().suggest(trial_id)
+        if not isinstance(config, dict):  # None (wait) or Searcher.FINISHED
+            return config
+        config = dict(config)
+        seed = self.seeds[config.pop(TRIAL_INDEX)]
+        return {**config, "variant": {**config["variant"], "seed": seed}}

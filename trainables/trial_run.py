@@ -25,6 +25,7 @@ from trainables.merge_trial import (
     TrialContext,
     candidate_builder,
     generation_params,
+    trial_seed,
 )
 
 
@@ -107,6 +108,7 @@ def trial_run(context: TrialContext, variant: dict, tags: Mapping[str, str] | No
               **tracking.environment_tags()},
     ) as run_id:
         tracking.log_params(run_id, {"method": variant["method"], "rank": variant["rank"],
-                                     "seed": context.seed, **variant["params"]})
+                                     "seed": trial_seed(context, variant),
+                                     **variant["params"]})
         tracking.log_params(run_id, {"task": generation_params(context)})
         yield TrialRun(run_id, trial.get_trial_name(), Path(tmp), variant)

@@ -55,15 +55,27 @@ def build_tuner(search, cat, cluster, space, ranks: list[int], context: TrialCon
     from ray.tune.schedulers import ASHAScheduler
 
     from trainables.progress import StudyProgress
-    from trainables.search import FinalResultOptuna, optuna_define_by_run, param_space
+    from trainables.search import (
+        FinalResultOptuna,
+        SeedRepeater,
+        optuna_define_by_run,
+        param_space,
+    )
 
     search_alg = None
     params = {}
+    seeds = search.seeds  # None: no seed axis
+    num_samples = search.num_samples
     if search.algorithm == "optuna":
         search_alg = FinalResultOptuna(space=optuna_define_by_run(space, ranks),
                                        metric=OBJECTIVE, mode="max", seed=search.seed)
+        if seeds is not None:  # each suggestion once per seed: Tune counts every trial
+            search_alg, num_samples = SeedRepeater(search_alg, seeds), num_samples * len(seeds)
     else:
-        params = param_space(space, ranks, search.algorithm)
+        params = param_space(space, ranks, search.algorithm, seeds, search.num_samples,
+                             search.seed)
+        if search.algorithm == "grid" or seeds is not None:  # a grid: every point once
+            num_samples = 1
     scheduler = None
     if search.scheduler == "asha":
         # ASHA ranks CAT trials by held-out loss at each evaluation step; trials that are not
@@ -73,7 +85,7 @@ def build_tuner(search, cat, cluster, space, ranks: list[int], context: TrialCon
                                   reduction_factor=2, stop_last_trials=False)
     tune_config = tune.TuneConfig(
         search_alg=search_alg, scheduler=scheduler,
-        num_samples=search.num_samples if search.algorithm != "grid" else 1,
+        num_samples=num_samples,
         max_concurrent_trials=search.max_concurrent_trials,
         **({} if scheduler else {"metric": OBJECTIVE, "mode": "max"}),
     )
