@@ -55,9 +55,9 @@ def _top(values, floor: float = 0.05) -> float:
 
 def method_comparison(trials: pd.DataFrame, target: str):
     """Bars: each method's best validation accuracy on the target (one bar per study);
-    grey markers: mean ± standard deviation over seeds of each seed's best (methods run with
+    grey markers: mean ± standard error over seeds of each seed's best (methods run with
     several seeds); dots: every finished trial; diamonds: the test accuracy of a study's
-    selected trial."""
+    selected trial (the mean over its seeds)."""
     summary = summaries.method_summary(trials, target)
     summary = summary[summary["best_validation"].notna()]
     if summary.empty:
@@ -78,13 +78,13 @@ def method_comparison(trials: pd.DataFrame, target: str):
                       label=f"best trial ({study})" if len(studies) > 1 else "best trial")
         ax.bar_label(bars, labels=[f"{v:.3f}" if np.isfinite(v) else "" for v in best],
                      fontsize=7, padding=2)
-        spread = rows[rows["seed_std"].notna()]
+        spread = rows[rows["seed_stderr"].notna()]
         if len(spread):  # spread over seeds, where a method ran with several
             at = [xs[methods.index(m)] + width / 4 for m in spread.index]
-            ax.errorbar(at, spread["seed_mean"], yerr=spread["seed_std"], fmt="o",
+            ax.errorbar(at, spread["seed_mean"], yerr=spread["seed_stderr"], fmt="o",
                         color="dimgrey", markersize=4, capsize=3,
-                        label="mean ± std over seeds (each seed's best)")
-            plotted.extend(spread["seed_mean"] + spread["seed_std"])
+                        label="mean ± standard error over seeds (each seed's best)")
+            plotted.extend(spread["seed_mean"] + spread["seed_stderr"])
         for x, method in zip(xs, methods, strict=True):
             points = done[(done["study"] == study) & (done["group"] == method)][OBJECTIVE]
             ax.scatter(x + rng.uniform(-width / 4, width / 4, len(points)), points, s=10,

@@ -147,11 +147,43 @@ def _leaderboard(studies: list[StudyRuns], ui: str) -> str:
             return "best" if row["#"] == 1 else ""
 
         title = f"<h3>{html.escape(study.name)}</h3>" if len(studies) > 1 else ""
-        parts.append(title + _table(frame, raw={"MLflow"}, row_class=row_class,
-                                    formats={"build s": "{:.1f}", "trial s": "{:.1f}"}))
+        parts.append(title + _over_seeds(study)
+                     + _table(frame, raw={"MLflow"}, row_class=row_class,
+                              formats={"build s": "{:.1f}", "trial s": "{:.1f}"}))
     return "".join(parts) + ('<p class="note">Sorted by the objective (validation accuracy '
                              "on the target); unfinished trials last and shaded. Test "
-                             "accuracy exists only for the trial each study selected.</p>")
+                             "accuracy exists only for the trial each study selected (for "
+                             "each seed of the selected candidate, with several seeds).</p>")
+
+
+def _over_seeds(study: StudyRuns) -> str:
+    """With several seeds: each candidate's mean ± standard error over its seeds (the
+    study's leaderboard), before the trials one by one."""
+    if not summaries.several_seeds(study.trials):
+        return ""
+    table = summaries.candidate_summary(study.trials, study.target)
+    frame = pd.DataFrame({
+        "#": range(1, len(table) + 1), "candidate": table["candidate"],
+        "seeds": table["seeds"],
+        f"{study.target} (val)": [_spread(m, e) for m, e in zip(
+            table["validation"], table["validation_stderr"], strict=True)],
+        f"{study.target} (test)": [_spread(m, e, n) for m, e, n in zip(
+            table["test"], table["test_stderr"], table["test_seeds"], strict=True)],
+    })
+    return ("<p>Per candidate over its seeds: mean ± standard error (sample standard "
+            "deviation / &radic;n; no ± with one seed), best mean first. The candidate of "
+            "the best mean is the one selected.</p>"
+            + _table(frame, row_class=lambda row: "best" if row["#"] == 1 else "")
+            + "<p>Every trial:</p>")
+
+
+def _spread(mean, stderr, n=None) -> str:
+    if mean is None or pd.isna(mean):
+        return "-"
+    text = f"{mean:.3f}"
+    if stderr is not None and not pd.isna(stderr):
+        text += f" ± {stderr:.3f}"
+    return text + (f" (n={n})" if n is not None else "")
 
 
 def _methods(studies: list[StudyRuns]) -> str:

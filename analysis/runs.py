@@ -209,6 +209,7 @@ def _order(table: pd.DataFrame) -> pd.DataFrame:
 def _finetune_row(run) -> dict:
     params = {k: _value(v) for k, v in run.data.params.items()}
     return {"skill": params.get("skill"), "rank": params.get("rank"),
+            "seed": params.get("train.seed"),  # one fine-tune per seed on a seed axis
             "status": _status(run), "run_id": run.info.run_id, **run.data.metrics,
             **{f"param.{k}": v for k, v in params.items() if k not in ("skill", "rank")}}
 

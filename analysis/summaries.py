@@ -10,6 +10,7 @@ import pandas as pd
 
 from soups.cat.settings import CatSettings
 from soups.names import CAT_EVAL_LOSS, OBJECTIVE, TEST, VALIDATION, task_metric
+from study.seeds import mean_stderr
 
 CAT_SETTINGS = ("init", "granularity", "normalisation")
 
@@ -24,9 +25,10 @@ def accuracy_column(task: str, split: str = VALIDATION) -> str:
 
 def method_summary(trials: pd.DataFrame, target: str) -> pd.DataFrame:
     """Per study and method (the `group` column: skill LoRAs one by one): trials (all /
-    finished), the best validation accuracy on the target and its trial, the mean and
-    standard deviation over seeds of each seed's best (std is empty with one seed), and
-    the test accuracy where the study scored one."""
+    finished), the best validation accuracy on the target and its trial, the mean, standard
+    deviation and standard error over seeds of each seed's best (empty with one seed), and
+    the test accuracy where the study scored one (the mean over the seeds it was scored
+    for)."""
     test = accuracy_column(target, TEST)
     rows = []
     for (study, method), group in trials.groupby(["study", "group"], sort=False):
@@ -41,7 +43,8 @@ def method_summary(trials: pd.DataFrame, target: str) -> pd.DataFrame:
                 "best_run_id": best["run_id"], "seeds": len(per_seed),
                 "seed_mean": per_seed.mean(),
                 "seed_std": per_seed.std(ddof=1) if len(per_seed) > 1 else None,
-                "test": tested.iloc[0] if len(tested) else None,
+                "seed_stderr": mean_stderr(per_seed)[1],
+                "test": tested.mean() if len(tested) else None,
             })
         rows.append(row)
     table = pd.DataFrame(rows)
@@ -49,6 +52,34 @@ def method_summary(trials: pd.DataFrame, target: str) -> pd.DataFrame:
         table["best_validation"] = None
     return table.sort_values(["best_validation", "method"], ascending=[False, True],
                              na_position="last").reset_index(drop=True)
+
+
+CANDIDATE_COLUMNS = ["candidate", "method", "seeds", "validation", "validation_stderr",
+                     "test", "test_stderr", "test_seeds"]
+
+
+def candidate_summary(trials: pd.DataFrame, target: str) -> pd.DataFrame:
+    """Per candidate (its `label`: method, rank and parameters, not the seed) of one study,
+    over its finished seeds: how many, and the mean and standard error (`study.seeds`) of
+    the validation objective and of the test accuracy (scored for the selected candidate
+    only); best mean first. What the study's leaderboard shows with several seeds."""
+    test = accuracy_column(target, TEST)
+    rows = []
+    for label, group in finished(trials).groupby("label", sort=False):
+        mean, stderr, n = mean_stderr(group[OBJECTIVE])
+        test_mean, test_stderr, test_n = (mean_stderr(group[test]) if test in group
+                                          else (None, None, 0))
+        rows.append({"candidate": label, "method": group["group"].iloc[0], "seeds": n,
+                     "validation": mean, "validation_stderr": stderr, "test": test_mean,
+                     "test_stderr": test_stderr, "test_seeds": test_n})
+    table = pd.DataFrame(rows, columns=CANDIDATE_COLUMNS)
+    return table.sort_values("validation", ascending=False, kind="stable").reset_index(
+        drop=True)
+
+
+def several_seeds(trials: pd.DataFrame) -> bool:
+    """Whether a study's finished trials ran with more than one seed."""
+    return finished(trials)["seed"].nunique() > 1
 
 
 def skill_references(trials: pd.DataFrame, skills: list[str]) -> dict[str, float]:

@@ -160,10 +160,29 @@ def test_method_summary_best_and_spread_over_seeds(fake):
     # Seed 0's best is 0.12 (r16), seed 1's 0.07: mean 0.095, sample std 0.0354.
     assert linear["seeds"] == 2 and linear["seed_mean"] == pytest.approx(0.095)
     assert linear["seed_std"] == pytest.approx(0.05 / 2 ** 0.5)
+    assert linear["seed_stderr"] == pytest.approx(0.025)  # std / sqrt(2)
     assert summary.loc["cat_learned", "test"] == 0.18
     assert pd.isna(summary.loc["cat_learned", "seed_std"])  # one seed: no spread
+    assert pd.isna(summary.loc["cat_learned", "seed_stderr"])
     assert summary.loc["ties", "finished"] == 0 and summary.loc["ties", "trials"] == 1
     assert summary.index[0] == "cat_learned"
+
+
+@pytest.mark.unit
+def test_candidate_summary_is_the_mean_and_standard_error_over_seeds(fake):
+    assert summaries.several_seeds(fake.trials)  # linear r8 ran with seeds 0 and 1
+    table = summaries.candidate_summary(fake.trials, "math_code").set_index("candidate")
+    r8 = table.loc["linear r8"]  # 0.05 and 0.07: mean 0.06, sample std 0.01414, / sqrt(2)
+    assert r8["seeds"] == 2 and r8["validation"] == pytest.approx(0.06)
+    assert r8["validation_stderr"] == pytest.approx(0.01)
+    assert table.loc["linear r16", "seeds"] == 1
+    assert pd.isna(table.loc["linear r16", "validation_stderr"])  # one seed: no spread
+    best = table.loc["cat_learned r8 (init=randn)"]
+    assert best["test"] == 0.18 and best["test_seeds"] == 1
+    assert table.index[0] == "cat_learned r8 (init=randn)"  # best mean first
+    assert "ties r8 (density=0.5)" not in table.index  # the failed trial is no candidate
+    one_seed = fake.trials[fake.trials["seed"] == 0]
+    assert not summaries.several_seeds(one_seed)
 
 
 @pytest.mark.unit
@@ -229,6 +248,8 @@ def test_report_has_every_section_links_and_configuration(fake, tmp_path):
         assert f"/runs/{run_id}" in page  # every trial links to its MLflow run
     assert "search: {space: paper}" in page  # the logged study.yaml
     assert "0.180" in page  # the selected trial's test accuracy
+    # Several seeds (linear r8): each candidate's mean ± standard error over them.
+    assert "Per candidate over its seeds" in page and "0.060 ± 0.010" in page
     table = pd.read_csv(tmp_path / "report" / "trials.csv")
     assert len(table) == len(fake.trials)
     # A comparison of the same study under two names puts both in one report.
