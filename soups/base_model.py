@@ -6,6 +6,11 @@ skills or the target), then saved with `save_pretrained`: the rest of the pipeli
 with `AutoModelForCausalLM.from_pretrained(path)` exactly as a hub model. The cache folder is
 keyed by every build setting and the seed, so a build is done once and is deterministic.
 
+The default build ships with the project (`soups/embedded_model/`, safetensors, its recipe
+and seed in `soups_build.json`): a first run copies it into the cache instead of pretraining
+for minutes. `build_base_model(..., rebuild=True)` (`soups prepare --rebuild`) pretrains it
+from scratch; `compare_with_shipped` says whether the result is the shipped one.
+
 `load_pretrained` loads any base model, this one or a user's (a `save_pretrained` folder or
 a hub id), with a `ModelError` naming the folder when it is not one.
 """
@@ -29,8 +34,9 @@ from soups.errors import SoupsError
 from soups.tasks import format_prompt
 from soups.tasks.pretrain import pretraining_example
 
-BUILD_VERSION = 1  # bump when the recipe changes so caches are rebuilt
+BUILD_VERSION = 3  # bump when the recipe changes so caches are rebuilt (and re-ship)
 BUILD_FILE = "soups_build.json"
+SHIPPED_DIR = Path(__file__).with_name("embedded_model")  # the default build, shipped
 
 
 @dataclass(frozen=True)
@@ -49,7 +55,7 @@ class BaseModelSettings:
     learning_rate: float = 2e-3
     warmup_steps: int = 60
     corpus_examples: int = 60000
-    max_value: int = 50
+    max_value: int = 20
     seed: int = 0
 
     def key(self) -> str:
@@ -118,19 +124,47 @@ def count_parameters(model) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
+def shipped_build(settings: BaseModelSettings) -> Path | None:
+    """The shipped build when it is the one `settings` asks for (same recipe, version and
+    seed: the same key), else None."""
+    record = SHIPPED_DIR / BUILD_FILE
+    if not record.is_file():
+        return None
+    return SHIPPED_DIR if json.loads(record.read_text()).get("key") == settings.key() else None
+
+
+def _install(source: Path, out: Path) -> Path:
+    """Copy a built model folder to `out` atomically (a half-copied folder is never seen)."""
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(source, tmp)
+    shutil.rmtree(out, ignore_errors=True)
+    tmp.rename(out)
+    return out
+
+
 def build_base_model(
     cache_root: str | Path,
     settings: BaseModelSettings = BaseModelSettings(),
     log: Callable[[str], None] = print,
+    rebuild: bool = False,
 ) -> Path:
-    """Return the folder of the pretrained base model, building it once if needed."""
+    """Return the folder of the pretrained base model in the cache: the cached build; else
+    the shipped one when it matches `settings`, copied in; else pretrained now. `rebuild`:
+    pretrain now whatever is cached or shipped (replacing the cached folder)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from soups.tokenizer import train_tokenizer
 
     out = Path(cache_root) / f"tiny-llama-{settings.key()}"
-    if (out / BUILD_FILE).is_file():
-        return out
+    if not rebuild:
+        if (out / BUILD_FILE).is_file():
+            return out
+        shipped = shipped_build(settings)
+        if shipped is not None:
+            out.parent.mkdir(parents=True, exist_ok=True)
+            log(f"base model: the shipped build ({shipped}), copied to {out}")
+            return _install(shipped, out)
     start = time.perf_counter()
     torch.manual_seed(settings.seed)
     corpus = pretraining_texts(settings)
@@ -156,6 +190,7 @@ def build_base_model(
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
     (tmp / BUILD_FILE).write_text(json.dumps({
+        "key": settings.key(), "build_version": BUILD_VERSION,
         "settings": asdict(settings), "parameters": n_params, "final_loss": loss,
         "build_seconds": round(seconds, 1), "torch_threads": torch.get_num_threads(),
     }, indent=2))
@@ -163,6 +198,25 @@ def build_base_model(
     tmp.rename(out)
     log(f"base model saved to {out} ({seconds:.0f} s, final loss {loss:.3f})")
     return out
+
+
+def compare_with_shipped(built: Path) -> str:
+    """Whether a build's weights are the shipped build's: a sentence for the user."""
+    from safetensors.torch import load_file
+
+    record = json.loads((built / BUILD_FILE).read_text())
+    if not (SHIPPED_DIR / BUILD_FILE).is_file() or json.loads(
+            (SHIPPED_DIR / BUILD_FILE).read_text()).get("key") != record.get("key"):
+        return "no shipped build of these settings to compare with"
+    ours, shipped = load_file(built / "model.safetensors"), load_file(
+        SHIPPED_DIR / "model.safetensors")
+    if ours.keys() != shipped.keys():
+        return "differs from the shipped build: other tensors"
+    worst = max(float((ours[k].float() - shipped[k].float()).abs().max()) for k in ours)
+    if worst == 0.0:
+        return "identical to the shipped build (every weight equal)"
+    return (f"differs from the shipped build by at most {worst:.3g} per weight (another "
+            "torch version, CPU or thread count sums in another order)")
 
 
 def _duration(seconds: float) -> str:

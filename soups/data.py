@@ -21,7 +21,7 @@ from soups.tasks import EXAMPLE_BUILDERS, TASK_NAMES
 
 SPLITS = ("train", "validation", "test")
 COLUMNS = ("key", "prompt", "completion", "scorer", "function", "calls", "expected")
-DATA_VERSION = 3  # bump when generators change, so cached datasets are rebuilt
+DATA_VERSION = 5  # bump when generators change, so cached datasets are rebuilt
 DATA_FILES = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
 
 
@@ -42,15 +42,20 @@ def _default_sizes() -> dict[str, dict[str, int]]:
 @dataclass(frozen=True)
 class DataSettings:
     seed: int = 0
-    max_value: int = 50  # bound of the additive quantities in problems and exercises
-    two_step_share: float = 0.3  # share of two-step problems / exercises (difficulty)
+    max_value: int = 20  # bound of the additive quantities in problems and exercises
+    two_step_share: float = 0.0  # share of two-step problems / exercises (difficulty)
+    # share of code exercises that are functions with arguments (`add(x, y)`) rather than
+    # `solution()` programs; 0 by default: their answers start with `def`, not with the
+    # worked line the skills share, and the code LoRA then writes `def` on the target too
+    function_share: float = 0.0
     sizes: dict = field(default_factory=_default_sizes)
 
     def __post_init__(self):
         if self.max_value < 5:
             raise DatasetError(f"max_value must be at least 5, got {self.max_value}")
-        if not 0.0 <= self.two_step_share <= 1.0:
-            raise DatasetError(f"two_step_share must be in [0, 1], got {self.two_step_share}")
+        for knob in ("two_step_share", "function_share"):
+            if not 0.0 <= getattr(self, knob) <= 1.0:
+                raise DatasetError(f"{knob} must be in [0, 1], got {getattr(self, knob)}")
 
     def key(self) -> str:
         blob = json.dumps({"version": DATA_VERSION, **asdict(self)}, sort_keys=True)
@@ -74,7 +79,7 @@ def generate_rows(settings: DataSettings) -> dict[str, dict[str, list[dict]]]:
         for split in SPLITS:
             wanted, rows, misses = settings.sizes.get(task, {}).get(split, 0), [], 0
             while len(rows) < wanted:
-                row = build(rng, settings.max_value, settings.two_step_share)
+                row = build(rng, settings)
                 if row["key"] in seen:
                     misses += 1
                     if misses > 50 * wanted + 1000:

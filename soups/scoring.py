@@ -231,6 +231,9 @@ def score_final_number(rows: Sequence[dict], answers: Sequence[str],
 # Programs -------------------------------------------------------------------------------
 
 
+CODE_OPENERS = ("def ", "async def ", "import ", "from ", "class ", "@")
+
+
 def _defines(tree: ast.Module, entry: str) -> bool:
     return any(isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.name == entry
                for node in tree.body)
@@ -245,18 +248,23 @@ def _parses_and_defines(program: str, entry: str) -> bool:
 
 def extract_program(text: str, entry: str = "solution") -> str:
     """The program in an answer: its first fenced block when there is one; else the longest
-    prefix of its lines that parses and defines `entry` (a model that goes on to write the
-    next question after the program), or the whole answer when no prefix does."""
+    run of its lines that parses and defines `entry` (a model that goes on to write the next
+    question after the program), starting at the first line or, after prose, at a line that
+    opens code (`def`, `import`, ...); the whole answer when none does."""
     fenced = FENCED.search(text)
     if fenced:
         return fenced.group(1)
     if len(text) > MAX_PROGRAM_CHARS:  # the sandbox refuses it anyway: no quadratic search
         return text
     lines = text.splitlines(keepends=True)
-    for end in range(len(lines), 0, -1):
-        prefix = "".join(lines[:end])
-        if _parses_and_defines(prefix, entry):
-            return prefix.rstrip()
+    # Where the program may start: the first line, or a line that opens Python code after
+    # prose (a worked line, "Here is the program:"); a handful, so the search stays linear.
+    starts = [0] + [i for i, line in enumerate(lines) if i and line.startswith(CODE_OPENERS)]
+    for start in starts:
+        for end in range(len(lines), start, -1):
+            program = "".join(lines[start:end])
+            if _parses_and_defines(program, entry):
+                return program.rstrip()
     return text
 
 

@@ -11,15 +11,27 @@ import typer
 
 def prepare(
     seed: int = typer.Option(0, help="Seed of the base model build and the generated data."),
+    rebuild: bool = typer.Option(False, help="Pretrain the base model from scratch (minutes) "
+                                 "instead of using the cached or shipped build, and say "
+                                 "whether the result is the shipped build."),
 ) -> None:
     """Build (once, then cached under $SOUPS_HOME/cache) the embedded tiny base model and the
-    generated skill and target datasets; print where they are."""
-    from soups.base_model import BUILD_FILE, BaseModelSettings, build_base_model
+    generated skill and target datasets; print where they are. The default build ships with
+    the project (soups/embedded_model) and is copied, not pretrained."""
+    from soups.base_model import (
+        BUILD_FILE,
+        BaseModelSettings,
+        build_base_model,
+        compare_with_shipped,
+    )
     from soups.data import DataSettings, build_task_datasets
     from soups.home import cache_dir
 
-    model_dir = build_base_model(cache_dir("base_models"), BaseModelSettings(seed=seed))
+    model_dir = build_base_model(cache_dir("base_models"), BaseModelSettings(seed=seed),
+                                 rebuild=rebuild)
     build = json.loads((model_dir / BUILD_FILE).read_text())
+    if rebuild:
+        typer.echo(f"rebuilt: {compare_with_shipped(model_dir)}")
     data_dir = build_task_datasets(cache_dir("datasets"), DataSettings(seed=seed))
     sizes = json.loads((data_dir / "settings.json").read_text())["sizes"]
     typer.echo(f"base model: {model_dir}\n  {build['parameters'] / 1e6:.2f}M parameters, "

@@ -85,7 +85,12 @@ def run_study(spec: StudySpec, resume: bool = False, log=print) -> list[dict]:
     from study.export import export_best
     from study.registry import check_study, register_study
     from study.resolve import data_report, resolve_base_model, resolve_tasks, stage1_needs
-    from study.selection import evaluate_test_split, leaderboard, print_leaderboard
+    from study.selection import (
+        evaluate_test_split,
+        evaluate_test_split_of_all,
+        leaderboard,
+        print_leaderboard,
+    )
     from study.stage1 import stage1
     from trainables.evaluator import start_evaluators, stop_evaluators
     from trainables.tuner import fit
@@ -134,6 +139,8 @@ def run_study(spec: StudySpec, resume: bool = False, log=print) -> list[dict]:
                 raise RuntimeError(f"study {spec.name}: no trial finished; see "
                                    f"{root / TUNE_DIR}")
             best["test"] = evaluate_test_split(spec, context, best, parent, log)
+            if spec.evaluation.test_all:
+                evaluate_test_split_of_all(spec, context, rows, best, log)
         finally:
             stop_evaluators(evaluators)
         exported = exported_trial(best)  # the best itself, or its best seed

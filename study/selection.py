@@ -77,17 +77,14 @@ def checkpoint_adapter(row: dict) -> str | None:
     return str(adapter) if adapter.is_dir() else None
 
 
-def evaluate_test_split(spec: StudySpec, context: TrialContext, best: dict, parent: str,
-                        log) -> float:
-    """The test split, evaluated once, for the selected trial only; of a selected candidate
-    over seeds, for each of its finished seeds' trials (each trial's `test`, the candidate's
-    mean, standard error and n). Each trial's run gets its metrics, the parent run their
-    mean; returns the (mean) score."""
+def _test_trials(spec: StudySpec, context: TrialContext, row: dict) -> list[dict]:
+    """The test split of a leaderboard row's finished trials (a trial, or each seed of a
+    candidate): each trial's `test` and its run's metrics; the metrics of each."""
     from trainables.merge_trial import evaluate_candidate
 
     score_key = task_metric(TEST, context.target)
     scored = []
-    for trial in [t for t in best.get(PER_SEED, [best]) if t[OBJECTIVE] is not None]:
+    for trial in [t for t in row.get(PER_SEED, [row]) if t[OBJECTIVE] is not None]:
         with tempfile.TemporaryDirectory() as tmp:
             metrics = evaluate_candidate(context, checkpoint_adapter(trial), TEST,
                                          [context.target], spec.evaluation.test_limit,
@@ -97,13 +94,39 @@ def evaluate_test_split(spec: StudySpec, context: TrialContext, best: dict, pare
                 tracking.log_artifact(trial["run_id"], tmp, GENERATIONS_DIR)
         trial["test"] = metrics[score_key]
         scored.append(metrics)
+    if PER_SEED in row:
+        add_test(row)
+    else:
+        row["test"] = scored[0][score_key] if scored else None
+    return scored
+
+
+def evaluate_test_split(spec: StudySpec, context: TrialContext, best: dict, parent: str,
+                        log) -> float:
+    """The test split, evaluated once, for the selected trial only; of a selected candidate
+    over seeds, for each of its finished seeds' trials (each trial's `test`, the candidate's
+    mean, standard error and n). Each trial's run gets its metrics, the parent run their
+    mean; returns the (mean) score."""
+    score_key = task_metric(TEST, context.target)
+    scored = _test_trials(spec, context, best)
     mean = (scored[0] if len(scored) == 1
             else {k: mean_stderr(m[k] for m in scored)[0] for k in scored[0]})
     tracking.log_metrics(parent, {best_metric(k): v for k, v in mean.items()})
     if PER_SEED in best:
-        add_test(best)
         log(f"test split of {context.target}: {shown(best, 'test')} over seeds for "
             f"{best['candidate']}")
     else:
         log(f"test split of {context.target}: {mean[score_key]:.3f} for {best['candidate']}")
     return mean[score_key]
+
+
+def evaluate_test_split_of_all(spec: StudySpec, context: TrialContext, rows: list[dict],
+                               best: dict, log) -> None:
+    """`evaluation.test_all`: the test split of every other finished candidate too, for a
+    comparison of methods on held-out data (a benchmark's table). Selection and export
+    still use validation only: the best was chosen before any of these ran."""
+    others = [r for r in rows if r is not best and r[OBJECTIVE] is not None]
+    for done, row in enumerate(others, 1):
+        _test_trials(spec, context, row)
+        log(f"test split of {context.target}: {shown(row, 'test')} for {row['candidate']} "
+            f"({done}/{len(others)})")

@@ -41,6 +41,7 @@ class GeneratedData(Strict):
     seed: int = _DATA.seed
     max_value: int = Field(_DATA.max_value, ge=5)  # the problems need room below it
     two_step_share: float = Field(_DATA.two_step_share, ge=0, le=1)
+    function_share: float = Field(_DATA.function_share, ge=0, le=1)
     # examples per task per split; None: DataSettings' sizes
     sizes: dict[str, dict[str, Annotated[int, Field(ge=0)]]] | None = None
 
@@ -170,6 +171,9 @@ class Search(Strict):
 class Evaluation(Strict):
     validation_limit: int | None = Field(200, ge=1)  # examples per task in trials; None = all
     test_limit: int | None = Field(None, ge=1)
+    # The test split of every finished candidate too, not only of the selected one: a
+    # comparison of methods on held-out data (selection still uses validation only).
+    test_all: bool = False
     max_new_tokens: int = Field(MAX_NEW_TOKENS, ge=1)
     batch_size: int = Field(BATCH_SIZE, ge=1)
     skills: bool = True  # also score every skill's validation split (retention)

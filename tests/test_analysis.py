@@ -318,7 +318,7 @@ def smoke_runs(smoke_study, smoke_home):
 def test_smoke_study_loads_one_row_per_trial(smoke_runs, smoke_home):
     trials = smoke_runs.trials
     board = json.loads((smoke_home / "smoke" / "leaderboard.json").read_text())
-    assert len(trials) == len(board) == 10
+    assert len(trials) == len(board) == 13  # paper.yaml: 13 trials
     assert set(trials["run_id"]) == {r["run_id"] for r in board}
     assert (trials["status"] == "finished").all() and (trials["n_runs"] == 1).all()
     for task in ("math_code", "math", "code"):

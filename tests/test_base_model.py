@@ -35,7 +35,9 @@ def test_round_trip_through_from_pretrained(built):
 def test_same_seed_same_weights_and_cache_reuse(built, tmp_path):
     from safetensors.torch import load_file
 
-    rebuilt = build_base_model(tmp_path, QUICK, log=lambda _: None)
+    progress: list[str] = []
+    rebuilt = build_base_model(tmp_path, QUICK, log=progress.append)
+    assert any("pretrain step 6/6" in line and "left" in line for line in progress)  # ETA
     a, b = load_file(built / "model.safetensors"), load_file(rebuilt / "model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     stamp = (rebuilt / BUILD_FILE).stat().st_mtime_ns
@@ -56,3 +58,4 @@ def test_tokenizer_numbers_are_single_tokens_and_code_round_trips(built):
     program = "def solution():\n    apples = 25\n    result = apples - 9\n    return result"
     ids = tokenizer(program, add_special_tokens=False)["input_ids"]
     assert tokenizer.decode(ids) == program
+

@@ -50,7 +50,7 @@ def overrides(tmp_path_factory, smoke_home) -> Overrides:
     space = data / "space.yaml"
     space.write_text("methods:\n  linear: {}\n  cat_learned: {}\n")
     settings = {
-        "base_model": "embedded", "base_model_steps": 300,  # the smoke study's base model
+        "base_model": "embedded",  # the shipped build, as the smoke study
         "skills.math.source": math, "skills.code.source": code, "target.gsm_hard.source": gsm,
         "skills.math.carve.sizes": "{validation: 12, train: rest}",
         "skills.code.carve.sizes": "{validation: 12, train: rest}",

@@ -126,6 +126,17 @@ def test_extract_program_fenced_and_unfenced():
     assert extract_program("def solution():\n    return 1") == "def solution():\n    return 1"
 
 
+def test_extract_program_after_a_worked_line_or_prose():
+    program = "def solution():\n    result = 4 * 3\n    return result"
+    assert extract_program("4 * 3 = 12.\n" + program) == program  # the embedded format
+    assert extract_program("Here is the program:\n" + program + "\nIt returns 12.") == program
+    # a program that opens with its imports is kept whole
+    with_import = "import math\n" + program
+    assert extract_program("Sure.\n" + with_import) == with_import
+    # prose that never opens code: the whole answer (it then fails to parse, as it should)
+    assert extract_program("4 * 3 = 12. The answer is 12.") == "4 * 3 = 12. The answer is 12."
+
+
 def test_extract_program_cuts_the_next_question():
     program = "def solution():\n    a = 2\n    return a + 3"
     assert extract_program(program + NEXT_QUESTION) == program

@@ -274,3 +274,36 @@ def test_leaderboard_trial_rows_carry_their_seed_only_on_a_seed_axis():
     (seeded,) = leaderboard([Result({**variant, "seed": 3})])
     assert "seed" not in plain and seeded["seed"] == 3
     assert {k: v for k, v in seeded.items() if k != "seed"} == plain
+
+
+def test_test_all_scores_every_finished_candidate_and_each_of_its_seeds(monkeypatch, tmp_path):
+    """`evaluation.test_all`: after selection, the test split of every other finished
+    candidate (each finished seed; a failed one is skipped), the best's untouched."""
+    import trainables.merge_trial
+    from study import selection
+
+    for trial in TRIALS:
+        (tmp_path / trial["trial"]).mkdir(exist_ok=True)
+    rows = candidate_rows([{**t, "run_id": None, "checkpoint": str(tmp_path / t["trial"])}
+                           for t in TRIALS])
+    evaluated = []
+
+    def fake_evaluate(context, adapter, split, tasks, limit, out):
+        evaluated.append(Path(adapter).parent.name if adapter else None)
+        return {"test/math/accuracy": 0.1 * len(evaluated)}
+
+    monkeypatch.setattr(trainables.merge_trial, "evaluate_candidate", fake_evaluate)
+    monkeypatch.setattr(selection, "checkpoint_adapter", lambda t: t["checkpoint"] + "/adapter")
+    spec = parse_model(StudySpec, {"evaluation": {"test_all": True}}, "s.yaml")
+
+    class Context:
+        target = "math"
+
+    lines: list[str] = []
+    best = rows[0]
+    selection.evaluate_test_split_of_all(spec, Context(), rows, best, lines.append)
+    assert evaluated == ["ties-0.5-0", "ties-0.5-1", "ties-0.5-2"]  # not the best, nor failed
+    assert "test" not in best
+    assert rows[1]["test"] == pytest.approx(0.2) and rows[1]["test_n"] == 3
+    assert "test" not in rows[2]  # the failed candidate has no test score
+    assert lines == [f"test split of math: {shown(rows[1], 'test')} for ties r8 (1/1)"]

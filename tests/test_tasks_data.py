@@ -13,7 +13,7 @@ from soups.data import (
     generate_rows,
     load_task_dataset,
 )
-from soups.scoring import final_number
+from soups.scoring import extract_program, final_number
 from soups.tasks import TARGET_INSTRUCTION
 from soups.tasks.pretrain import pretraining_example
 from soups.tasks.problems import word_problem
@@ -31,8 +31,9 @@ def rows():
     return generate_rows(SMALL)
 
 
-def _run(program: str, function: str, args):
+def _run(answer: str, function: str, args):
     namespace: dict = {}
+    program = extract_program(answer, function)  # after the worked line, as the scorer does
     exec(compile(program, "<program>", "exec"), namespace)  # trusted: our own generator
     return namespace[function](*args)
 
@@ -65,7 +66,7 @@ def test_math_worked_solution_ends_with_true_answer(rows):
 @pytest.mark.parametrize("task", ["code", "math_code"])
 def test_programs_return_expected(rows, task):
     for row in rows[task]["train"] + rows[task]["test"]:
-        ast.parse(row["completion"])
+        ast.parse(extract_program(row["completion"], row["function"]))
         calls, expected = json.loads(row["calls"]), json.loads(row["expected"])
         assert len(calls) == len(expected) >= 1
         got = [_run(row["completion"], row["function"], c) for c in calls]
@@ -75,7 +76,35 @@ def test_programs_return_expected(rows, task):
 def test_target_prompt_is_problem_plus_program_instruction(rows):
     row = rows["math_code"]["test"][0]
     assert row["key"] in row["prompt"] and TARGET_INSTRUCTION in row["prompt"]
-    assert row["completion"].startswith("def solution():")
+    assert "\ndef solution():\n" in row["completion"]
+
+
+def _worked_line_is_true(line: str) -> bool:
+    left, right = line.rstrip(".").split(" = ")
+    return eval(left.replace("/", "//")) == int(right)  # noqa: S307 (our own text)
+
+
+def test_answers_share_the_worked_line():
+    """What makes the skills compose (docs/embedded.md): the math answer, the code answer
+    and the target answer of the same computation all start with the same worked line, and
+    the program after it computes exactly that line."""
+    rng = random.Random(5)
+    for _ in range(300):
+        problem = word_problem(rng, max_value=20, two_step_share=0.0)
+        math_answer, target_answer = problem.worked_solution(), problem.worked_program()
+        line = problem.worked_lines()
+        assert math_answer == f"{line} The answer is {problem.answer}."
+        assert target_answer.split("\n")[0] == line and _worked_line_is_true(line)
+        program = target_answer.split("\n", 1)[1]
+        assert program == problem.program()
+        assert line.split(" = ")[0].replace("/", "//") in program  # the line's expression
+    code = generate_rows(SMALL)["code"]["train"]
+    solutions = [r for r in code if r["function"] == "solution"]
+    assert len(solutions) > 100
+    for row in solutions:
+        first, program = row["completion"].split("\n", 1)
+        assert _worked_line_is_true(first.split(". ")[-1])
+        assert program.startswith("def solution():")
 
 
 def test_answers_are_non_negative_integers():
@@ -100,6 +129,8 @@ def test_pretraining_corpus_has_no_skill_or_target():
         question, answer = pretraining_example(rng)
         assert "Write a Python function" not in question
         assert "def solution" not in answer and "The answer is" not in answer
+        # no word problem: no sentence with a person or an item and a question to compute
+        assert not ("How many" in question and "buys" in question)
 
 
 def test_generation_is_deterministic():
@@ -115,7 +146,7 @@ def test_impossible_sizes_raise_clear_error(monkeypatch):
     import soups.data
 
     monkeypatch.setitem(soups.data.EXAMPLE_BUILDERS, "math",
-                        lambda rng, hi, share: {"key": str(rng.randint(0, 9))})
+                        lambda rng, settings: {"key": str(rng.randint(0, 9))})
     with pytest.raises(ValueError, match="cannot draw 20 distinct math/train"):
         generate_rows(DataSettings(sizes={"math": {"train": 20}}))
     with pytest.raises(ValueError, match="'algebra'"):

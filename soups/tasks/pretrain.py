@@ -33,6 +33,19 @@ def _arithmetic(rng: random.Random, hi: int) -> tuple[str, str]:
     return question.format(a=a, s=symbol, b=b), f"{a} {symbol} {b} = {OPS[op](a, b)}."
 
 
+def _symbolic_program(rng: random.Random, hi: int) -> tuple[str, str]:
+    """Symbolic arithmetic both as a worked line and as a program (never a word problem, and
+    not the skills' instruction nor function name): the base half-knows both output formats
+    before any LoRA, so a skill LoRA adapts a format rather than inventing it."""
+    question, line = _arithmetic(rng, hi)
+    a, symbol, b = line.split(" ")[:3]
+    op = "//" if symbol == "/" else symbol
+    prompt = rng.choice(("Show {e} as a Python program.", "Python code for {e}:",
+                         "Turn {e} into code."))
+    return (prompt.format(e=f"{a} {symbol} {b}"),
+            f"{line}\ndef compute():\n    value = {a} {op} {b}\n    return value")
+
+
 def _number_fact(rng: random.Random, hi: int) -> tuple[str, str]:
     a, b = rng.sample(range(0, 4 * hi), 2)
     return rng.choice((
@@ -100,10 +113,10 @@ def _sentence(rng: random.Random, hi: int) -> tuple[str, str]:
     return f"Tell a short story about {n}.", story
 
 
-GENERATORS = (_arithmetic, _arithmetic, _number_fact, _list_task, _extraction, _code_reading,
-              _sentence)
+GENERATORS = (_arithmetic, _arithmetic, _symbolic_program, _number_fact, _list_task, _extraction,
+              _code_reading, _sentence)
 
 
-def pretraining_example(rng: random.Random, max_value: int = 50) -> tuple[str, str]:
+def pretraining_example(rng: random.Random, max_value: int = 20) -> tuple[str, str]:
     """One (question, answer) pair for the base model's pretraining corpus."""
     return rng.choice(GENERATORS)(rng, max_value)

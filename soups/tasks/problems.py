@@ -43,14 +43,25 @@ class Problem:
     def answer(self) -> int:
         return self.values()["result"]
 
-    def worked_solution(self) -> str:
-        """Each step as `a op b = c`, then `The answer is N.`"""
+    def worked_lines(self) -> str:
+        """Each step as `a op b = c.`: the line every rendering of a problem starts with."""
         env, lines = dict(self.quantities), []
         for step in self.steps:
             env[step.target] = OPS[step.op](env[step.left], env[step.right])
             lines.append(f"{env[step.left]} {MATH_SYMBOL[step.op]} {env[step.right]} = "
                          f"{env[step.target]}.")
-        return " ".join(lines) + f" The answer is {self.answer}."
+        return " ".join(lines)
+
+    def worked_solution(self) -> str:
+        """The worked lines, then `The answer is N.` (the math skill's answer)."""
+        return self.worked_lines() + f" The answer is {self.answer}."
+
+    def worked_program(self) -> str:
+        """The worked lines, then the `solution()` program computing them (the code skill's
+        and the target's answer). The shared first line is what makes the skills compose:
+        in the target, the math skill writes the line from the word problem, and the code
+        skill writes the program from a line, as it learned to (docs/embedded.md)."""
+        return self.worked_lines() + "\n" + self.program()
 
     def expression(self) -> str:
         """The whole computation as one Python expression over the literal quantities,
@@ -158,7 +169,7 @@ def _two_step(rng: random.Random, hi: int) -> Problem:
                    (Step("total", cont, "*", per), Step("result", "total", "-", "given")))
 
 
-def word_problem(rng: random.Random, max_value: int = 50, two_step_share: float = 0.3) -> Problem:
+def word_problem(rng: random.Random, max_value: int = 20, two_step_share: float = 0.0) -> Problem:
     """One random problem; `max_value` bounds the additive quantities, `two_step_share` is the
     probability of a two-step problem (difficulty knobs)."""
     if rng.random() < two_step_share:

@@ -12,6 +12,7 @@ import random
 from dataclasses import dataclass
 
 from soups.tasks.problems import OPS, Problem, Step
+from soups.tasks.words import NAMES, PLACES
 
 VARIABLES = (
     "price", "count", "width", "height", "days", "points", "score", "cost", "weight", "speed",
@@ -57,6 +58,25 @@ def _phrase(rng: random.Random, op: str, x: str, y: str) -> str:
     return rng.choice(PHRASES[op]).format(x=x, y=y)
 
 
+# Sentences a code instruction may follow (no numbers, no question): real instructions come
+# with context, and a code skill that reads past it is not thrown by the word problem that
+# precedes the target's instruction.
+CONTEXTS = (
+    "{n} is learning Python.", "{n} writes small programs for {place}.",
+    "{n} and {m} are practising functions.", "This exercise is for {n}.",
+    "{n} needs a helper function.", "A short task from {n}:",
+)
+
+
+def with_context(rng: random.Random, instruction: str, share: float = 0.5) -> str:
+    """`instruction`, after a context sentence `share` of the time."""
+    if rng.random() >= share:
+        return instruction
+    n, m = rng.sample(NAMES, 2)
+    context = rng.choice(CONTEXTS).format(n=n, m=m, place=rng.choice(PLACES))
+    return f"{context}\n{instruction}"
+
+
 def _solution_exercise(rng: random.Random, hi: int, two_step_share: float) -> CodeExercise:
     if rng.random() < two_step_share:
         op1, op2 = rng.choice(tuple(OPS)), rng.choice(("+", "-"))
@@ -79,7 +99,8 @@ def _solution_exercise(rng: random.Random, hi: int, two_step_share: float) -> Co
         f"Write a Python function solution() that computes {phrase} and returns it.",
         f"Write a Python function solution() that returns the value of {phrase}.",
     ))
-    return CodeExercise(instruction, problem.program(), "solution", ((),), (problem.answer,))
+    return CodeExercise(instruction, problem.worked_program(), "solution", ((),),
+                        (problem.answer,))
 
 
 def _function_exercise(rng: random.Random, hi: int) -> CodeExercise:
@@ -95,8 +116,8 @@ def _function_exercise(rng: random.Random, hi: int) -> CodeExercise:
     return CodeExercise(instruction, program, name, calls, expected)
 
 
-def code_exercise(rng: random.Random, max_value: int = 50, two_step_share: float = 0.3,
-                  function_share: float = 0.25) -> CodeExercise:
+def code_exercise(rng: random.Random, max_value: int = 20, two_step_share: float = 0.0,
+                  function_share: float = 0.0) -> CodeExercise:
     """One random exercise; `function_share` of them are functions with arguments."""
     if rng.random() < function_share:
         return _function_exercise(rng, max_value)
