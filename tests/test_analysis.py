@@ -343,7 +343,7 @@ def test_smoke_study_figures_and_report(smoke_runs, smoke_home, tmp_path):
         assert f'<section id="{section}">' in page, section
     assert "Learned CAT weights" in page and 'alt="CAT weights"' in page
     assert "paper.yaml" in page
-    assert len(combined([smoke_runs, smoke_runs])) == 20
+    assert len(combined([smoke_runs, smoke_runs])) == 2 * len(trials) == 26
 
 
 @pytest.mark.integration
