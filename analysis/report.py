@@ -22,6 +22,7 @@ from analysis.runs import (
 )
 from soups.errors import SoupsError
 from soups.names import BUILD_SECONDS, OBJECTIVE, TEST, WALL_SECONDS
+from study.methods import method_notes
 
 LOCAL_UI = "http://127.0.0.1:5000"  # where `mlflow ui` serves by default
 # Section ids, in report order (tests check that each is present).
@@ -191,6 +192,9 @@ def _methods(studies: list[StudyRuns]) -> str:
     trials = combined(studies)
     summary = summaries.method_summary(trials, target)
     shown = summary.drop(columns=["best_run_id"], errors="ignore")
+    notes = method_notes(shown["method"])
+    for column in ("kind", "what it is"):
+        shown[column] = [notes.get(m, {}).get(column, "") for m in shown["method"]]
     return (_figure(figures.method_comparison(trials, target), "method comparison")
             + _table(shown, formats={"seeds": "{:.0f}"}))
 

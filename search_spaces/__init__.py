@@ -33,8 +33,20 @@ TOP_LEVEL = {"methods", "rank"}
 
 # What is wrong with one value of a parameter (`is outside (0, 1]`), or None when it fits.
 Check = Callable[[object], str | None]
-# A method's declared parameters: their names, or each name with its check; None: no method.
-Declared = Mapping[str, Check | None] | set[str] | frozenset[str] | None
+
+
+@dataclass(frozen=True)
+class MethodParameters:
+    """A method's parameters with their checks (None: the name alone is checked) and those
+    an entry must give (the `skill` of a `skill` entry)."""
+
+    checks: Mapping[str, Check | None]
+    required: frozenset[str] = frozenset()
+
+
+# A method's declared parameters: their names, each name with its check, or MethodParameters;
+# None: no such method.
+Declared = MethodParameters | Mapping[str, Check | None] | set[str] | frozenset[str] | None
 
 
 class SearchSpaceError(SoupsError):
@@ -133,6 +145,8 @@ def _rank_problem(rank) -> str | None:
 
 def _checks(declared: Declared) -> Mapping[str, Check | None]:
     """Names without checks (a plain set) check the names alone."""
+    if isinstance(declared, MethodParameters):
+        return declared.checks
     return declared if isinstance(declared, Mapping) else dict.fromkeys(declared)
 
 
@@ -171,6 +185,9 @@ def _parse_method(method: str, params, source: str, declared: Declared) -> dict[
             raise SearchSpaceError(
                 f"{source}: method {method!r} takes no parameter {name!r}; "
                 f"it takes {sorted(checks) or 'none'}")
+    missing = sorted(getattr(declared, "required", frozenset()) - set(params))
+    if missing:
+        raise SearchSpaceError(f"{source}: method {method!r} needs parameter {missing[0]!r}")
     parsed = {}
     for name, value in params.items():
         where = f"{source}: methods.{method}.{name}"

@@ -39,11 +39,20 @@ def _register() -> None:
     The CLI is the one place `study` reaches `analysis` (the report command lives there,
     beside the library it drives: analysis reads MLflow, never runs a study)."""
     from analysis import cmd_report
-    from study import cmd_cat, cmd_data, cmd_merge, cmd_prepare, cmd_run, cmd_validate
+    from study import (
+        cmd_cat,
+        cmd_data,
+        cmd_merge,
+        cmd_methods,
+        cmd_prepare,
+        cmd_run,
+        cmd_validate,
+    )
 
     app.command("prepare")(cmd_prepare.prepare)
     app.command("evaluate")(cmd_prepare.evaluate)
     app.command("merge")(cmd_merge.merge)
+    app.command("methods")(cmd_methods.methods)
     app.command("cat")(cmd_cat.cat)
     app.command("run")(cmd_run.run)
     app.command("resume")(cmd_run.resume)

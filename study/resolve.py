@@ -8,55 +8,24 @@ from dataclasses import replace
 from functools import partial
 
 from soups.task_data import TaskData
-from study.spec import EMBEDDED, CatTraining, SpecError, StudySpec
+from study.spec import EMBEDDED, SpecError, StudySpec
 
 
-def method_parameters(name: str, skills: Collection[str] | None = None) -> dict | None:
-    """What a trial kind or merge method takes (the search-space check): each parameter's
-    name with its check (`search_spaces.Check`), or None for an unknown name. `skills`: the
-    study's skills, the values `skill` may take (None: any name)."""
-    from soups.merge.methods import REGISTRY
-    from trainables.merge_trial import CANDIDATES
+def method_parameters(name: str, skills: Collection[str] | None = None):
+    """What a candidate kind takes (the search-space check, from the registry of kinds
+    `trainables/candidates.py`), or None for an unknown name. `skills`: the study's skills,
+    the values `skill` may take (None: any name)."""
+    from trainables.candidates import parameter_checks
 
-    if name == "cat_learned":
-        return _cat_learned_checks()
-    if name == "skill":
-        return {"skill": partial(_skill_problem, skills=skills)}
-    if name in CANDIDATES:
-        return dict.fromkeys(CANDIDATES[name].parameters)  # nothing to check
-    if name in REGISTRY:
-        return {n: p.problem for n, p in REGISTRY.get(name).parameters.items()}
-    return None
-
-
-def _cat_learned_checks() -> dict:
-    """The shape of its weights (`CatSettings` types, its seed is the study's) and any key
-    of the `cat` section (`CatTraining`'s fields with their ranges)."""
-    from typing import get_type_hints
-
-    from soups.cat.settings import CatSettings
-    from soups.merge.registry import value_problem
-
-    shape = {n: t for n, t in get_type_hints(CatSettings).items() if n != "seed"}
-    training = {n: f.rebuild_annotation() for n, f in CatTraining.model_fields.items()}
-    return {n: partial(value_problem, t) for n, t in {**shape, **training}.items()}
-
-
-def _skill_problem(skill, skills: Collection[str] | None) -> str | None:
-    if not isinstance(skill, str):
-        return "is not a skill name"
-    if skills is not None and skill not in skills:
-        return f"is not a skill of the study; its skills: {sorted(skills)}"
-    return None
+    return parameter_checks(name, skills)
 
 
 def stage1_needs(space) -> tuple[bool, bool]:
     """Whether the space's candidates need stage 1 at all, and the DATA-MIX LoRA."""
-    from trainables.merge_trial import candidate_kind
+    from trainables.candidates import DATA_MIX, candidate_kind
 
     kinds = [candidate_kind(m) for m in space.methods]
-    return (any(k.uses_stage1 for k in kinds),
-            any("data_mix" in k.needs for k in kinds))
+    return any(k.stage1 for k in kinds), any(DATA_MIX in k.needs for k in kinds)
 
 
 def load_search_space(spec: StudySpec):

@@ -19,6 +19,7 @@ from soups.task_spec import TaskSpec
 from soups.train_settings import LoraSettings, LossOn, TrainSettings
 from soups.yaml_file import read_yaml
 from trainables.finetune_settings import DeepSpeedSettings, ScalingSettings
+from trainables.learned_settings import CatTraining
 
 EMBEDDED = "embedded"
 # The core settings whose defaults the spec's sections repeat by reference, never by value.
@@ -119,21 +120,6 @@ class Finetune(Strict):
                              "held_out: 0 holds out no rows; set held_out > 0 or keep_best: "
                              "false")
         return self
-
-
-class CatTraining(Strict):
-    """Defaults of CAT weight training in trials (a search space may override them)."""
-
-    learning_rate: float = Field(5e-3, gt=0)
-    max_steps: int = Field(60, ge=1)
-    micro_batch_size: int = Field(16, ge=1)
-    warmup_steps: int = Field(10, ge=0)
-    fraction: float = Field(0.1, gt=0, le=1)  # share of each skill's training data
-    # Or a fixed size: this many examples in all, split evenly over the skills (the paper:
-    # one epoch over 10k); it wins over `fraction` when set.
-    count: int | None = Field(None, ge=1)
-    held_out: int = Field(64, ge=1)  # examples for the best-checkpoint loss
-    eval_every: int = Field(10, ge=1)
 
 
 class Search(Strict):

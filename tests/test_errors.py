@@ -30,11 +30,12 @@ from soups.sandbox.seccomp import SeccompUnavailable
 from soups.scoring import ScorerError
 from study.cli import app
 from study.spec import SpecError
+from trainables.candidates import CandidateError
 from trainables.shared_storage import StorageNotShared
 
 pytestmark = pytest.mark.unit
 ROOT = Path(__file__).resolve().parents[1]
-PROJECT_ERRORS = (AdapterError, CatError, DatasetError, EvaluationError, MergeError,
+PROJECT_ERRORS = (AdapterError, CandidateError, CatError, DatasetError, EvaluationError, MergeError,
                   ModelError, SandboxUnavailable, ScorerError, SeccompUnavailable,
                   SearchSpaceError, SpecError, StorageNotShared, StudyNotFound, TemplateError)
 NOT_ERRORS = {"StopTraining"}  # soups/cat/train.py: a signal that ends training early

@@ -169,7 +169,8 @@ def test_optuna_suggestions_are_repeated_once_per_seed_and_learn_the_mean():
 
 
 def test_a_trial_takes_its_seeds_adapters_and_its_run_key_names_the_seed():
-    from trainables.merge_trial import TrialContext, candidate_builder, trial_seed
+    from trainables.candidates import candidate_kind
+    from trainables.merge_trial import TrialContext, trial_seed
     from trainables.trial_run import trial_run_key
 
     adapters = {str(s): {"8": {"math": f"/a/math-s{s}"}} for s in (0, 1)}
@@ -177,7 +178,7 @@ def test_a_trial_takes_its_seeds_adapters_and_its_run_key_names_the_seed():
                        model_dir="", skills=("math", "code"), target="t", tasks={},
                        adapters=adapters, evaluation={}, cat={}, seed=5, stage1_seed=0)
     skill = {"method": "skill", "params": {"skill": "math"}, "rank": 8}
-    build = candidate_builder("skill")
+    build = candidate_kind("skill").build
     assert build(ctx, {**skill, "seed": 1}, None, None) == "/a/math-s1"
     assert build(ctx, skill, None, None) == "/a/math-s0"  # no axis: finetune.seed's
     assert trial_seed(ctx, {**skill, "seed": 1}) == 1 and trial_seed(ctx, skill) == 5

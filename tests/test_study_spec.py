@@ -216,7 +216,7 @@ def test_space_value_outside_the_method_range_names_file_method_parameter_and_va
     ({"svd": {"rank": {"uniform": [2, 16]}}},  # Tune samples floats: no rank
      "x.yaml: methods.svd.rank: uniform value 2.0 is not valid: Input should be a valid integer"),
     ({"svd": {"rank": 0}}, "x.yaml: methods.svd.rank: 0 is outside [1, inf)"),
-    ({"ties": {"majority_sign_method": {"choice": ["total", "sum"]}}},
+    ({"ties": {"density": 0.5, "majority_sign_method": {"choice": ["total", "sum"]}}},
      "x.yaml: methods.ties.majority_sign_method: choice value 'sum' is not valid: Input should "
      "be 'total' or 'frequency'"),
     ({"linear": {"weights": [1.0, "a"]}},

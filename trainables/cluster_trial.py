@@ -31,7 +31,7 @@ from soups.names import CAT_STEP, DRIVER_TAG, LOSS_TAG, NODE_TAG
 from trainables import tracking
 from trainables.file_tree import read_tree, write_tree
 from trainables.merge_trial import ADAPTER_DIR, GENERATIONS_DIR, TrialContext
-from trainables.trial_run import TrialRun, build_candidate, cat_artifacts, trial_run
+from trainables.trial_run import TrialRun, build_candidate, candidate_artifacts, trial_run
 
 
 def node_loss_errors() -> tuple[type[BaseException], ...]:
@@ -77,7 +77,8 @@ def trial_work(context: TrialContext, variant: dict) -> Iterator[dict]:
         metrics = score_validation(context, adapter, build_seconds, generations)
         files = read_tree(Path(adapter), ADAPTER_DIR) if adapter is not None else {}
         artifacts = {name: path.read_bytes()
-                     for name, path in cat_artifacts(out_dir, Path(tmp), context.skills).items()}
+                     for name, path in candidate_artifacts(variant, out_dir, Path(tmp),
+                                                          context.skills).items()}
         artifacts.update(read_tree(generations, GENERATIONS_DIR))
         yield {"result": {"metrics": metrics, "files": files, "artifacts": artifacts}}
 

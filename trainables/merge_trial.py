@@ -1,11 +1,8 @@
 """The Ray Tune trial: build one candidate model, score it on validation splits, report.
 
-A trial's `variant` names a kind of candidate; each kind is one small function returning the
-adapter folder to evaluate (None = the base model alone):
-- `base`, `skill` (one skill LoRA), `data_mix` (the DATA-MIX LoRA) use stage-1 adapters;
-- `cat_learned` trains CAT weights (reporting every held-out evaluation to Tune, so ASHA
-  can stop it) and exports the folded adapter;
-- every other name is a merge method of `soups.merge`, applied to the skill LoRAs.
+A trial's `variant` names a kind of candidate (`trainables/candidates.py`, the registry:
+`base`, `skill`, `data_mix`, `cat_learned`, every merge method, ...), whose builder returns
+the adapter folder to evaluate (None = the base model alone).
 On a study with a seed axis (`search.seeds`) the variant carries the trial's seed: its
 stage-1 adapters are those fine-tuned with that seed, and it seeds the CAT training and a
 random merge (DARE) whose seed the search space leaves open.
@@ -16,22 +13,10 @@ holding the adapter, so the study can export the best trial's adapter later.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from soups.names import (
-    BUILD_SECONDS,
-    CAT_BEST_EVAL_LOSS,
-    CAT_BEST_STEP,
-    CAT_EVAL_LOSS,
-    CAT_STEP,
-    CAT_TRAIN_LOSS,
-    CAT_TRAINABLE_PARAMETERS,
-    OBJECTIVE,
-    VALIDATION,
-    task_metric,
-)
+from soups.names import BUILD_SECONDS, OBJECTIVE, VALIDATION, task_metric
 from soups.task_data import TaskData
 
 ADAPTER_DIR = "adapter"
@@ -72,7 +57,7 @@ def trial_seed(ctx: TrialContext, variant: dict) -> int:
     return variant.get("seed", ctx.seed)
 
 
-def _stage1(ctx: TrialContext, variant: dict, name: str) -> str:
+def stage1_adapter(ctx: TrialContext, variant: dict, name: str) -> str:
     """The stage-1 adapter `name` at the trial's rank, fine-tuned with the trial's seed."""
     seed, rank = str(variant.get("seed", ctx.stage1_seed)), variant["rank"]
     try:
@@ -81,94 +66,6 @@ def _stage1(ctx: TrialContext, variant: dict, name: str) -> str:
         raise ValueError(f"no stage-1 adapter {name!r} at rank {rank} with seed {seed}; the "
                          f"study trained ranks {sorted(ctx.adapters.get(seed, {}))} with "
                          f"seeds {sorted(ctx.adapters)}") from None
-
-
-def _base(ctx, variant, out_dir, report) -> str | None:
-    return None
-
-
-def _skill(ctx, variant, out_dir, report) -> str:
-    skill = variant["params"]["skill"]
-    if skill not in ctx.skills:
-        raise ValueError(f"skill {skill!r} is not a skill of this study: {list(ctx.skills)}")
-    return _stage1(ctx, variant, skill)
-
-
-def _data_mix(ctx, variant, out_dir, report) -> str:
-    return _stage1(ctx, variant, "data_mix")
-
-
-def _cat_learned(ctx, variant, out_dir, report) -> str:
-    """The paper's CAT recipe (`PAPER_CAT_TRAIN`) with the study's `cat` section and the
-    trial's parameters over it."""
-    from dataclasses import fields, replace
-
-    from soups.cat import PAPER_CAT_TRAIN, CatSettings, learn_cat
-
-    params = {**ctx.cat, **variant["params"]}
-    shape = {f.name: params.pop(f.name) for f in fields(CatSettings) if f.name in params}
-    fraction, count, held_out = params.pop("fraction"), params.pop("count"), params.pop(
-        "held_out")
-    seed = trial_seed(ctx, variant)
-    train = replace(PAPER_CAT_TRAIN, seed=seed, **params)
-    skills = [load_rows(ctx, s, "train") for s in ctx.skills]
-
-    def on_step(record: dict) -> None:
-        if "eval_loss" in record:
-            report({CAT_STEP: record["step"], CAT_EVAL_LOSS: record["eval_loss"],
-                    CAT_TRAIN_LOSS: record["train_loss"]})
-
-    adapters = [_stage1(ctx, variant, s) for s in ctx.skills]
-    result = learn_cat(adapters, ctx.model_dir, skills, out_dir,
-                       CatSettings(seed=seed, **shape), train,
-                       fraction=None if count else fraction, count=count,
-                       held_out=held_out,
-                       on_step=on_step, log=None)
-    report({CAT_TRAINABLE_PARAMETERS: result.trainable_parameters,
-            CAT_BEST_EVAL_LOSS: result.best_eval_loss, CAT_BEST_STEP: result.best_step})
-    return str(out_dir)
-
-
-def _merge_method(ctx, variant, out_dir, report) -> str:
-    from soups.merge import merge_adapters
-    from soups.merge.methods import REGISTRY
-
-    adapters = [_stage1(ctx, variant, s) for s in ctx.skills]
-    params = dict(variant["params"])
-    if "seed" in variant and REGISTRY.get(variant["method"]).random:
-        params.setdefault("seed", variant["seed"])  # each seed its own masks
-    merge_adapters(adapters, variant["method"], out_dir, **params)
-    return str(out_dir)
-
-
-@dataclass(frozen=True)
-class CandidateKind:
-    """A kind of trial besides the merge methods: how it builds its candidate, which
-    parameters a search space may give it (None: declared elsewhere, see study/resolve.py),
-    whether it is built from stage-1 adapters (so its variants carry a rank), and which
-    stage-1 adapters besides the skill LoRAs it needs."""
-
-    build: Callable  # (context, variant, out_dir, report) -> adapter folder, or None
-    parameters: frozenset[str] | None = frozenset()
-    uses_stage1: bool = True
-    needs: tuple[str, ...] = ()
-
-
-CANDIDATES: dict[str, CandidateKind] = {
-    "base": CandidateKind(_base, uses_stage1=False),
-    "skill": CandidateKind(_skill, frozenset({"skill"})),
-    "data_mix": CandidateKind(_data_mix, needs=("data_mix",)),
-    "cat_learned": CandidateKind(_cat_learned, parameters=None),
-}
-MERGE_METHOD = CandidateKind(_merge_method, parameters=None)  # every method of soups.merge
-
-
-def candidate_kind(method: str) -> CandidateKind:
-    return CANDIDATES.get(method, MERGE_METHOD)
-
-
-def candidate_builder(method: str) -> Callable:
-    return candidate_kind(method).build
 
 
 def evaluate_candidate(ctx: TrialContext, adapter: str | None, split: str, tasks,
@@ -226,7 +123,7 @@ def score_validation(ctx: TrialContext, adapter: str | None, build_seconds: floa
 def merge_trial(config: dict, context: TrialContext) -> None:
     """Ray Tune function trainable (`tune.with_parameters(merge_trial, context=...)`): the
     whole trial in this process."""
-    from trainables.trial_run import build_candidate, cat_artifacts, trial_run
+    from trainables.trial_run import build_candidate, candidate_artifacts, trial_run
 
     variant = config["variant"]
     with trial_run(context, variant) as run:
@@ -234,5 +131,5 @@ def merge_trial(config: dict, context: TrialContext) -> None:
         adapter, build_seconds = build_candidate(context, variant, out_dir, run.progress)
         generations = run.work_dir / GENERATIONS_DIR
         metrics = score_validation(context, adapter, build_seconds, generations)
-        run.finish(metrics, adapter, {**cat_artifacts(out_dir, run.work_dir, context.skills),
-                                      GENERATIONS_DIR: generations})
+        artifacts = candidate_artifacts(variant, out_dir, run.work_dir, context.skills)
+        run.finish(metrics, adapter, {**artifacts, GENERATIONS_DIR: generations})

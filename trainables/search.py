@@ -25,12 +25,12 @@ from ray.tune.search.repeater import TRIAL_INDEX
 from ray.tune.search.sample import Domain as TuneDomain
 
 from search_spaces import Domain, SearchSpace
-from trainables.merge_trial import candidate_kind
+from trainables.candidates import candidate_kind
 
 
 def _ranked(method: str) -> bool:
     """Whether a method's variants carry a rank (it is built from stage-1 adapters)."""
-    return candidate_kind(method).uses_stage1
+    return candidate_kind(method).stage1
 
 
 def _tune_domain(value):

@@ -4,7 +4,7 @@ parameters, its progress reports, and its end: metrics, CAT artifacts, the check
 (adapter + `trial.json`) and the final Tune report.
 
 Also the part of the work both run the same way: building the candidate and timing it, and
-the CAT weight files it leaves for MLflow.
+the files its kind leaves for MLflow.
 """
 
 from __future__ import annotations
@@ -19,11 +19,11 @@ from pathlib import Path
 
 from soups.names import CAT_STEP, METHOD_TAG, MLFLOW_RUN_ID, ROLE_TRIAL, TRIAL_ID
 from trainables import tracking
+from trainables.candidates import candidate_kind
 from trainables.merge_trial import (
     ADAPTER_DIR,
     TRIAL_FILE,
     TrialContext,
-    candidate_builder,
     generation_params,
     trial_seed,
 )
@@ -37,21 +37,15 @@ def build_candidate(context: TrialContext, variant: dict, out_dir: Path,
                     report: Callable[[dict], None]) -> tuple[str | None, float]:
     """The candidate's adapter folder (None: the base model alone) and seconds to build it."""
     start = time.perf_counter()
-    adapter = candidate_builder(variant["method"])(context, variant, out_dir, report)
+    adapter = candidate_kind(variant["method"]).build(context, variant, out_dir, report)
     return adapter, time.perf_counter() - start
 
 
-def cat_artifacts(out_dir: Path, work_dir: Path, skills) -> dict[str, Path]:
-    """A learned CAT's weights file and its heat map, when the candidate has them."""
-    from soups.cat.export import WEIGHTS_JSON
-
-    weights = out_dir / WEIGHTS_JSON
-    if not weights.is_file():
-        return {}
-    from soups.cat.plot import plot_cat_weights
-
-    plot = plot_cat_weights(weights, work_dir / "cat_weights.png", names=list(skills))
-    return {WEIGHTS_JSON: weights, Path(plot).name: Path(plot)}
+def candidate_artifacts(variant: dict, out_dir: Path, work_dir: Path, skills
+                        ) -> dict[str, Path]:
+    """The files the candidate's kind leaves for MLflow (a learned CAT's weights and heat
+    map, LoraHub's search history, ...)."""
+    return candidate_kind(variant["method"]).artifacts(out_dir, work_dir, tuple(skills))
 
 
 class TrialRun:

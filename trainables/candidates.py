@@ -1,0 +1,327 @@
+"""The registry of candidate kinds: everything a study can put on its leaderboard, each kind
+registered once with what the rest of the program needs to know about it.
+
+A kind is a name (the `method` of a search-space entry and of a trial's variant), its
+parameters (names, types and ranges: the search space is checked against them when it is
+loaded, before stage 1 trains anything), whether it is built from stage-1 adapters (then its
+variants carry a LoRA rank) and which ones besides the skill LoRAs (`data_mix`), whether it
+trains on the skill mix, its builder and the artifacts it leaves for MLflow. Every merge
+method of `soups.merge` is a kind of its own, read from the merge-method registry.
+
+The search space (`study.resolve`), the Tune search (`trainables.search`), the study runner
+(stage 1), both trial drivers (`trainables.trial_run`), `soups methods`, `soups merge
+--list` and the report read this one table; a name registered twice raises. Adding a kind
+touches this file only (docs/extending.md).
+
+A builder is `build(context, variant, out_dir, report) -> folder or None`: the candidate's
+adapter folder (None: the base model alone), `report(metrics)` sending intermediate results
+to MLflow and Tune (CAT's held-out loss at a step, for ASHA; LoraHub's objective at each
+evaluation).
+"""
+
+from __future__ import annotations
+
+import types
+import typing
+from collections.abc import Callable, Collection, Mapping
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import Field
+
+from soups.errors import SoupsError
+from soups.merge.registry import REQUIRED, Parameter
+from soups.names import (
+    CAT_BEST_EVAL_LOSS,
+    CAT_BEST_STEP,
+    CAT_EVAL_LOSS,
+    CAT_STEP,
+    CAT_TRAIN_LOSS,
+    CAT_TRAINABLE_PARAMETERS,
+)
+from trainables.learned_settings import CatTraining
+from trainables.merge_trial import TrialContext, load_rows, stage1_adapter, trial_seed
+
+DATA_MIX = "data_mix"
+# What a kind is, for `soups methods` and the report: the model alone, one stage-1 adapter,
+# a data-free merge of the skill LoRAs, or a composition learned on the skill mix.
+Family = Literal["reference", "stage-1", "merge", "learned"]
+Builder = Callable[[TrialContext, dict, Path, Callable[[dict], None]], "str | None"]
+# (adapter folder, the trial's work folder, the study's skills) -> {artifact name: path}
+Artifacts = Callable[[Path, Path, tuple[str, ...]], dict[str, Path]]
+
+
+class CandidateError(SoupsError):
+    """An unknown or doubly registered kind; the message names it and the known ones."""
+
+
+def _no_artifacts(out_dir: Path, work_dir: Path, skills: tuple[str, ...]) -> dict[str, Path]:
+    return {}
+
+
+@dataclass(frozen=True)
+class CandidateKind:
+    name: str
+    family: Family
+    summary: str
+    build: Builder
+    parameters: dict[str, Parameter] = field(default_factory=dict)
+    stage1: bool = True  # built from stage-1 adapters: its variants carry a rank
+    needs: tuple[str, ...] = ()  # stage-1 adapters besides the skill LoRAs
+    trains: bool = False  # trains on the skill mix (the skills' train splits)
+    artifacts: Artifacts = _no_artifacts
+    reference: str = ""
+    defaults: Mapping[str, str] = field(default_factory=dict)  # shown instead of the value
+    # Extra checks that need the study (the `skill` kind's value must be one of its skills).
+    study_checks: Mapping[str, Callable[[Any, Collection[str] | None], str | None]] = \
+        field(default_factory=dict)
+
+    def checks(self, skills: Collection[str] | None = None) -> dict[str, Callable]:
+        """Each parameter's check for the search space: its type and range, then what the
+        study adds. `skills`: the study's skills (None: any name)."""
+        def check(parameter: Parameter, value) -> str | None:
+            extra = self.study_checks.get(parameter.name)
+            return (extra(value, skills) if extra else None) or parameter.problem(value)
+        return {name: partial(check, p) for name, p in self.parameters.items()}
+
+    @property
+    def required(self) -> frozenset[str]:
+        return frozenset(n for n, p in self.parameters.items() if p.required)
+
+
+class CandidateRegistry:
+    def __init__(self) -> None:
+        self._kinds: dict[str, CandidateKind] = {}
+
+    def register(self, kind: CandidateKind) -> CandidateKind:
+        if kind.name in self._kinds:
+            raise CandidateError(f"candidate kind {kind.name!r} is already registered "
+                                 f"({self._kinds[kind.name].family})")
+        self._kinds[kind.name] = kind
+        return kind
+
+    def get(self, name: str) -> CandidateKind:
+        if name not in self._kinds:
+            raise CandidateError(f"unknown method {name!r}; known: {self.names()}")
+        return self._kinds[name]
+
+    def names(self) -> list[str]:
+        return list(self._kinds)
+
+    def kinds(self) -> list[CandidateKind]:
+        return list(self._kinds.values())
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._kinds
+
+
+# --- the model alone and the stage-1 adapters ------------------------------------------------
+
+def _base(ctx, variant, out_dir, report) -> None:
+    return None
+
+
+def _skill(ctx, variant, out_dir, report) -> str:
+    skill = variant["params"]["skill"]
+    if skill not in ctx.skills:
+        raise ValueError(f"skill {skill!r} is not a skill of this study: {list(ctx.skills)}")
+    return stage1_adapter(ctx, variant, skill)
+
+
+def _skill_problem(skill, skills: Collection[str] | None) -> str | None:
+    if not isinstance(skill, str):
+        return "is not a skill name"
+    if skills is not None and skill not in skills:
+        return f"is not a skill of the study; its skills: {sorted(skills)}"
+    return None
+
+
+def _data_mix(ctx, variant, out_dir, report) -> str:
+    return stage1_adapter(ctx, variant, DATA_MIX)
+
+
+# --- merges of the skill LoRAs ---------------------------------------------------------------
+
+def _merge_method(ctx, variant, out_dir, report) -> str:
+    from soups.merge import merge_adapters
+    from soups.merge.methods import REGISTRY
+
+    adapters = [stage1_adapter(ctx, variant, s) for s in ctx.skills]
+    params = dict(variant["params"])
+    if "seed" in variant and REGISTRY.get(variant["method"]).random:
+        params.setdefault("seed", variant["seed"])  # each seed its own masks
+    merge_adapters(adapters, variant["method"], out_dir, **params)
+    return str(out_dir)
+
+
+# --- learned on the skill mix ----------------------------------------------------------------
+
+def _training_parameters() -> dict[str, Parameter]:
+    """The `cat` section's fields (their defaults the study's): learned kinds take them all."""
+    return {name: Parameter(name, f.rebuild_annotation(), f.default)
+            for name, f in CatTraining.model_fields.items()}
+
+
+def _skill_mix_split(ctx: TrialContext, variant: dict) -> tuple[dict, dict]:
+    """The trial's training settings (`cat` section, then the variant's parameters) split
+    into those of the kind's own dataclass (the rest) and the skill mix's size."""
+    params = {**ctx.cat, **variant["params"]}
+    mix = {"fraction": params.pop("fraction"), "count": params.pop("count"),
+           "held_out": params.pop("held_out")}
+    if mix["count"]:
+        mix["fraction"] = None
+    return params, mix
+
+
+def _train_progress(report) -> Callable[[dict], None]:
+    """Held-out evaluations of a training run, as Tune results ASHA can rank."""
+    def on_step(record: dict) -> None:
+        if "eval_loss" in record:
+            report({CAT_STEP: record["step"], CAT_EVAL_LOSS: record["eval_loss"],
+                    CAT_TRAIN_LOSS: record["train_loss"]})
+    return on_step
+
+
+def _cat_parameters() -> dict[str, Parameter]:
+    """The shape of the weights (`CatSettings` types; the seed is the trial's) and the
+    training settings."""
+    from soups.cat.settings import CatSettings
+
+    hints = typing.get_type_hints(CatSettings)
+    defaults = CatSettings()
+    shape = {n: Parameter(n, t, getattr(defaults, n)) for n, t in hints.items() if n != "seed"}
+    return {**shape, **_training_parameters()}
+
+
+def _cat_learned(ctx, variant, out_dir, report) -> str:
+    """The paper's CAT recipe (`PAPER_CAT_TRAIN`) with the study's `cat` section and the
+    trial's parameters over it."""
+    from dataclasses import fields, replace
+
+    from soups.cat import PAPER_CAT_TRAIN, CatSettings, learn_cat
+
+    params, mix = _skill_mix_split(ctx, variant)
+    shape = {f.name: params.pop(f.name) for f in fields(CatSettings) if f.name in params}
+    seed = trial_seed(ctx, variant)
+    train = replace(PAPER_CAT_TRAIN, seed=seed, **params)
+    skills = [load_rows(ctx, s, "train") for s in ctx.skills]
+    adapters = [stage1_adapter(ctx, variant, s) for s in ctx.skills]
+    result = learn_cat(adapters, ctx.model_dir, skills, out_dir,
+                       CatSettings(seed=seed, **shape), train, on_step=_train_progress(report),
+                       log=None, **mix)
+    report({CAT_TRAINABLE_PARAMETERS: result.trainable_parameters,
+            CAT_BEST_EVAL_LOSS: result.best_eval_loss, CAT_BEST_STEP: result.best_step})
+    return str(out_dir)
+
+
+def _cat_artifacts(out_dir: Path, work_dir: Path, skills: tuple[str, ...]) -> dict[str, Path]:
+    """A learned CAT's weights file and its heat map."""
+    from soups.cat.export import WEIGHTS_JSON
+
+    weights = out_dir / WEIGHTS_JSON
+    if not weights.is_file():
+        return {}
+    from soups.cat.plot import plot_cat_weights
+
+    plot = plot_cat_weights(weights, work_dir / "cat_weights.png", names=list(skills))
+    return {WEIGHTS_JSON: weights, Path(plot).name: Path(plot)}
+
+
+LORA_SOUPS = "https://arxiv.org/abs/2410.13025"
+Skill = Annotated[str, Field(description="one of the study's skills")]
+
+
+def _registry() -> CandidateRegistry:
+    from soups.merge.methods import REGISTRY as MERGES
+
+    registry = CandidateRegistry()
+    registry.register(CandidateKind(
+        "base", "reference", "the base model alone, no adapter", _base, stage1=False))
+    registry.register(CandidateKind(
+        "skill", "stage-1", "one skill's LoRA alone", _skill,
+        {"skill": Parameter("skill", Skill, REQUIRED)},
+        study_checks={"skill": _skill_problem}))
+    registry.register(CandidateKind(
+        DATA_MIX, "stage-1", "DATA-MIX: one LoRA fine-tuned on all the skills' data mixed",
+        _data_mix, needs=(DATA_MIX,), reference=LORA_SOUPS))
+    registry.register(CandidateKind(
+        "cat_learned", "learned", "CAT: one weight per LoRA per module learned on the skill "
+        "mix, exported as the exact concatenation", _cat_learned, _cat_parameters(),
+        trains=True, artifacts=_cat_artifacts, reference=LORA_SOUPS))
+    for method in (MERGES.get(name) for name in MERGES.names()):
+        registry.register(CandidateKind(
+            method.name, "merge", f"{method.summary} ({method.space.value} space)",
+            _merge_method, dict(method.parameters), reference=method.reference,
+            defaults={"weights": "default " + ("1 each" if method.default_weights == "ones"
+                                               else "1/k each")}))
+    return registry
+
+
+CANDIDATES = _registry()
+
+
+def candidate_kind(name: str) -> CandidateKind:
+    return CANDIDATES.get(name)
+
+
+def parameter_checks(name: str, skills: Collection[str] | None = None):
+    """What a kind takes, for the search-space check (`search_spaces.MethodParameters`), or
+    None for a name no kind has."""
+    from search_spaces import MethodParameters
+
+    if name not in CANDIDATES:
+        return None
+    kind = CANDIDATES.get(name)
+    return MethodParameters(kind.checks(skills), kind.required)
+
+
+def describe(kind: CandidateKind) -> list[str]:
+    """`soups methods`' lines for one kind: what it is, what it needs, its parameters."""
+    needs = ("stage-1 skill LoRAs" + "".join(f" + {n}" for n in kind.needs)
+             if kind.stage1 else "no adapters")
+    lines = [f"{kind.name}  ({kind.family})  {kind.summary}",
+             f"    needs: {needs}" + ("; trains on the skill mix" if kind.trains else "")]
+    if kind.reference:
+        lines.append(f"    {kind.reference}")
+    for name, parameter in kind.parameters.items():
+        default = kind.defaults.get(name) or (
+            "required" if parameter.required else f"default {parameter.default!r}")
+        lines.append(f"    {name}: {_type_text(parameter)} ({default})"
+                     + (f"  {parameter.description}" if parameter.description else ""))
+    return lines
+
+
+def _type_text(parameter: Parameter) -> str:
+    """A parameter's type as a reader wants it: `float in (0, 1]`, `one of a, b`."""
+    bounds = _bounds_text(parameter.annotation)
+    name = _type_name(parameter.annotation)
+    return f"{name} in {bounds}" if bounds else name
+
+
+def _type_name(annotation) -> str:
+    """`list of float or none` for `Annotated[list[Annotated[float, ...]] | None, ...]`."""
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if origin is Annotated:
+        return _type_name(args[0])
+    if origin is Literal:
+        return "one of " + ", ".join(map(str, args))
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in args)
+    if origin in (list, tuple):
+        return f"{origin.__name__} of {_type_name(args[0])}" if args else origin.__name__
+    if annotation is type(None):
+        return "none"
+    return getattr(annotation, "__name__", str(annotation))
+
+
+def _bounds_text(annotation) -> str | None:
+    from soups.merge.registry import interval
+
+    text = interval(annotation)
+    return None if text == "(-inf, inf)" else text
+
+
+__all__ = ["CANDIDATES", "CandidateError", "CandidateKind", "CandidateRegistry", "DATA_MIX",
+           "candidate_kind", "describe", "parameter_checks"]
