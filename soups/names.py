@@ -42,7 +42,13 @@ Trial metrics (`trainables.merge_trial`; logged to the trial run and reported to
   attribute for ASHA and the MLflow step of these metrics, not logged itself), CAT_EVAL_LOSS
   `cat_eval_loss` (held-out loss: ASHA's metric), CAT_TRAIN_LOSS `cat_train_loss`; at the end
   CAT_TRAINABLE_PARAMETERS `cat_trainable_parameters`, CAT_BEST_EVAL_LOSS `cat_best_eval_loss`
-  and CAT_BEST_STEP `cat_best_step`;
+  and CAT_BEST_STEP `cat_best_step` (the mixture of LoRA experts reports its router's
+  training under the same names, so ASHA ranks both);
+- a gradient-free weight search (LoraHub), at each evaluation of its objective: SEARCH_STEP
+  `search_step` (the MLflow step, not logged itself), SEARCH_LOSS `search_loss` (mean loss on
+  the skill-mix examples) and SEARCH_OBJECTIVE `search_objective` (loss + L1 term); at the end
+  SEARCH_BEST_OBJECTIVE `search_best_objective`. `progress_step(metrics)`: the step of an
+  intermediate result, whichever kind reported it;
 - MLFLOW_RUN_ID `mlflow_run_id`: in the final Tune result only, the trial's MLflow run.
 
 Fine-tune metrics (`study.stage1`, from the training history that `soups.lora_training` and
@@ -96,6 +102,11 @@ CAT_TRAIN_LOSS = "cat_train_loss"
 CAT_TRAINABLE_PARAMETERS = "cat_trainable_parameters"
 CAT_BEST_EVAL_LOSS = "cat_best_eval_loss"
 CAT_BEST_STEP = "cat_best_step"
+SEARCH_STEP = "search_step"
+SEARCH_LOSS = "search_loss"
+SEARCH_OBJECTIVE = "search_objective"
+SEARCH_BEST_OBJECTIVE = "search_best_objective"
+STEP_KEYS = (CAT_STEP, SEARCH_STEP)  # metrics that give an intermediate result's step
 MLFLOW_RUN_ID = "mlflow_run_id"
 # Fine-tune metrics.
 TRAIN_LOSS = "train_loss"
@@ -149,3 +160,12 @@ def data_metric(task: str, what: str) -> str:
 def best_metric(key: str) -> str:
     """The parent run's copy of the selected trial's metric: `best/test/math/accuracy`."""
     return f"{BEST_PREFIX}{key}"
+
+
+def progress_step(metrics: dict) -> int | None:
+    """The step of an intermediate trial result (CAT's evaluation, LoraHub's search), or
+    None for a result without one."""
+    for key in STEP_KEYS:
+        if key in metrics:
+            return int(metrics[key])
+    return None

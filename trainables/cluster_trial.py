@@ -27,7 +27,7 @@ import threading
 from collections.abc import Iterator
 from pathlib import Path
 
-from soups.names import CAT_STEP, DRIVER_TAG, LOSS_TAG, NODE_TAG
+from soups.names import DRIVER_TAG, LOSS_TAG, NODE_TAG, progress_step
 from trainables import tracking
 from trainables.file_tree import read_tree, write_tree
 from trainables.merge_trial import ADAPTER_DIR, GENERATIONS_DIR, TrialContext
@@ -131,7 +131,7 @@ def cluster_trial(config: dict, context: TrialContext, work_options: dict,
 
 def _report_progress(run: TrialRun, metrics: dict, reported: dict) -> None:
     """Log and report a CAT result, unless a lost attempt already did (same step)."""
-    step = metrics.get(CAT_STEP)
+    step = progress_step(metrics)
     if step is not None:
         if step <= reported["step"]:
             return

@@ -17,7 +17,7 @@ import time
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 
-from soups.names import CAT_STEP, METHOD_TAG, MLFLOW_RUN_ID, ROLE_TRIAL, TRIAL_ID
+from soups.names import METHOD_TAG, MLFLOW_RUN_ID, ROLE_TRIAL, STEP_KEYS, TRIAL_ID, progress_step
 from trainables import tracking
 from trainables.candidates import candidate_kind
 from trainables.merge_trial import (
@@ -58,11 +58,13 @@ class TrialRun:
         self.variant = variant
 
     def progress(self, metrics: Mapping[str, float]) -> None:
-        """An intermediate result (CAT's held-out loss at a step): to MLflow and Tune."""
+        """An intermediate result (CAT's held-out loss, LoraHub's objective, at a step): to
+        MLflow and Tune."""
         import ray.tune
 
-        tracking.log_metrics(self.run_id, {k: v for k, v in metrics.items() if k != CAT_STEP},
-                             step=int(metrics.get(CAT_STEP, 0)))
+        tracking.log_metrics(self.run_id, {k: v for k, v in metrics.items()
+                                           if k not in STEP_KEYS},
+                             step=progress_step(metrics) or 0)
         ray.tune.report(dict(metrics))
 
     def finish(self, metrics: dict, adapter: str | Path | None, artifacts: Mapping[str, Path],
