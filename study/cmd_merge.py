@@ -2,7 +2,7 @@
 
     soups merge --method METHOD --out OUT_DIR ADAPTER_DIR [ADAPTER_DIR ...]
                 [--weights W ...] [--density D] [--rank R] [--majority-sign total|frequency]
-                [--seed S]
+                [--merge task_arithmetic|ties|dare_ties] [--seed S]
     soups merge --list
     soups merge --method cat_learned --out OUT_DIR ADAPTER_DIR ... [--model DIR] [--data DIR ...]
                 [--granularity ...] [--normalisation ...] [--init ...] [--fraction F] ...
@@ -49,11 +49,14 @@ def merge(
     weights: list[float] = typer.Option(None, help="One weight per adapter: --weights 0.4 0.6 "
                                         "(values run to the next option); default depends "
                                         "on the method."),
-    density: float = typer.Option(None, help="Fraction of entries kept (TIES, DARE, "
+    density: float = typer.Option(None, help="Fraction of entries kept (TIES, DARE, knots, "
                                   "magnitude pruning)."),
-    rank: int = typer.Option(None, help="Output rank (svd and *_svd methods)."),
+    rank: int = typer.Option(None, help="Output rank (svd, *_svd, knots, lora_lego)."),
     majority_sign: str = typer.Option(None, help="total | frequency (TIES sign election)."),
-    seed: int = typer.Option(None, help="Seed of the random masks (DARE) or of CAT training."),
+    row_merge: str = typer.Option(None, "--merge", help="knots: task_arithmetic | ties | "
+                                  "dare_ties (merge of the aligned rows)."),
+    seed: int = typer.Option(None, help="Seed of the random draws (DARE masks, LoRA-LEGO "
+                             "k-means) or of CAT training."),
     list_: bool = typer.Option(False, "--list", help="List the methods and their parameters."),
     model: Path = typer.Option(None, help="cat_learned: base model folder (default: embedded)."),
     data: list[Path] = typer.Option(None, help="cat_learned: one dataset per skill."),
@@ -72,7 +75,7 @@ def merge(
         from study.cmd_cat import run_cat
 
         for flag, value in (("--density", density), ("--rank", rank),
-                            ("--majority-sign", majority_sign)):
+                            ("--majority-sign", majority_sign), ("--merge", row_merge)):
             if value is not None:
                 raise typer.BadParameter(f"method {CAT_LEARNED!r} takes no {flag}")
         if weights:
@@ -83,7 +86,7 @@ def merge(
     from soups.merge import merge_adapters
 
     given = {"weights": weights or None, "density": density, "rank": rank,
-             "majority_sign_method": majority_sign, "seed": seed}
+             "majority_sign_method": majority_sign, "merge": row_merge, "seed": seed}
     params = {name: value for name, value in given.items() if value is not None}
 
     def progress(done: int, total: int, module: str) -> None:

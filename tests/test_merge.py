@@ -60,8 +60,8 @@ def same_rank(tiny_model_dir, tmp_path_factory):
             _write(tiny_model_dir, root / "c", 4, 2.0, 3)]
 
 
-@pytest.fixture(scope="module")
-def mixed(tiny_model_dir, tmp_path_factory):
+@pytest.fixture(scope="module", name="mixed")  # named: tests/test_merge_knots_lego.py imports it
+def mixed_adapters(tiny_model_dir, tmp_path_factory):
     """Different ranks (one adapter with a rank_pattern), one adapter on q and v only."""
     root = tmp_path_factory.mktemp("mixed")
     return [_write(tiny_model_dir, root / "a", 2, 4.0, 4),

@@ -24,7 +24,7 @@ def test_valid_study_prints_its_summary(tmp_path):
     done = _validate(study)
     assert done.exit_code == 0, done.output
     assert done.stdout.strip() == (f"{study}: valid (study exp1, 2 skills, target math_code, "
-                                   "search space wide: 12 methods)")
+                                   "search space wide: 14 methods)")
 
 
 def test_shipped_cluster_study_is_valid():

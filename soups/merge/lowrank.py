@@ -45,16 +45,41 @@ def _as_lora(u: torch.Tensor, s: torch.Tensor, vh: torch.Tensor) -> LoraModule:
                       B=(u * root).float().contiguous(), scaling=1.0)
 
 
-def truncate_lora(module: LoraModule, rank: int) -> LoraModule:
-    """Rank-`rank` truncated SVD of dW = s B A from the factors alone (thin QR of B and A^T,
-    SVD of the small core), in float64; the rank is capped at what dW can have."""
+def factor_svd(module: LoraModule) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Thin SVD of dW = s B A from the factors alone (thin QR of B and A^T, SVD of the small
+    core), in float64: U (out, m), S (m,) descending, V^T (m, in), m = min(out, in, R)."""
     b = module.B.double() * module.scaling
     a = module.A.double()
     q_b, r_b = torch.linalg.qr(b)        # (out, p), (p, R)
     q_a, r_a = torch.linalg.qr(a.T)      # (in, q), (q, R)
     u, s, vh = torch.linalg.svd(r_b @ r_a.T, full_matrices=False)
+    return q_b @ u, s, vh @ q_a.T
+
+
+def numerical_rank(s: torch.Tensor, shape: tuple[int, int]) -> int:
+    """How many of the descending singular values `s` of a float64 matrix of `shape` are not
+    round-off: above s_1 * max(shape) * eps, LAPACK's (and numpy's matrix_rank) threshold."""
+    if s.numel() == 0 or s[0] <= 0:
+        return 0
+    return int((s > s[0] * max(shape) * torch.finfo(torch.float64).eps).sum())
+
+
+def truncate_lora(module: LoraModule, rank: int) -> LoraModule:
+    """Rank-`rank` truncated SVD of dW = s B A from the factors alone, in float64; the rank is
+    capped at what dW can have."""
+    u, s, vh = factor_svd(module)
     keep = min(rank, s.numel())
-    return _as_lora(q_b @ u[:, :keep], s[:keep], vh[:keep] @ q_a.T)
+    return _as_lora(u[:, :keep], s[:keep], vh[:keep])
+
+
+def compact_lora(module: LoraModule, rank: int | None = None) -> LoraModule:
+    """dW = s B A refactorised exactly by its SVD without the zero singular values (so its
+    rank is dW's own), truncated to `rank` when given; rank 1 with zero factors when dW = 0
+    (PEFT needs a rank of at least 1)."""
+    u, s, vh = factor_svd(module)
+    keep = max(1, numerical_rank(s, (module.B.shape[0], module.A.shape[1])))
+    keep = min(keep, rank) if rank is not None else keep
+    return _as_lora(u[:, :keep], s[:keep], vh[:keep])
 
 
 def truncate_dense(delta: torch.Tensor, rank: int, block: int | None = None) -> LoraModule:

@@ -37,7 +37,14 @@ MajoritySign = Annotated[Literal["total", "frequency"], Field(
                 "(frequency)")]
 Rank = Annotated[Annotated[int, Field(ge=1)] | None, Field(
     description="output rank per module (default: the largest rank among the adapters)")]
-Seed = Annotated[int, Field(ge=0, description="seed of the random masks (reproducible merges)")]
+Seed = Annotated[int, Field(ge=0, description="seed of the random draws: DARE masks, k-means "
+                                             "seeds (reproducible merges)")]
+# Where only some configurations of a method sparsify, density is optional; the method
+# refuses a configuration that needs it and lacks it.
+OptionalDensity = Annotated[Density | None, Field(
+    description="fraction of entries kept, in (0, 1], where the configuration sparsifies")]
+ExactRank = Annotated[Annotated[int, Field(ge=1)] | None, Field(
+    description="output rank per module (default: exact, every nonzero singular value)")]
 
 RANGE_ERRORS = {"greater_than", "greater_than_equal", "less_than", "less_than_equal"}
 
