@@ -285,6 +285,18 @@ def completion_loss(model, tokenizer, rows: Sequence[dict], batch_size: int = BA
     return [total / count if count else math.nan for total, count in totals]
 
 
+def mean_completion_loss(model, tokenizer, rows: Sequence[dict], batch_size: int = BATCH_SIZE,
+                         max_length: int | None = None) -> float:
+    """The token-weighted mean of `completion_loss`: every completion token of every row
+    counts once (a loss task's `loss`); NaN when no row has a completion token."""
+    return _token_mean(_completion_nll(model, tokenizer, rows, batch_size, max_length))
+
+
+def _token_mean(totals: Sequence[tuple[float, int]]) -> float:
+    tokens = sum(count for _, count in totals)
+    return sum(total for total, _ in totals) / tokens if tokens else math.nan
+
+
 # Tasks ----------------------------------------------------------------------------------
 
 
@@ -332,9 +344,8 @@ def _loss_records(rows: list[dict], prompts: list[str], totals: list[tuple[float
                 "reference": row["completion"], "correct": None,
                 "loss": total / count if count else math.nan, "tokens": count}
                for row, prompt, (total, count) in zip(rows, prompts, totals, strict=True)]
-    tokens = sum(count for _, count in totals)
-    loss = sum(total for total, _ in totals) / tokens if tokens else math.nan
-    return records, {LOSS_METRIC: loss, PERPLEXITY: math.exp(loss) if tokens else math.nan}
+    loss = _token_mean(totals)
+    return records, {LOSS_METRIC: loss, PERPLEXITY: math.exp(loss)}  # exp(NaN) is NaN
 
 
 def evaluate_rows(model, tokenizer, task: str, rows: Sequence[dict],
@@ -374,19 +385,19 @@ def _answer_records(rows: list[dict], prompts: list[str], answers: list[str],
     return records, partial, mean(record["correct"] for record in records)
 
 
-def _json_safe(value):
+def json_safe(value):
     """`value` with non-finite floats as strings ("nan", "inf"): strict JSON everywhere."""
     if isinstance(value, float) and not math.isfinite(value):
         return str(value)
     if isinstance(value, dict):
-        return {str(k): _json_safe(v) for k, v in value.items()}
+        return {str(k): json_safe(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_json_safe(v) for v in value]
+        return [json_safe(v) for v in value]
     return value
 
 
 def records_jsonl(records: Sequence[dict]) -> str:
     """The records as JSON lines, one per record (the generations artifact); values JSON
     cannot carry are written as their str()."""
-    return "".join(json.dumps(_json_safe(record), default=str, allow_nan=False) + "\n"
+    return "".join(json.dumps(json_safe(record), default=str, allow_nan=False) + "\n"
                    for record in records)

@@ -89,13 +89,31 @@ def cat_settings(granularity: str, normalisation: str, init: str, seed: int):
         raise typer.BadParameter(str(err)) from None
 
 
+def model_and_skills(model: Path | None, data: list[Path] | None, split: str = "train"
+                     ) -> tuple[Path, list]:
+    """The base model folder and each skill dataset's `split` rows; default model and data:
+    the embedded base model and the generated math and code skills (built once, cached)."""
+    from soups.data import load_task_dataset
+    from soups.home import cache_dir
+
+    if model is None:
+        from soups.base_model import BaseModelSettings, build_base_model
+
+        model = build_base_model(cache_dir("base_models"), BaseModelSettings())
+    if not data:
+        from soups.data import DataSettings, build_task_datasets
+
+        root = build_task_datasets(cache_dir("datasets"), DataSettings())
+        data = [root / "math", root / "code"]
+    return model, [load_task_dataset(path, split) for path in data]
+
+
 def run_cat(adapters: list[Path], out: Path, model: Path | None = None,
             data: list[Path] | None = None, split: str = "train", **options):
     """Train and export a CAT; `options` are names of `CAT_DEFAULTS` (the paper's recipe
     where not given); default model and data: the embedded base model and the generated
     math and code skills. Returns the `CatTrainResult`."""
     from soups.cat import learn_cat
-    from soups.data import load_task_dataset
 
     unknown = sorted(set(options) - set(CAT_DEFAULTS))
     if unknown:
@@ -104,18 +122,7 @@ def run_cat(adapters: list[Path], out: Path, model: Path | None = None,
     if not adapters:
         raise typer.BadParameter("give at least one adapter folder", param_hint="ADAPTERS")
     settings = cat_settings(o["granularity"], o["normalisation"], o["init"], o["seed"])
-    if model is None:
-        from soups.base_model import BaseModelSettings, build_base_model
-        from soups.home import cache_dir
-
-        model = build_base_model(cache_dir("base_models"), BaseModelSettings())
-    if not data:
-        from soups.data import DataSettings, build_task_datasets
-        from soups.home import cache_dir
-
-        root = build_task_datasets(cache_dir("datasets"), DataSettings())
-        data = [root / "math", root / "code"]
-    skills = [load_task_dataset(path, split) for path in data]
+    model, skills = model_and_skills(model, data, split)
     train = replace(PAPER_CAT_TRAIN, learning_rate=o["lr"], epochs=o["epochs"],
                     max_steps=o["max_steps"] or None, micro_batch_size=o["batch_size"],
                     grad_accumulation=o["grad_accumulation"], max_length=o["max_length"],

@@ -7,8 +7,13 @@
     soups merge --method cat_learned --out OUT_DIR ADAPTER_DIR ... [--model DIR] [--data DIR ...]
                 [--granularity ...] [--normalisation ...] [--init ...] [--fraction F] ...
 
-`cat_learned` trains CAT weights on a skill mix (the same as `soups cat`); every other method
-is a registered merge of `soups.merge` and needs no base model.
+    soups merge --method lorahub --out OUT_DIR ADAPTER_DIR ... [--model DIR] [--data DIR ...]
+                [--budget N] [--examples N] [--bounds LOW HIGH] [--composition lorahub|exact]
+                [--l1 X] [--seed S]
+
+`cat_learned` trains CAT weights on a skill mix (the same as `soups cat`); `lorahub` searches
+one weight per LoRA on few-shot rows of the skill mix (study/cmd_lorahub.py); every other
+method is a registered merge of `soups.merge` and needs no base model.
 """
 
 from __future__ import annotations
@@ -18,26 +23,29 @@ from pathlib import Path
 import typer
 
 from study.cmd_cat import with_cat_options
+from study.cmd_lorahub import HELP as LORAHUB_HELP
 
 CAT_LEARNED = "cat_learned"
+LORAHUB = "lorahub"
 FLAGS = {"majority_sign_method": "--majority-sign"}  # method parameter -> its CLI flag
 
 
 def _print_methods() -> None:
-    from soups.merge.methods import REGISTRY  # not soups.merge: the engine needs torch
+    """The kinds of the candidate registry (`trainables/candidates.py`) this command builds:
+    every merge method with its flags, then the learned ones (`soups methods` lists every
+    kind a study may search, with the names a search space gives)."""
+    from trainables.candidates import CANDIDATES, describe  # neither imports torch
 
-    for method in (REGISTRY.get(name) for name in REGISTRY.names()):
-        typer.echo(f"{method.name}  ({method.space.value} space)  {method.summary}")
-        typer.echo(f"    {method.reference}")
-        for name, parameter in method.parameters.items():
-            if name == "weights":
-                default = "default " + ("1 each" if method.default_weights == "ones"
-                                        else "1/k each")
-            else:
-                default = "required" if parameter.required else f"default {parameter.default!r}"
-            typer.echo(f"    {FLAGS.get(name, '--' + name)}: {parameter.description} ({default})")
-    typer.echo(f"{CAT_LEARNED}  (learned)  CAT: learn one weight per LoRA per module on a skill "
-               "mix, export the exact concatenation (options as in `soups cat --help`)")
+    for kind in CANDIDATES.kinds():
+        if kind.family == "merge":
+            typer.echo("\n".join(describe(kind, flag=lambda n: FLAGS.get(n, "--" + n))))
+    for name, options in ((CAT_LEARNED, "options as in `soups cat --help`"),
+                          (LORAHUB, None)):
+        head, *_ = describe(CANDIDATES.get(name))
+        typer.echo(head + (f" ({options})" if options else ""))
+        typer.echo(f"    {CANDIDATES.get(name).reference}")
+    for name, text in LORAHUB_HELP.items():
+        typer.echo(f"    --{name}: {text.removeprefix('lorahub: ')}")
 
 
 @with_cat_options("cat_learned: ", without=("seed",))  # its own --seed serves both
@@ -56,21 +64,50 @@ def merge(
     row_merge: str = typer.Option(None, "--merge", help="knots: task_arithmetic | ties | "
                                   "dare_ties (merge of the aligned rows)."),
     seed: int = typer.Option(None, help="Seed of the random draws (DARE masks, LoRA-LEGO "
-                             "k-means) or of CAT training."),
+                             "k-means), of CAT training or of LoraHub's examples and search."),
     list_: bool = typer.Option(False, "--list", help="List the methods and their parameters."),
-    model: Path = typer.Option(None, help="cat_learned: base model folder (default: embedded)."),
-    data: list[Path] = typer.Option(None, help="cat_learned: one dataset per skill."),
-    split: str = typer.Option("train", help="cat_learned: split of each skill dataset."),
+    model: Path = typer.Option(None, help="cat_learned, lorahub: base model folder (default: "
+                               "embedded)."),
+    data: list[Path] = typer.Option(None, help="cat_learned, lorahub: one dataset per skill "
+                                    "(default: the generated math and code skills)."),
+    split: str = typer.Option("train", help="cat_learned, lorahub: split of each skill "
+                              "dataset."),
+    budget: int = typer.Option(None, help=LORAHUB_HELP["budget"]),
+    examples: int = typer.Option(None, help=LORAHUB_HELP["examples"]),
+    bounds: tuple[float, float] = typer.Option(None, help=LORAHUB_HELP["bounds"]),
+    composition: str = typer.Option(None, help=LORAHUB_HELP["composition"]),
+    l1: float = typer.Option(None, help=LORAHUB_HELP["l1"]),
     **cat,
 ) -> None:
-    """Merge LoRA adapters with one method (linear, TIES, DARE, cat, svd, ..., or a learned
-    CAT) into a standard PEFT adapter folder."""
+    """Merge LoRA adapters with one method (linear, TIES, DARE, cat, svd, ..., a learned CAT,
+    or LoraHub's searched weights: --budget evaluations of loss + l1 * mean |w| on --examples
+    skill rows, weights in --bounds; --device and --dtype as for cat_learned) into a standard
+    PEFT adapter folder."""
     if list_:
         _print_methods()
         return
     if not method or out is None or not adapters:
         raise typer.BadParameter("give --method, --out and at least one adapter folder "
                                  "(or --list)")
+    searched = {"budget": budget, "examples": examples, "bounds": bounds,
+                "composition": composition, "l1": l1}  # LorahubSettings fields given
+    if method != LORAHUB:
+        for name, value in searched.items():
+            if value is not None:
+                raise typer.BadParameter(f"--{name} is an option of method {LORAHUB!r}, not "
+                                         f"of {method!r}")
+    if method == LORAHUB:
+        from study.cmd_lorahub import run_lorahub
+
+        for flag, value in (("--weights", weights or None), ("--density", density),
+                            ("--rank", rank), ("--majority-sign", majority_sign),
+                            ("--merge", row_merge)):
+            if value is not None:
+                raise typer.BadParameter(f"method {LORAHUB!r} takes no {flag} (it searches "
+                                         "its weights)")
+        run_lorahub(adapters, out, model, data, split, {**searched, "seed": seed},
+                    device=cat["device"], dtype=cat["dtype"])
+        return
     if method == CAT_LEARNED:
         from study.cmd_cat import run_cat
 

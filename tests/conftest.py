@@ -41,6 +41,30 @@ def build_tiny_llama(out_dir, hidden: int = 32, layers: int = 2, seed: int = 0):
     return str(out_dir)
 
 
+def write_random_lora(model_dir, path, rank, alpha, seed,
+                      targets=("q_proj", "k_proj", "v_proj", "up_proj", "down_proj"),
+                      b_scale=0.3) -> str:
+    """A PEFT LoRA folder for the model in `model_dir` with random A and B (B nonzero,
+    unlike a fresh PEFT init) on the linear layers named `targets`; returns its path."""
+    import math
+
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from soups.adapters import LoraModule, save_adapter
+
+    g = torch.Generator().manual_seed(seed)
+    modules = {}
+    for name, m in AutoModelForCausalLM.from_pretrained(str(model_dir)).named_modules():
+        if name.rsplit(".", 1)[-1] in targets:
+            modules[name] = LoraModule(
+                A=torch.randn(rank, m.in_features, generator=g) / math.sqrt(m.in_features),
+                B=torch.randn(m.out_features, rank, generator=g) * b_scale,
+                scaling=alpha / rank)
+    base_config = {"base_model_name_or_path": str(model_dir), "task_type": "CAUSAL_LM"}
+    return str(save_adapter(path, modules, base_config))
+
+
 TIERS = ("unit", "integration")
 
 

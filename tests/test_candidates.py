@@ -30,7 +30,7 @@ def test_every_merge_method_is_a_kind_with_its_parameters():
         kind = CANDIDATES.get(name)
         assert kind.family == "merge" and kind.stage1
         assert set(kind.parameters) == set(MERGES.get(name).parameters)
-    assert {"base", "skill", "data_mix", "cat_learned"} <= set(CANDIDATES.names())
+    assert {"base", "skill", "data_mix", "cat_learned", "lorahub"} <= set(CANDIDATES.names())
     assert len(CANDIDATES.names()) == len(set(CANDIDATES.names()))
 
 
@@ -61,6 +61,12 @@ def test_search_space_is_checked_against_each_kinds_schema():
                   "methods.cat_learned.init", "'zeros'")
     raises_naming(SearchSpaceError, lambda: _space({"data_mix": {"rank": 4}}),
                   "method 'data_mix' takes no parameter 'rank'")
+    raises_naming(SearchSpaceError, lambda: _space({"lorahub": {"bounds": [1.5, -1.5]}}),
+                  "methods.lorahub.bounds", "low < high")
+    raises_naming(SearchSpaceError, lambda: _space({"lorahub": {"budget": 0}}),
+                  "methods.lorahub.budget", "outside [1, inf)")
+    raises_naming(SearchSpaceError, lambda: _space({"lorahub": {"composition": "mean"}}),
+                  "methods.lorahub.composition", "'mean'")
     space = _space({"cat_learned": {"init": {"grid": ["randn", "norm"]}, "max_steps": 30},
                     "ties": {"density": 0.75}, "skill": {"skill": {"grid": ["math", "code"]}}})
     assert set(space.methods) == {"cat_learned", "ties", "skill"}

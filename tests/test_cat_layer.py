@@ -175,7 +175,7 @@ def test_skill_mix_sizes_disjoint_and_seeded():
     ({"fraction": 0.5, "count": 10}, "exactly one"),
     ({"fraction": 1.5}, "fraction"),
     ({"fraction": None, "count": 1}, "at least the number of skills"),
-    ({"held_out": 0}, "held_out"),
+    ({"held_out": -1}, "held_out"),
     ({"fraction": 1.0}, "skill 0 has 20 rows"),
 ])
 def test_skill_mix_rejects_bad_requests(kwargs, message):

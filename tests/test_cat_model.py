@@ -4,10 +4,10 @@ against the weighted sum and PEFT, training invariants, and a problem with a kno
 from __future__ import annotations
 
 import json
-import math
 
 import pytest
 import torch
+from conftest import write_random_lora
 
 from soups.adapters import LoraAdapter, LoraModule, read_provenance, save_adapter
 from soups.cat import CatModel, CatSettings, StopTraining, export_cat, train_cat
@@ -19,26 +19,13 @@ from soups.training_loop import held_out_loss
 # tests that run `train_cat` (an optimizer loop) are integration.
 
 TARGETS = ("q_proj", "k_proj", "v_proj", "up_proj", "down_proj")
+_write_adapter = write_random_lora  # defaults: every target of TARGETS
 
 
 def _load(model_dir, dtype=torch.float32):
     from transformers import AutoModelForCausalLM
 
     return AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=dtype).eval()
-
-
-def _write_adapter(model_dir, path, rank, alpha, seed, targets=TARGETS, b_scale=0.3):
-    """A LoRA with random A and B (B nonzero, unlike a fresh PEFT init) on `targets`."""
-    g = torch.Generator().manual_seed(seed)
-    modules = {}
-    for name, m in _load(model_dir).named_modules():
-        if name.rsplit(".", 1)[-1] in targets:
-            modules[name] = LoraModule(
-                A=torch.randn(rank, m.in_features, generator=g) / math.sqrt(m.in_features),
-                B=torch.randn(m.out_features, rank, generator=g) * b_scale,
-                scaling=alpha / rank)
-    base_config = {"base_model_name_or_path": str(model_dir), "task_type": "CAUSAL_LM"}
-    return str(save_adapter(path, modules, base_config))
 
 
 @pytest.fixture(scope="module")

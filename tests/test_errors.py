@@ -23,6 +23,7 @@ from soups.cat.settings import CatError
 from soups.data import DatasetError
 from soups.errors import SoupsError
 from soups.evaluate import EvaluationError
+from soups.lorahub import LorahubError
 from soups.merge import MergeError
 from soups.prompts import TemplateError
 from soups.sandbox import SandboxUnavailable
@@ -35,9 +36,10 @@ from trainables.shared_storage import StorageNotShared
 
 pytestmark = pytest.mark.unit
 ROOT = Path(__file__).resolve().parents[1]
-PROJECT_ERRORS = (AdapterError, CandidateError, CatError, DatasetError, EvaluationError, MergeError,
-                  ModelError, SandboxUnavailable, ScorerError, SeccompUnavailable,
-                  SearchSpaceError, SpecError, StorageNotShared, StudyNotFound, TemplateError)
+PROJECT_ERRORS = (AdapterError, CandidateError, CatError, DatasetError, EvaluationError,
+                  LorahubError, MergeError, ModelError, SandboxUnavailable, ScorerError,
+                  SeccompUnavailable, SearchSpaceError, SpecError, StorageNotShared,
+                  StudyNotFound, TemplateError)
 NOT_ERRORS = {"StopTraining"}  # soups/cat/train.py: a signal that ends training early
 
 
@@ -101,6 +103,7 @@ import sys
 import study.cluster_check
 from soups.errors import SoupsError
 from soups.evaluate import EvaluationError
+from soups.lorahub import LorahubError
 
 def check(*args):
     raise {error}

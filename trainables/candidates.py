@@ -40,6 +40,10 @@ from soups.names import (
     CAT_STEP,
     CAT_TRAIN_LOSS,
     CAT_TRAINABLE_PARAMETERS,
+    SEARCH_BEST_OBJECTIVE,
+    SEARCH_LOSS,
+    SEARCH_OBJECTIVE,
+    SEARCH_STEP,
 )
 from trainables.learned_settings import CatTraining
 from trainables.merge_trial import TrialContext, load_rows, stage1_adapter, trial_seed
@@ -229,7 +233,67 @@ def _cat_artifacts(out_dir: Path, work_dir: Path, skills: tuple[str, ...]) -> di
     return {WEIGHTS_JSON: weights, Path(plot).name: Path(plot)}
 
 
+def _lorahub_parameters() -> dict[str, Parameter]:
+    """LoraHub's search settings (`soups.lorahub.LorahubSettings`, its defaults); its seed is
+    the trial's, its starting weights LoraHub's zeros."""
+    from soups.lorahub import settings as lorahub
+
+    positive = Annotated[int, Field(ge=1)]
+    return {
+        "budget": Parameter("budget", Annotated[positive, Field(
+            description="objective evaluations of the search")], lorahub.BUDGET),
+        "examples": Parameter("examples", Annotated[positive, Field(
+            description="skill-mix rows the objective scores")], lorahub.EXAMPLES),
+        "bounds": Parameter("bounds", Annotated[tuple[float, float], Field(
+            description="(low, high) of every weight")], lorahub.BOUNDS),
+        "composition": Parameter("composition", Annotated[lorahub.Composition, Field(
+            description="lorahub: summed A and B (LoraHub's); exact: sum w_i B_i A_i")],
+            "lorahub"),
+        "l1": Parameter("l1", Annotated[float, Field(ge=0, description="weight of the mean "
+                                                     "|w| regulariser")], lorahub.L1),
+    }
+
+
+def _bounds_problem(bounds, skills) -> str | None:
+    if isinstance(bounds, list | tuple) and len(bounds) == 2 and all(
+            isinstance(b, int | float) for b in bounds) and not bounds[0] < bounds[1]:
+        return "is not (low, high) with low < high"
+    return None
+
+
+def _lorahub(ctx, variant, out_dir, report) -> str:
+    """LoraHub's gradient-free weight search on the skill mix (never the target's rows);
+    each evaluation is a step of the trial's MLflow run."""
+    from soups.lorahub import LorahubSettings, lorahub_merge
+
+    params = dict(variant["params"])
+    if "bounds" in params:
+        params["bounds"] = tuple(params["bounds"])
+    settings = LorahubSettings(seed=trial_seed(ctx, variant), **params)
+
+    def on_evaluation(record: dict) -> None:
+        report({SEARCH_STEP: record["step"], SEARCH_LOSS: record["loss"],
+                SEARCH_OBJECTIVE: record["objective"]})
+
+    result = lorahub_merge([stage1_adapter(ctx, variant, s) for s in ctx.skills],
+                           ctx.model_dir, [load_rows(ctx, s, "train") for s in ctx.skills],
+                           out_dir, settings, on_evaluation, device=ctx.evaluation["device"],
+                           dtype=ctx.evaluation["dtype"], log=None)
+    report({SEARCH_BEST_OBJECTIVE: result.objective})
+    return str(out_dir)
+
+
+def _lorahub_artifacts(out_dir: Path, work_dir: Path, skills: tuple[str, ...]
+                       ) -> dict[str, Path]:
+    """The search's weights, objective and history (`lorahub.json`)."""
+    from soups.lorahub.run import SUMMARY_JSON
+
+    summary = out_dir / SUMMARY_JSON
+    return {SUMMARY_JSON: summary} if summary.is_file() else {}
+
+
 LORA_SOUPS = "https://arxiv.org/abs/2410.13025"
+LORAHUB = "https://arxiv.org/abs/2307.13269"
 Skill = Annotated[str, Field(description="one of the study's skills")]
 
 
@@ -250,6 +314,12 @@ def _registry() -> CandidateRegistry:
         "cat_learned", "learned", "CAT: one weight per LoRA per module learned on the skill "
         "mix, exported as the exact concatenation", _cat_learned, _cat_parameters(),
         trains=True, artifacts=_cat_artifacts, reference=LORA_SOUPS))
+    registry.register(CandidateKind(
+        "lorahub", "learned", "LoraHub: one weight per LoRA searched without gradients "
+        "(Nevergrad NGOpt) on the few-shot loss of the skill mix + l1 * mean |w|, exported "
+        "as one LoRA", _lorahub, _lorahub_parameters(), trains=True,
+        artifacts=_lorahub_artifacts, reference=LORAHUB,
+        study_checks={"bounds": _bounds_problem}))
     for method in (MERGES.get(name) for name in MERGES.names()):
         registry.register(CandidateKind(
             method.name, "merge", f"{method.summary} ({method.space.value} space)",
@@ -277,8 +347,9 @@ def parameter_checks(name: str, skills: Collection[str] | None = None):
     return MethodParameters(kind.checks(skills), kind.required)
 
 
-def describe(kind: CandidateKind) -> list[str]:
-    """`soups methods`' lines for one kind: what it is, what it needs, its parameters."""
+def describe(kind: CandidateKind, flag: Callable[[str], str] = str) -> list[str]:
+    """`soups methods`' lines for one kind: what it is, what it needs, its parameters
+    (each shown as `flag(name)`: a command line shows its flags)."""
     needs = ("stage-1 skill LoRAs" + "".join(f" + {n}" for n in kind.needs)
              if kind.stage1 else "no adapters")
     lines = [f"{kind.name}  ({kind.family})  {kind.summary}",
@@ -288,7 +359,7 @@ def describe(kind: CandidateKind) -> list[str]:
     for name, parameter in kind.parameters.items():
         default = kind.defaults.get(name) or (
             "required" if parameter.required else f"default {parameter.default!r}")
-        lines.append(f"    {name}: {_type_text(parameter)} ({default})"
+        lines.append(f"    {flag(name)}: {_type_text(parameter)} ({default})"
                      + (f"  {parameter.description}" if parameter.description else ""))
     return lines
 

@@ -1,4 +1,5 @@
-"""The CAT training mix: a small share of every skill's training data, plus held-out rows.
+"""The skill mix: a small share of every skill's training data, plus held-out rows (CAT's
+training mix, and LoraHub's few-shot examples).
 
 LoRA Soups (https://arxiv.org/abs/2410.13025) trains the CAT weights on about 5% of skill 1 +
 skill 2 (not on target data) and picks the checkpoint with the lowest loss on 120 held-out
@@ -28,21 +29,21 @@ def skill_mix(
 
     Training takes round(fraction * len(skill)) rows of every skill (at least one), or, with
     `count`, `count` rows in all split evenly over the skills. `held_out` rows, split evenly
-    over the skills, come from rows not used for training. Seeded.
+    over the skills, come from rows not used for training (CAT needs some to pick its best
+    weights; LoraHub, which only draws few-shot examples, asks for none). Seeded.
     """
     if not skills:
-        raise CatError("CAT mix: no skill datasets given")
+        raise CatError("skill mix: no skill datasets given")
     if (fraction is None) == (count is None):
-        raise CatError(f"CAT mix: give exactly one of fraction and count, got "
+        raise CatError(f"skill mix: give exactly one of fraction and count, got "
                        f"fraction={fraction}, count={count}")
     if fraction is not None and not 0.0 < fraction <= 1.0:
-        raise CatError(f"CAT mix: fraction must be in (0, 1], got {fraction}")
+        raise CatError(f"skill mix: fraction must be in (0, 1], got {fraction}")
     if count is not None and count < len(skills):
-        raise CatError(f"CAT mix: count must be at least the number of skills "
+        raise CatError(f"skill mix: count must be at least the number of skills "
                        f"({len(skills)}), got {count}")
-    if held_out < 1:
-        raise CatError(f"CAT mix: held_out must be at least 1 (best-checkpoint selection "
-                       f"needs held-out rows), got {held_out}")
+    if held_out < 0:
+        raise CatError(f"skill mix: held_out must be at least 0, got {held_out}")
     sizes = ([max(1, round(fraction * len(s))) for s in skills] if fraction is not None
              else _split_evenly(count, len(skills)))
     held = _split_evenly(held_out, len(skills))
@@ -50,7 +51,7 @@ def skill_mix(
     train, evaluation = [], []
     for index, (skill, n_train, n_held) in enumerate(zip(skills, sizes, held, strict=True)):
         if n_train + n_held > len(skill):
-            raise CatError(f"CAT mix: skill {index} has {len(skill)} rows, fewer than the "
+            raise CatError(f"skill mix: skill {index} has {len(skill)} rows, fewer than the "
                            f"{n_train} training + {n_held} held-out rows asked for")
         order = list(range(len(skill)))
         rng.shuffle(order)

@@ -18,6 +18,7 @@ from soups.cat.settings import (
     PAPER_CAT_TRAIN,
     PAPER_FRACTION,
     PAPER_HELD_OUT,
+    CatError,
     CatSettings,
 )
 from soups.cat.train import CatTrainResult, train_cat
@@ -55,6 +56,9 @@ def learn_cat(
 ) -> CatTrainResult:
     """Train CAT weights for `adapter_dirs` on a mix of the `skills` rows (prompt/completion)
     and export the result to `out_dir` (PEFT adapter + cat_weights.json)."""
+    if held_out < 1:  # before the model loads: CAT keeps the weights best on held-out rows
+        raise CatError(f"CAT: held_out must be at least 1 (best-checkpoint selection needs "
+                       f"held-out rows), got {held_out}")
     dev, torch_dtype = resolve_device(device, dtype)
     torch.manual_seed(train.seed)
     tokenizer, base = load_pretrained(model_dir, torch_dtype)
