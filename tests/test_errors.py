@@ -24,6 +24,7 @@ from soups.data import DatasetError
 from soups.errors import SoupsError
 from soups.evaluate import EvaluationError
 from soups.merge import MergeError
+from soups.moe import MoeError
 from soups.prompts import TemplateError
 from soups.sandbox import SandboxUnavailable
 from soups.sandbox.seccomp import SeccompUnavailable
@@ -35,7 +36,7 @@ from trainables.shared_storage import StorageNotShared
 pytestmark = pytest.mark.unit
 ROOT = Path(__file__).resolve().parents[1]
 PROJECT_ERRORS = (AdapterError, CatError, DatasetError, EvaluationError, MergeError,
-                  ModelError, SandboxUnavailable, ScorerError, SeccompUnavailable,
+                  ModelError, MoeError, SandboxUnavailable, ScorerError, SeccompUnavailable,
                   SearchSpaceError, SpecError, StorageNotShared, StudyNotFound, TemplateError)
 NOT_ERRORS = {"StopTraining"}  # soups/cat/train.py: a signal that ends training early
 
