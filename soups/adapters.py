@@ -32,6 +32,9 @@ torch = lazy("torch")  # imported on first use (soups/lazy.py)
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
 PROVENANCE_FILE = "soups_provenance.json"  # beside the adapter: how it was made
+# The marker of a mixture of LoRA experts folder (`soups.moe`): not a PEFT adapter, refused
+# here by name rather than read as one.
+MOE_CONFIG_FILE = "moe.json"
 KEY_PREFIX = "base_model.model."
 _A_SUFFIX = ".lora_A.weight"
 _B_SUFFIX = ".lora_B.weight"
@@ -130,6 +133,11 @@ def read_config(path: Path) -> dict:
     if not path.is_dir():
         raise AdapterError(f"adapter {path}: " + ("not a folder" if path.exists()
                                                   else "no such folder"))
+    if (path / MOE_CONFIG_FILE).is_file():
+        raise AdapterError(
+            f"adapter {path}: a mixture of LoRA experts ({MOE_CONFIG_FILE}: a router and "
+            "several LoRAs), not a PEFT adapter: PEFT cannot load it and it cannot be merged "
+            "as one LoRA; load it with soups.moe.load_moe(folder, model_dir)")
     config_file, weights_file = path / CONFIG_FILE, path / WEIGHTS_FILE
     if not config_file.is_file():
         raise AdapterError(f"adapter {path}: missing {CONFIG_FILE} (not a PEFT adapter folder)")

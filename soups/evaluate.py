@@ -79,19 +79,28 @@ def _resolve_dtype(dtype, device):
 def load_model(model_dir, adapter_dir=None, device: str = "auto", dtype: str = "auto"):
     """(model, tokenizer): the base model, with a PEFT adapter merged into it for fast
     generation, on `device` in `dtype` (`resolve_device`). The merge is done in float32,
-    then the merged weights are cast. ModelError / AdapterError name a folder that is not a
-    model, or not an adapter of it; EvaluationError a device or dtype not available."""
+    then the merged weights are cast. A mixture of LoRA experts folder (`soups.moe`) cannot
+    be merged: its layers are installed on the cast model instead (experts and routers on
+    its device, in float32 on a half-precision base). ModelError / AdapterError / MoeError
+    name a folder that is not a model, or not an adapter of it; EvaluationError a device or
+    dtype not available."""
     from soups.adapters import check_fits
     from soups.base_model import load_pretrained
+    from soups.moe.folder import is_moe_folder
 
     where, precision = resolve_device(device, dtype)  # before the load: fail in a second
     tokenizer, model = load_pretrained(model_dir, torch.float32)
-    if adapter_dir is not None:
+    mixture = is_moe_folder(adapter_dir)
+    if adapter_dir is not None and not mixture:
         from peft import PeftModel
 
         check_fits(adapter_dir, model)
         model = PeftModel.from_pretrained(model, str(adapter_dir)).merge_and_unload()
     model = model.to(device=where, dtype=precision)
+    if mixture:
+        from soups.moe.load import install_moe
+
+        install_moe(model, adapter_dir)  # after the cast, which would cast the routers too
     model.eval()
     return model, tokenizer
 

@@ -9,6 +9,12 @@ what it was (`weights_digest`). `evaluate_side_by_side` scores one task for k ca
 one pass: every (row, candidate) pair is generated (or, for a `loss` task, scored under
 teacher forcing) in mixed batches, then the answers are split and scored per candidate.
 
+A mixture of LoRA experts candidate (a `soups.moe` folder: per-token gates, not one LoRA)
+is evaluated on the same resident base, alone: `ResidentModel.mixture(folder)` installs its
+layers for a `with` block and puts the original layers back after, and
+`evaluate_side_by_side` scores each such candidate with `evaluate_rows` inside that block,
+the LoRA candidates of the same call side by side as before.
+
 The LoRA delta is PEFT's unmerged forward, operation for operation (`lora_B(lora_A(x)) *
 scaling` added to the base layer's output), so one candidate gives PEFT's logits bit for
 bit; a merged model (`soups.evaluate.load_model` with an adapter) differs by rounding.
@@ -35,9 +41,11 @@ from soups.evaluate import (
     _completion_nll,
     _loss_records,
     _scorer_of,
+    evaluate_rows,
     generate,
     load_model,
 )
+from soups.moe.folder import is_moe_folder
 from soups.sandbox import BWRAP
 from soups.scoring import LOSS, ScorerSettings
 
@@ -165,6 +173,7 @@ class ResidentModel:
         self.check_restored = check_restored
         self._wrappers: dict[str, MixedLoraLinear] = {}
         self._count = 0  # candidates installed; 0 outside `candidates`
+        self._mixture = False  # inside a `mixture` block
 
     @property
     def device(self) -> torch.device:
@@ -176,9 +185,7 @@ class ResidentModel:
         `with` block. Every adapter is opened and checked against the model first
         (AdapterError naming it: unsupported, unreadable, or of another model), so a refused
         one leaves nothing installed; on exit, normal or not, the original layers are back."""
-        if self._count:
-            raise EvaluationError("candidates are already installed on this model "
-                                  "(one `candidates` block at a time)")
+        self._check_free()
         dirs = list(adapter_dirs)
         if not dirs:
             raise EvaluationError("no candidates: give at least one adapter folder or None")
@@ -189,9 +196,36 @@ class ResidentModel:
             yield self
         finally:
             self._remove()
+        self._check_digest(before, "candidates were")
+
+    @contextmanager
+    def mixture(self, folder: str | Path) -> Iterator[ResidentModel]:
+        """Install the mixture of LoRA experts of `folder` (`soups.moe`) on the model for the
+        `with` block: its experts and routers on the base weight's device (float32 on a
+        half-precision base). The folder is read and checked first (MoeError / AdapterError
+        naming it), so a refused one leaves nothing installed; on exit, normal or not, the
+        original layers are back."""
+        from soups.moe.load import installed_moe
+
+        self._check_free()
+        before = self.weights_digest() if self.check_restored else None
+        self._mixture = True
+        try:
+            with installed_moe(self.model, folder):
+                yield self
+        finally:
+            self._mixture = False
+        self._check_digest(before, "a mixture of LoRA experts was")
+
+    def _check_free(self) -> None:
+        if self._count or self._mixture:
+            raise EvaluationError("candidates are already installed on this model "
+                                  "(one `candidates` or `mixture` block at a time)")
+
+    def _check_digest(self, before: str | None, what: str) -> None:
         if before is not None and self.weights_digest() != before:
-            raise EvaluationError(f"model {self.model_dir}: weights changed while candidates "
-                                  "were installed")
+            raise EvaluationError(f"model {self.model_dir}: weights changed while {what} "
+                                  "installed")
 
     def set_rows(self, candidate_index_per_row: Sequence[int]) -> None:
         """Which candidate (an index into the `candidates` list) each row of the next
@@ -276,12 +310,35 @@ def evaluate_side_by_side(resident: ResidentModel, adapter_dirs: Sequence[str | 
     padding, as one candidate's batch would, and greedy answers are the same. (Sampling
     draws the k candidates' tokens from one random stream: the same distribution per
     candidate, not the same samples as one at a time.) Each TaskScores' `seconds` is its
-    share, total / k, of the whole (install, generation and scoring)."""
+    share, total / k, of the whole (install, generation and scoring).
+
+    A mixture of LoRA experts folder among the candidates is evaluated alone, with
+    `evaluate_rows` on the resident model with its layers installed (`ResidentModel.mixture`);
+    its `seconds` are its own. The other candidates run side by side as above."""
     rows = list(rows)
     prompts = [row["prompt"] for row in rows] if prompts is None else list(prompts)
     if len(prompts) != len(rows):
         raise EvaluationError(f"task {task}: {len(prompts)} prompts for {len(rows)} rows")
     scorer = scorer or _scorer_of(task, rows)
+    dirs = list(adapter_dirs)
+    results: list[TaskScores | None] = [None] * len(dirs)
+    loras = [i for i, d in enumerate(dirs) if not is_moe_folder(d)]
+    if loras:
+        scores = _loras_side_by_side(resident, [dirs[i] for i in loras], task, rows, prompts,
+                                     generation, scorer, sandbox)
+        for i, score in zip(loras, scores, strict=True):
+            results[i] = score
+    for i in (i for i, d in enumerate(dirs) if is_moe_folder(d)):
+        with resident.mixture(dirs[i]):
+            results[i] = evaluate_rows(resident.model, resident.tokenizer, task, rows, prompts,
+                                       generation, scorer, sandbox)
+    return results
+
+
+def _loras_side_by_side(resident: ResidentModel, adapter_dirs: list[str | Path | None],
+                        task: str, rows: list[dict], prompts: list[str],
+                        generation: GenerationSettings, scorer: ScorerSettings,
+                        sandbox: str) -> list[TaskScores]:
     k = len(adapter_dirs)
     wide = replace(generation, batch_size=generation.batch_size * max(k, 1))
     start = time.perf_counter()

@@ -44,7 +44,8 @@ def prepare(
 
 def evaluate(
     model: Path = typer.Option(None, help="Base model folder (default: the embedded one)."),
-    adapter: Path = typer.Option(None, help="PEFT LoRA adapter folder to apply."),
+    adapter: Path = typer.Option(None, help="PEFT LoRA adapter folder to apply, or a mixture "
+                                 "of LoRA experts folder (soups.moe, moe.json)."),
     data: Path = typer.Option(None, help="Folder with one saved dataset per task "
                               "(default: the generated ones)."),
     task: list[str] = typer.Option(["math", "code", "math_code"], help="Tasks to score."),
@@ -55,8 +56,8 @@ def evaluate(
                                 "sandbox per program, docs/sandbox.md) or unsafe_subprocess "
                                 "(no isolation; only inside a container of your own)."),
 ) -> None:
-    """Score a model (and optionally a LoRA adapter) on each task: accuracy with partial
-    credit (answered / parsed / ran)."""
+    """Score a model (and optionally a LoRA adapter or a mixture of LoRA experts) on each
+    task: accuracy with partial credit (answered / parsed / ran)."""
     from soups.base_model import BaseModelSettings, build_base_model
     from soups.data import DatasetError, DataSettings, build_task_datasets, load_task_dataset
     from soups.home import cache_dir
@@ -80,7 +81,8 @@ def evaluate(
         rows = {name: r.select(range(min(limit, len(r)))) for name, r in rows.items()}
     if any("program" in r.unique("scorer") for r in rows.values()):
         check_sandbox(sandbox)  # before the model loads: fail in a second, not a minute
-    # The study's evaluator: the base loaded once, the adapter applied unmerged.
+    # The study's evaluator: the base loaded once, the adapter applied unmerged (a mixture of
+    # LoRA experts: its layers installed on the base).
     resident = ResidentModel(model_dir)
     report = {}
     for name in task:

@@ -8,6 +8,7 @@ import json
 import shutil
 from pathlib import Path
 
+from soups.moe.folder import is_moe_folder
 from soups.names import TEST, task_metric
 from study.layout import BEST_DIR
 from study.selection import checkpoint_adapter
@@ -31,7 +32,8 @@ def export_best(spec: StudySpec, best: dict, root: Path, log) -> None:
 
 
 def export_adapter(row: dict, out: Path, spec: StudySpec) -> Path:
-    """Write a trial's adapter as a PEFT folder with a model card."""
+    """Write a trial's adapter as a PEFT folder with a model card (a mixture of LoRA experts
+    folder is copied as it is, with a card saying how to load it)."""
     adapter = checkpoint_adapter(row)
     if adapter is None:
         raise SpecError(f"trial {row['trial']} is the base model alone: no adapter to export")
@@ -48,10 +50,15 @@ def export_adapter(row: dict, out: Path, spec: StudySpec) -> Path:
 def _model_card(spec: StudySpec, row: dict, trial: dict) -> str:
     metrics = "\n".join(f"| {k} | {v:.4f} |" for k, v in sorted(trial["metrics"].items())
                         if isinstance(v, float))
-    return (f"# {spec.name}: {row['candidate']}\n\nA LoRA adapter made by study `{spec.name}` "
+    mixture = is_moe_folder(checkpoint_adapter(row))
+    what = "A mixture of LoRA experts (not a PEFT adapter)" if mixture else "A LoRA adapter"
+    load = ("PEFT alone cannot load it (a router per layer mixes the LoRAs under `experts/` "
+            "token by token); load it with `soups.moe.load_moe(this_folder, base_model_dir)`"
+            if mixture else "Load it with `PeftModel.from_pretrained(base_model, this_folder)`")
+    return (f"# {spec.name}: {row['candidate']}\n\n{what} made by study `{spec.name}` "
             f"(LoRA Soups skill composition).\nSkills: {', '.join(spec.skills)}; target: "
             f"{spec.target_name}; base model: `{spec.base_model}`.\n\n"
-            "Load it with `PeftModel.from_pretrained(base_model, this_folder)`.\n\n"
+            f"{load}.\n\n"
             f"Method `{row['method']}`, rank {row['rank']}, "
             + (f"seed {row['seed']}, " if row.get("seed") is not None else "")
             + "parameters "

@@ -65,6 +65,36 @@ def write_random_lora(model_dir, path, rank, alpha, seed,
     return str(save_adapter(path, modules, base_config))
 
 
+def build_sharp_llama(out_dir) -> str:
+    """Save a random tiny Llama (vocab 64, no tokenizer) whose output distributions are sharp
+    (initializer_range 0.2), so that two LoRAs on it behave clearly differently: the base of
+    the known-answer training tests (CAT weights, MoE routers)."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64,
+                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4,
+                         max_position_embeddings=64, initializer_range=0.2, bos_token_id=1,
+                         eos_token_id=2, pad_token_id=0, tie_word_embeddings=False)
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).save_pretrained(out_dir)
+    return str(out_dir)
+
+
+def sample_sequences(model, n: int, seed: int, length: int = 32) -> list[tuple[list, list]]:
+    """`n` sequences sampled (temperature 1, seeded) from `model`, each starting with token 1,
+    as (ids, labels) training examples."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.full((n, 1), 1)
+    with torch.no_grad():
+        for _ in range(length - 1):
+            probs = torch.softmax(model(input_ids=ids).logits[:, -1], -1)
+            ids = torch.cat([ids, torch.multinomial(probs, 1, generator=g)], 1)
+    return [(row.tolist(), row.tolist()) for row in ids]
+
+
 TIERS = ("unit", "integration")
 
 

@@ -30,7 +30,8 @@ def test_every_merge_method_is_a_kind_with_its_parameters():
         kind = CANDIDATES.get(name)
         assert kind.family == "merge" and kind.stage1
         assert set(kind.parameters) == set(MERGES.get(name).parameters)
-    assert {"base", "skill", "data_mix", "cat_learned", "lorahub"} <= set(CANDIDATES.names())
+    own = {"base", "skill", "data_mix", "cat_learned", "lorahub", "lora_moe"}
+    assert own <= set(CANDIDATES.names())
     assert len(CANDIDATES.names()) == len(set(CANDIDATES.names()))
 
 
@@ -67,6 +68,10 @@ def test_search_space_is_checked_against_each_kinds_schema():
                   "methods.lorahub.budget", "outside [1, inf)")
     raises_naming(SearchSpaceError, lambda: _space({"lorahub": {"composition": "mean"}}),
                   "methods.lorahub.composition", "'mean'")
+    raises_naming(SearchSpaceError, lambda: _space({"lora_moe": {"top_k": 3}}),
+                  "methods.lora_moe.top_k", "3", "more experts than the study has skills (2)")
+    raises_naming(SearchSpaceError, lambda: _space({"lora_moe": {"top_k": 1}}),
+                  "methods.lora_moe.top_k", "outside [2, inf)")
     space = _space({"cat_learned": {"init": {"grid": ["randn", "norm"]}, "max_steps": 30},
                     "ties": {"density": 0.75}, "skill": {"skill": {"grid": ["math", "code"]}}})
     assert set(space.methods) == {"cat_learned", "ties", "skill"}

@@ -7,7 +7,7 @@ import json
 
 import pytest
 import torch
-from conftest import write_random_lora
+from conftest import build_sharp_llama, sample_sequences, write_random_lora
 
 from soups.adapters import LoraAdapter, LoraModule, read_provenance, save_adapter
 from soups.cat import CatModel, CatSettings, StopTraining, export_cat, train_cat
@@ -172,33 +172,19 @@ def test_training_keeps_base_and_factors_bit_identical(tiny_model_dir, adapters)
 # output distributions, so the two LoRAs' behaviours differ clearly).
 @pytest.fixture(scope="module")
 def sharp(tmp_path_factory):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
     root = tmp_path_factory.mktemp("cat_sharp")
-    config = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64,
-                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4,
-                         max_position_embeddings=64, initializer_range=0.2, bos_token_id=1,
-                         eos_token_id=2, pad_token_id=0, tie_word_embeddings=False)
-    torch.manual_seed(0)
-    LlamaForCausalLM(config).save_pretrained(root / "base")
-    loras = [_write_adapter(root / "base", root / f"lora{i}", rank=4, alpha=8.0, seed=i,
+    base = build_sharp_llama(root / "base")
+    loras = [_write_adapter(base, root / f"lora{i}", rank=4, alpha=8.0, seed=i,
                             b_scale=0.5) for i in (1, 2)]
     return {"base": root / "base", "loras": loras,
             "from_1": _sample(root / "base", loras, (1.0, 0.0), 96, seed=0),
             "from_2": _sample(root / "base", loras, (0.0, 1.0), 16, seed=1)}
 
 
-@torch.no_grad()
-def _sample(base_dir, loras, weights, n, seed, length=32):
+def _sample(base_dir, loras, weights, n, seed):
     """Sequences sampled (temperature 1) from base + sum_i w_i LoRA_i."""
     settings = CatSettings(normalisation="none", init="values", init_values=weights)
-    teacher = CatModel.attach(_load(base_dir), loras, settings)
-    g = torch.Generator().manual_seed(seed)
-    ids = torch.full((n, 1), 1)
-    for _ in range(length - 1):
-        probs = torch.softmax(teacher(input_ids=ids).logits[:, -1], -1)
-        ids = torch.cat([ids, torch.multinomial(probs, 1, generator=g)], 1)
-    return _encoded(ids)
+    return sample_sequences(CatModel.attach(_load(base_dir), loras, settings), n, seed)
 
 
 SHARP_TRAIN = TrainSettings(learning_rate=0.1, max_steps=30, micro_batch_size=16,

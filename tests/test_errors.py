@@ -25,6 +25,7 @@ from soups.errors import SoupsError
 from soups.evaluate import EvaluationError
 from soups.lorahub import LorahubError
 from soups.merge import MergeError
+from soups.moe import MoeError
 from soups.prompts import TemplateError
 from soups.sandbox import SandboxUnavailable
 from soups.sandbox.seccomp import SeccompUnavailable
@@ -37,9 +38,9 @@ from trainables.shared_storage import StorageNotShared
 pytestmark = pytest.mark.unit
 ROOT = Path(__file__).resolve().parents[1]
 PROJECT_ERRORS = (AdapterError, CandidateError, CatError, DatasetError, EvaluationError,
-                  LorahubError, MergeError, ModelError, SandboxUnavailable, ScorerError,
-                  SeccompUnavailable, SearchSpaceError, SpecError, StorageNotShared,
-                  StudyNotFound, TemplateError)
+                  LorahubError, MergeError, ModelError, MoeError, SandboxUnavailable,
+                  ScorerError, SeccompUnavailable, SearchSpaceError, SpecError,
+                  StorageNotShared, StudyNotFound, TemplateError)
 NOT_ERRORS = {"StopTraining"}  # soups/cat/train.py: a signal that ends training early
 
 

@@ -292,7 +292,54 @@ def _lorahub_artifacts(out_dir: Path, work_dir: Path, skills: tuple[str, ...]
     return {SUMMARY_JSON: summary} if summary.is_file() else {}
 
 
+def _moe_parameters() -> dict[str, Parameter]:
+    """The mixture's shape (`soups.moe.MoeSettings`, its defaults; the seed is the trial's)
+    and the training settings of its routers."""
+    from soups.moe.settings import MoeSettings, RouterInit
+
+    shape = MoeSettings()
+    return {
+        "top_k": Parameter("top_k", Annotated[int, Field(ge=2, description=(
+            "experts mixed per token (>= 2: a softmax over one logit is 1, no gradient)"))],
+            shape.top_k),
+        "router_init": Parameter("router_init", Annotated[RouterInit, Field(
+            description="normal: N(0, init_std^2) (mergoo); zeros: a uniform gate")],
+            shape.router_init),
+        "init_std": Parameter("init_std", Annotated[float, Field(
+            gt=0, description="std of a normal router init")], shape.init_std),
+        **_training_parameters(),
+    }
+
+
+def _top_k_problem(top_k, skills) -> str | None:
+    if skills is not None and isinstance(top_k, int) and top_k > len(skills):
+        return f"is more experts than the study has skills ({len(skills)})"
+    return None
+
+
+def _lora_moe(ctx, variant, out_dir, report) -> str:
+    """A router per module over the frozen skill LoRAs, trained alone on the skill mix with
+    CAT's recipe and the study's `cat` section; exported as a mixture folder (not one LoRA:
+    the evaluators and `soups evaluate` load it, `soups.moe.load_moe`)."""
+    from dataclasses import replace
+
+    from soups.moe import PAPER_MOE_TRAIN, MoeSettings, learn_moe
+
+    params, mix = _skill_mix_split(ctx, variant)
+    shape = {n: params.pop(n) for n in ("top_k", "router_init", "init_std") if n in params}
+    seed = trial_seed(ctx, variant)
+    result = learn_moe([stage1_adapter(ctx, variant, s) for s in ctx.skills], ctx.model_dir,
+                       [load_rows(ctx, s, "train") for s in ctx.skills], out_dir,
+                       MoeSettings(seed=seed, **shape), replace(PAPER_MOE_TRAIN, seed=seed,
+                                                                **params),
+                       on_step=_train_progress(report), log=None, **mix)
+    report({CAT_TRAINABLE_PARAMETERS: result.trainable_parameters,
+            CAT_BEST_EVAL_LOSS: result.best_eval_loss, CAT_BEST_STEP: result.best_step})
+    return str(out_dir)
+
+
 LORA_SOUPS = "https://arxiv.org/abs/2410.13025"
+MERGOO = "https://github.com/Leeroo-AI/mergoo"
 LORAHUB = "https://arxiv.org/abs/2307.13269"
 Skill = Annotated[str, Field(description="one of the study's skills")]
 
@@ -320,6 +367,11 @@ def _registry() -> CandidateRegistry:
         "as one LoRA", _lorahub, _lorahub_parameters(), trains=True,
         artifacts=_lorahub_artifacts, reference=LORAHUB,
         study_checks={"bounds": _bounds_problem}))
+    registry.register(CandidateKind(
+        "lora_moe", "learned", "mixture of LoRA experts: a top-k softmax router per module "
+        "over the frozen skill LoRAs, trained alone on the skill mix; a mixture folder, not "
+        "one LoRA", _lora_moe, _moe_parameters(), trains=True, reference=MERGOO,
+        study_checks={"top_k": _top_k_problem}))
     for method in (MERGES.get(name) for name in MERGES.names()):
         registry.register(CandidateKind(
             method.name, "merge", f"{method.summary} ({method.space.value} space)",

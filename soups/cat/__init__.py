@@ -8,7 +8,8 @@ one PEFT LoRA of rank sum(r_i).
 - `model`: `CatModel` (wraps a causal LM, owns the weights);
 - `mix`, `train`: the skill mix and the weights-only training loop;
 - `export`: the folded PEFT adapter and `cat_weights.json`;
-- `run`: `learn_cat`, all of the above end to end.
+- `run`: `learn_cat`, all of the above end to end (`PreparedRun` and `train_weights`
+  serve the router training of `soups.moe` too).
 """
 
 import importlib
@@ -20,7 +21,7 @@ _EXPORTS = {
     "CatWeights": "layer", "delta_norm": "layer", "skill_mix": "mix", "CatModel": "model",
     "learn_cat": "run", "resolve_device": "run", "PAPER_CAT_TRAIN": "settings",
     "CatSettings": "settings", "CatTrainResult": "train", "StopTraining": "train",
-    "train_cat": "train",
+    "train_cat": "train", "train_weights": "train", "PreparedRun": "run",
 }
 __all__ = sorted(_EXPORTS)
 

@@ -24,26 +24,28 @@ def skill_mix(
     count: int | None = None,
     held_out: int = 120,
     seed: int = 0,
+    label: str = "skill",
 ) -> tuple[list[dict], list[dict]]:
     """(train rows, held-out rows), each a list of {"prompt", "completion"} dicts.
 
     Training takes round(fraction * len(skill)) rows of every skill (at least one), or, with
     `count`, `count` rows in all split evenly over the skills. `held_out` rows, split evenly
-    over the skills, come from rows not used for training (CAT needs some to pick its best
-    weights; LoraHub, which only draws few-shot examples, asks for none). Seeded.
+    over the skills, come from rows not used for training (CAT and the MoE routers need some
+    to pick their best weights; LoraHub, which only draws few-shot examples, asks for none).
+    Seeded. `label` names the run in messages.
     """
     if not skills:
-        raise CatError("skill mix: no skill datasets given")
+        raise CatError(f"{label} mix: no skill datasets given")
     if (fraction is None) == (count is None):
-        raise CatError(f"skill mix: give exactly one of fraction and count, got "
+        raise CatError(f"{label} mix: give exactly one of fraction and count, got "
                        f"fraction={fraction}, count={count}")
     if fraction is not None and not 0.0 < fraction <= 1.0:
-        raise CatError(f"skill mix: fraction must be in (0, 1], got {fraction}")
+        raise CatError(f"{label} mix: fraction must be in (0, 1], got {fraction}")
     if count is not None and count < len(skills):
-        raise CatError(f"skill mix: count must be at least the number of skills "
+        raise CatError(f"{label} mix: count must be at least the number of skills "
                        f"({len(skills)}), got {count}")
     if held_out < 0:
-        raise CatError(f"skill mix: held_out must be at least 0, got {held_out}")
+        raise CatError(f"{label} mix: held_out must be at least 0, got {held_out}")
     sizes = ([max(1, round(fraction * len(s))) for s in skills] if fraction is not None
              else _split_evenly(count, len(skills)))
     held = _split_evenly(held_out, len(skills))
@@ -51,7 +53,7 @@ def skill_mix(
     train, evaluation = [], []
     for index, (skill, n_train, n_held) in enumerate(zip(skills, sizes, held, strict=True)):
         if n_train + n_held > len(skill):
-            raise CatError(f"skill mix: skill {index} has {len(skill)} rows, fewer than the "
+            raise CatError(f"{label} mix: skill {index} has {len(skill)} rows, fewer than the "
                            f"{n_train} training + {n_held} held-out rows asked for")
         order = list(range(len(skill)))
         rng.shuffle(order)
