@@ -59,8 +59,8 @@ def run_lorahub(adapters: list[Path], out: Path, model: Path | None, data: list[
 
     def progress(record: dict) -> None:
         typer.echo(f"evaluation {record['step']}/{settings.budget}: objective "
-                   f"{record['objective']:.4f} (loss {record['loss']:.4f}), best "
-                   f"{record['best_objective']:.4f}", err=True)
+                   f"{record['regularised_loss']:.4f} (loss {record['loss']:.4f}), best "
+                   f"{record['best_regularised_loss']:.4f}", err=True)
 
     result = lorahub_merge([str(a) for a in adapters], model, skills, out, settings,
                            on_evaluation=progress, device=device or "auto", dtype=dtype,

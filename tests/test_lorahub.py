@@ -154,10 +154,10 @@ def test_search_finds_the_known_minimum_in_exactly_budget_evaluations():
     assert calls[0] == [0.0, 0.0, 0.0]  # LoraHub's start
     assert [r["weights"] for r in records] == calls
     assert np.allclose(result.weights, OPTIMUM, atol=1e-3), result.weights
-    assert result.objective == min(r["objective"] for r in records) == _bowl(result.weights)
+    assert result.objective == min(r["regularised_loss"] for r in records) == _bowl(result.weights)
     assert records[result.step - 1]["weights"] == result.weights
     assert all(-1.5 <= w <= 1.5 for r in records for w in r["weights"])
-    bests = [r["best_objective"] for r in records]
+    bests = [r["best_regularised_loss"] for r in records]
     assert bests == sorted(bests, reverse=True) and bests[-1] == result.objective
 
 
@@ -173,7 +173,7 @@ def test_search_adds_the_l1_term_and_is_seeded():
 
     first = run(1, 0)
     for r in first.history:
-        assert r["objective"] == pytest.approx(
+        assert r["regularised_loss"] == pytest.approx(
             _bowl(r["weights"]) + 0.5 * sum(abs(w) for w in r["weights"]) / 3, abs=1e-12)
     assert run(1, 99).history == first.history
     assert first.weights == first.history[first.step - 1]["weights"]
@@ -269,7 +269,7 @@ def test_objective_is_the_loss_of_the_composed_model(tiny_model_dir, loras, tmp_
     rows, _ = skill_mix(SKILLS, fraction=None, count=6, held_out=0, seed=5)
     for record in (records[0], records[-1]):
         w = record["weights"]
-        assert record["objective"] == pytest.approx(
+        assert record["regularised_loss"] == pytest.approx(
             record["loss"] + 0.05 * sum(abs(x) for x in w) / len(w), abs=1e-12)
         tokenizer, dense = _dense_model(tiny_model_dir, adapter_dirs, w, composition)
         assert record["loss"] == pytest.approx(mean_completion_loss(dense, tokenizer, rows),

@@ -272,4 +272,4 @@ def test_cluster_study_and_its_space_are_valid():
     from study.resolve import load_search_space
 
     spec = load_spec(ROOT / "docs" / "cluster_study.yaml")
-    assert len(load_search_space(spec).methods) == 9
+    assert len(load_search_space(spec).methods) == 13

@@ -24,13 +24,13 @@ def test_valid_study_prints_its_summary(tmp_path):
     done = _validate(study)
     assert done.exit_code == 0, done.output
     assert done.stdout.strip() == (f"{study}: valid (study exp1, 2 skills, target math_code, "
-                                   "search space wide: 14 methods)")
+                                   "search space wide: 16 methods)")
 
 
 def test_shipped_cluster_study_is_valid():
     done = _validate(ROOT / "docs" / "cluster_study.yaml")
     assert done.exit_code == 0, done.output
-    assert "valid (study default, 2 skills, target math_code, search space paper: 9 methods)" \
+    assert "valid (study default, 2 skills, target math_code, search space paper: 13 methods)" \
         in done.stdout
 
 

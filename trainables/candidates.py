@@ -273,7 +273,7 @@ def _lorahub(ctx, variant, out_dir, report) -> str:
 
     def on_evaluation(record: dict) -> None:
         report({SEARCH_STEP: record["step"], SEARCH_LOSS: record["loss"],
-                SEARCH_OBJECTIVE: record["objective"]})
+                SEARCH_OBJECTIVE: record["regularised_loss"]})
 
     result = lorahub_merge([stage1_adapter(ctx, variant, s) for s in ctx.skills],
                            ctx.model_dir, [load_rows(ctx, s, "train") for s in ctx.skills],

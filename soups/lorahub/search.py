@@ -51,7 +51,8 @@ def search_weights(loss_of: Callable[[list[float]], float], k: int,
                    on_evaluation: OnEvaluation | None = None) -> LorahubResult:
     """Minimise `regularised(loss_of(w), w, settings.l1)` over w in bounds^k with NGOpt, in
     exactly `settings.budget` calls of `loss_of`. After each, `on_evaluation(record)` gets
-    {"step", "weights", "loss", "objective", "best_objective"}. Seeded by `settings.seed`.
+    {"step", "weights", "loss", "regularised_loss" (loss + l1 term: the objective),
+    "best_regularised_loss"}. Seeded by `settings.seed`.
     A non-finite loss is told to the optimizer as +inf (the worst value) and recorded."""
     import nevergrad as ng
     import numpy as np
@@ -78,7 +79,7 @@ def search_weights(loss_of: Callable[[list[float]], float], k: int,
     if best is None:
         raise LorahubError(f"LoraHub: every one of the {settings.budget} evaluations gave a "
                            f"non-finite objective (last loss {history[-1]['loss']})")
-    return LorahubResult(weights=best["weights"], objective=best["objective"],
+    return LorahubResult(weights=best["weights"], objective=best["regularised_loss"],
                          loss=best["loss"], step=best["step"], recommended_weights=recommended,
                          evaluations=len(history), seconds=time.perf_counter() - start,
                          history=history)
@@ -92,10 +93,10 @@ def _evaluate(optimizer, loss_of, settings: LorahubSettings, step: int, history:
     loss = float(loss_of(weights))
     objective = regularised(loss, weights, settings.l1)
     optimizer.tell(candidate, objective if math.isfinite(objective) else math.inf)
-    record = {"step": step, "weights": weights, "loss": loss, "objective": objective}
-    if math.isfinite(objective) and (best is None or objective < best["objective"]):
+    record = {"step": step, "weights": weights, "loss": loss, "regularised_loss": objective}
+    if math.isfinite(objective) and (best is None or objective < best["regularised_loss"]):
         best = record
-    record["best_objective"] = best["objective"] if best is not None else math.inf
+    record["best_regularised_loss"] = best["regularised_loss"] if best is not None else math.inf
     history.append(record)
     if on_evaluation is not None:
         on_evaluation(record)
