@@ -318,7 +318,7 @@ def smoke_runs(smoke_study, smoke_home):
 def test_smoke_study_loads_one_row_per_trial(smoke_runs, smoke_home):
     trials = smoke_runs.trials
     board = json.loads((smoke_home / "smoke" / "leaderboard.json").read_text())
-    assert len(trials) == len(board) == 13  # paper.yaml: 13 trials
+    assert len(trials) == len(board) == 17  # paper.yaml: 17 trials
     assert set(trials["run_id"]) == {r["run_id"] for r in board}
     assert (trials["status"] == "finished").all() and (trials["n_runs"] == 1).all()
     for task in ("math_code", "math", "code"):
@@ -343,7 +343,7 @@ def test_smoke_study_figures_and_report(smoke_runs, smoke_home, tmp_path):
         assert f'<section id="{section}">' in page, section
     assert "Learned CAT weights" in page and 'alt="CAT weights"' in page
     assert "paper.yaml" in page
-    assert len(combined([smoke_runs, smoke_runs])) == 2 * len(trials) == 26
+    assert len(combined([smoke_runs, smoke_runs])) == 2 * len(trials) == 34
 
 
 @pytest.mark.integration

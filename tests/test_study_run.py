@@ -23,7 +23,7 @@ from trainables.tuner import trial_states
 pytestmark = pytest.mark.integration
 
 PAPER_METHODS = {"cat_learned", "data_mix", "ties", "dare_ties", "linear", "cat", "svd",
-                 "skill", "base"}
+                 "lorahub", "lora_moe", "knots", "lora_lego", "skill", "base"}
 SOUPS = [sys.executable, "-m", "study.cli"]
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -57,7 +57,7 @@ def _runs(home: Path, experiment: str, role: str | None = None):
 def test_smoke_study_prints_a_leaderboard_of_every_paper_method(smoke, home):
     rows = json.loads((home / "smoke" / "leaderboard.json").read_text())
     assert {r["method"] for r in rows} == PAPER_METHODS
-    assert len(rows) == 13  # paper.yaml: skill per skill, cat_learned per init, cat per weights
+    assert len(rows) == 17  # paper.yaml: skill per skill, cat_learned per init, cat per weights
     assert all(r["status"] == "finished" for r in rows)
     assert rows[0]["objective"] == max(r["objective"] for r in rows)
     assert 0.0 <= rows[0]["test"] <= 1.0
@@ -120,7 +120,7 @@ def test_every_fine_tune_and_trial_is_one_finished_mlflow_run(smoke, home):
     finetunes = [r for r in runs if r.data.tags["soups.role"] == "finetune"]
     trials = [r for r in runs if r.data.tags["soups.role"] == "trial"]
     assert sorted(r.data.params["skill"] for r in finetunes) == ["code", "data_mix", "math"]
-    assert len(trials) == 13
+    assert len(trials) == 17
     assert all(r.data.tags["mlflow.parentRunId"] == parent for r in finetunes + trials)
     for run in trials:
         assert run.data.params["method"] in PAPER_METHODS
@@ -140,6 +140,17 @@ def test_every_fine_tune_and_trial_is_one_finished_mlflow_run(smoke, home):
     assert cat.data.metrics["cat_trainable_parameters"] == 2 * 4 * 5  # 2 LoRAs x 20 modules
     curve = _client(home).get_metric_history(cat.info.run_id, "cat_eval_loss")
     assert len(curve) >= 2  # one point per CAT evaluation step
+    # LoraHub logs each evaluation of its search as a step, and its search record.
+    hub = next(r for r in trials if r.data.params["method"] == "lorahub")
+    searched = _client(home).get_metric_history(hub.info.run_id, "search_objective")
+    assert [m.step for m in searched] == list(range(1, 41))  # its default budget
+    assert hub.data.metrics["search_best_objective"] == min(m.value for m in searched)
+    assert "lorahub.json" in [a.path for a in _client(home).list_artifacts(hub.info.run_id)]
+    # The mixture of experts trains its routers like CAT: a held-out curve for ASHA.
+    moe = next(r for r in trials if r.data.params["method"] == "lora_moe")
+    assert len(_client(home).get_metric_history(moe.info.run_id, "cat_eval_loss")) >= 2
+    # 2 experts x 4 layers x (q, k, v, up on the 192 hidden units + down on the 512)
+    assert moe.data.metrics["cat_trainable_parameters"] == 2 * 4 * (4 * 192 + 512)
     parent_artifacts = [a.path for a in _client(home).list_artifacts(parent)]
     assert {"study.yaml", "paper.yaml", "leaderboard.json"} <= set(parent_artifacts)
 
@@ -149,7 +160,7 @@ def test_best_adapter_is_exported_and_registered_as_champion(smoke, home, tmp_pa
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     rows = json.loads((home / "smoke" / "leaderboard.json").read_text())
-    best = next(r for r in rows if r["method"] not in ("base",))
+    best = next(r for r in rows if r["method"] not in ("base", "lora_moe"))  # PEFT loads it
     out = tmp_path / "exported"
     done = _soups(home, "export", "smoke", "--out", str(out), "--trial", best["trial"])
     assert done.returncode == 0, done.stderr
@@ -172,7 +183,8 @@ def test_best_adapter_is_exported_and_registered_as_champion(smoke, home, tmp_pa
     if rows[0]["method"] != "base":
         version = _client(home).get_model_version_by_alias("smoke-champion", "champion")
         assert version.run_id == rows[0]["run_id"]
-        assert (home / "smoke" / "best_adapter" / "adapter_config.json").is_file()
+        folder = "moe.json" if rows[0]["method"] == "lora_moe" else "adapter_config.json"
+        assert (home / "smoke" / "best_adapter" / folder).is_file()
 
 
 def test_status_of_a_finished_study(smoke, home):
