@@ -1,5 +1,6 @@
 """A module imported when first used: cheap commands (`soups merge --list`) import the
-modules that name torch without paying torch's seconds of import."""
+modules that name torch without paying torch's seconds of import. `lazy_exports` does the
+same for a package's public names (`soups.cat`, `soups.lorahub`, `soups.moe`)."""
 
 from __future__ import annotations
 
@@ -16,3 +17,13 @@ class LazyModule(types.ModuleType):
 
 def lazy(name: str) -> LazyModule:
     return LazyModule(name)
+
+
+def lazy_exports(package: str, exports: dict[str, str]):
+    """A package's module `__getattr__`: each public name in `exports` (name -> submodule)
+    is imported from its submodule on first use."""
+    def __getattr__(name: str):  # noqa: N807 (the module hook's own name)
+        if name not in exports:
+            raise AttributeError(f"module {package!r} has no attribute {name!r}")
+        return getattr(importlib.import_module(f"{package}.{exports[name]}"), name)
+    return __getattr__

@@ -31,8 +31,9 @@ from typing import Annotated, Any, Literal
 
 from pydantic import Field
 
+from search_spaces import MethodParameters
 from soups.errors import SoupsError
-from soups.merge.registry import REQUIRED, Parameter
+from soups.merge.registry import REQUIRED, Parameter, interval
 from soups.names import (
     CAT_BEST_EVAL_LOSS,
     CAT_BEST_STEP,
@@ -391,8 +392,6 @@ def candidate_kind(name: str) -> CandidateKind:
 def parameter_checks(name: str, skills: Collection[str] | None = None):
     """What a kind takes, for the search-space check (`search_spaces.MethodParameters`), or
     None for a name no kind has."""
-    from search_spaces import MethodParameters
-
     if name not in CANDIDATES:
         return None
     kind = CANDIDATES.get(name)
@@ -440,8 +439,6 @@ def _type_name(annotation) -> str:
 
 
 def _bounds_text(annotation) -> str | None:
-    from soups.merge.registry import interval
-
     text = interval(annotation)
     return None if text == "(-inf, inf)" else text
 

@@ -12,7 +12,7 @@ one PEFT LoRA of rank sum(r_i).
   serve the router training of `soups.moe` too).
 """
 
-import importlib
+from soups.lazy import lazy_exports
 
 # Each public name and the submodule that defines it, imported on first use: the command
 # line reads the settings and the paper's recipe (`soups.cat.settings`) without torch.
@@ -25,8 +25,4 @@ _EXPORTS = {
 }
 __all__ = sorted(_EXPORTS)
 
-
-def __getattr__(name: str):
-    if name not in _EXPORTS:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    return getattr(importlib.import_module(f"{__name__}.{_EXPORTS[name]}"), name)
+__getattr__ = lazy_exports(__name__, _EXPORTS)

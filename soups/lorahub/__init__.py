@@ -17,7 +17,7 @@ the composed model plus 0.05 * mean |w|, then exported as one PEFT LoRA.
                            "merged", LorahubSettings(budget=40), on_evaluation=print)
 """
 
-import importlib
+from soups.lazy import lazy_exports
 
 # Each public name and the submodule that defines it, imported on first use: the command
 # line reads the settings without torch or nevergrad.
@@ -28,8 +28,4 @@ _EXPORTS = {
 }
 __all__ = sorted(_EXPORTS)
 
-
-def __getattr__(name: str):
-    if name not in _EXPORTS:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    return getattr(importlib.import_module(f"{__name__}.{_EXPORTS[name]}"), name)
+__getattr__ = lazy_exports(__name__, _EXPORTS)

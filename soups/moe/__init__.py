@@ -14,7 +14,7 @@ its own (`moe.json`, routers, experts) that `load_moe` loads and the evaluators 
 - `run`: `train_moe`, and `learn_moe`, all of the above end to end.
 """
 
-import importlib
+from soups.lazy import lazy_exports
 
 # Each public name and the submodule that defines it, imported on first use (`is_moe_folder`
 # and the settings load no torch).
@@ -27,8 +27,4 @@ _EXPORTS = {
 }
 __all__ = sorted(_EXPORTS)
 
-
-def __getattr__(name: str):
-    if name not in _EXPORTS:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    return getattr(importlib.import_module(f"{__name__}.{_EXPORTS[name]}"), name)
+__getattr__ = lazy_exports(__name__, _EXPORTS)
