@@ -9,20 +9,23 @@ settings that kind reads. Kinds:
   (answer_is / hashes / regex; `last` for extract `last`), not by the last-number fallback.
 - `final_number`: the alias of `number` with extract `auto` (the study's default).
 - `program`: the answer is a Python program (its first fenced block, else the longest
-  prefix of its lines that parses and defines the entry function), executed in the sandbox
-  (`soups.sandbox`) on the row's calls; partial credit `parsed` (it parses and defines the
-  function) and `ran` (every call returned), then `accuracy` (every call returned the
-  reference value within the tolerance).
+  run of its lines that parses and defines the entry function), cut out of the answer and
+  executed inside the sandbox (`soups.sandbox`: the evaluator never parses the answer) on
+  the row's calls; partial credit `parsed` (it parses and defines the function) and `ran`
+  (every call returned), then `accuracy` (every call returned the reference value within
+  the tolerance).
 - `exact_match`: the whole answer equals the reference text, whitespace collapsed and,
   unless `case_sensitive`, casefolded.
 - `loss`: nothing is generated or scored here: the evaluation reports the completions' mean
   loss and perplexity (`soups.evaluate.completion_loss`) instead of an accuracy.
 
 Numbers: "1,234", "-3", "2.5" and "16." (a trailing period) are read; integers stay exact
-ints, decimals are floats. Two integers are equal only when equal; otherwise `got` equals
-`want` when |got - want| <= abs_tol (when set) or <= rel_tol * max(1, |want|) (when set),
-exactly when both are None, computed on the floats' exact binary values. Comparison is
-total: huge integers, inf, NaN, strings or nested values never raise.
+ints, decimals are floats. Two integers are equal only when equal. An integer reference is
+met by a float only within `abs_tol` (when set), else exactly: `16.0` meets 16, `123456700.0`
+does not meet 123456789 (a relative tolerance would let it). Otherwise `got` equals `want`
+when |got - want| <= abs_tol (when set) or <= rel_tol * max(1, |want|) (when set), exactly
+when both are None, computed on the floats' exact binary values. Comparison is total: huge
+integers, inf, NaN, strings or nested values never raise.
 
 A scorer takes (rows, answers, settings, sandbox) and returns (records, partial scores):
 one JSON-able record per row with at least `prompt`, `output` (the model's text),
@@ -31,7 +34,6 @@ one JSON-able record per row with at least `prompt`, `output` (the model's text)
 
 from __future__ import annotations
 
-import ast
 import json
 import math
 import re
@@ -41,13 +43,12 @@ from fractions import Fraction
 
 from soups.errors import SoupsError
 from soups.sandbox import BWRAP, ProgramJob, run_many
-from soups.sandbox.run import MAX_PROGRAM_CHARS
+from soups.sandbox.harness import program_span
 
 NUMBER_TEXT = r"-?\d+(?:,\d{3})*(?:\.\d+)?"  # "1,234", "-3", "2.5"; not the period of "16."
 NUMBER = re.compile(NUMBER_TEXT)
 ANSWER_PHRASE = re.compile(rf"answer is\s*:?\s*\$?\s*({NUMBER_TEXT})", re.IGNORECASE)
 HASHES = re.compile(rf"####\s*\$?\s*({NUMBER_TEXT})")
-FENCED = re.compile(r"```(?:python|py)?[ \t]*\n(.*?)```", re.DOTALL)
 EXTRACT_MODES = ("auto", "answer_is", "hashes", "last", "regex")
 RELATIVE_TOLERANCE = 1e-6  # the default: floats equal within 1e-6 of max(1, |reference|)
 MAX_COMPARE_DEPTH = 32
@@ -165,6 +166,8 @@ def _numbers_equal(got: int | float, want: int | float, abs_tol: float | None,
         return got == want  # inf equals the same inf; NaN equals nothing
     # Fractions are exact for any int and float: no overflow, no rounding of huge ints.
     diff = abs(Fraction(got) - Fraction(want))
+    if isinstance(want, int):  # a count is met by a float only within abs_tol, else exactly
+        return diff <= Fraction(abs_tol) if abs_tol is not None else diff == 0
     if abs_tol is None and rel_tol is None:
         return diff == 0
     return ((abs_tol is not None and diff <= Fraction(abs_tol))
@@ -231,41 +234,14 @@ def score_final_number(rows: Sequence[dict], answers: Sequence[str],
 # Programs -------------------------------------------------------------------------------
 
 
-CODE_OPENERS = ("def ", "async def ", "import ", "from ", "class ", "@")
-
-
-def _defines(tree: ast.Module, entry: str) -> bool:
-    return any(isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.name == entry
-               for node in tree.body)
-
-
-def _parses_and_defines(program: str, entry: str) -> bool:
-    try:
-        return _defines(ast.parse(program), entry)
-    except Exception:  # SyntaxError; RecursionError / MemoryError on odd input
-        return False
-
-
 def extract_program(text: str, entry: str = "solution") -> str:
-    """The program in an answer: its first fenced block when there is one; else the longest
-    run of its lines that parses and defines `entry` (a model that goes on to write the next
-    question after the program), starting at the first line or, after prose, at a line that
-    opens code (`def`, `import`, ...); the whole answer when none does."""
-    fenced = FENCED.search(text)
-    if fenced:
-        return fenced.group(1)
-    if len(text) > MAX_PROGRAM_CHARS:  # the sandbox refuses it anyway: no quadratic search
-        return text
-    lines = text.splitlines(keepends=True)
-    # Where the program may start: the first line, or a line that opens Python code after
-    # prose (a worked line, "Here is the program:"); a handful, so the search stays linear.
-    starts = [0] + [i for i, line in enumerate(lines) if i and line.startswith(CODE_OPENERS)]
-    for start in starts:
-        for end in range(len(lines), start, -1):
-            program = "".join(lines[start:end])
-            if _parses_and_defines(program, entry):
-                return program.rstrip()
-    return text
+    """The program in an answer (`soups.sandbox.harness.program_span`, the same bounded search
+    the sandbox runs on every scored answer): its first fenced block; else the longest run
+    of lines that parses and defines `entry`, from the first line or a line that opens code
+    after prose; the whole answer when none does. For trusted text (a task's own
+    references): the scorer never calls it on a model's answer in the evaluator."""
+    start, end = program_span(text, entry)
+    return text[start:end]
 
 
 def _program_error(result, outputs_ok: bool) -> str | None:
@@ -284,14 +260,15 @@ def score_programs(rows: Sequence[dict], answers: Sequence[str],
     `settings.entry`); one record per row, whatever the programs do."""
     settings = settings or ScorerSettings(kind="program")
     entries = [row.get("function") or settings.entry for row in rows]
-    programs = [extract_program(answer, entry) for answer, entry in
-                zip(answers, entries, strict=True)]
-    jobs = [ProgramJob(program, entry, tuple(tuple(c) for c in json.loads(row.get("calls")
-                                                                           or "[]")) or ((),))
-            for row, program, entry in zip(rows, programs, entries, strict=True)]
+    # The whole answer goes in; the sandbox cuts the program out and says where it was.
+    jobs = [ProgramJob(answer, entry, tuple(tuple(c) for c in json.loads(row.get("calls")
+                                                                          or "[]")) or ((),),
+                       extract=True)
+            for row, answer, entry in zip(rows, answers, entries, strict=True)]
     results = run_many(jobs, timeout_s=settings.timeout_s, sandbox=sandbox, workers=workers)
     records = []
-    for row, answer, program, result in zip(rows, answers, programs, results, strict=True):
+    for row, answer, result in zip(rows, answers, results, strict=True):
+        program = answer[slice(*result.span)] if result.span else answer
         want = json.loads(row["expected"])
         correct = (result.ran and len(result.outputs) == len(want)
                    and values_equal(list(result.outputs), want, abs_tol=settings.abs_tol,

@@ -104,15 +104,31 @@ def test_number_tolerances_at_their_boundary():
     assert not correct("2.5011", 2.5, abs_tol=1e-3, rel_tol=None)
     assert correct("-3.999", -4, abs_tol=1e-3, rel_tol=None)  # a float against an int
     assert not correct("5", 6, abs_tol=None, rel_tol=1.0)  # two integers: exact
-    assert correct("100.00005", 100, rel_tol=1e-6)  # 5e-5 <= 1e-6 * 100
-    assert not correct("100.0002", 100, rel_tol=1e-6)
+    assert correct("100.00005", 100.0, rel_tol=1e-6)  # 5e-5 <= 1e-6 * 100
+    assert not correct("100.0002", 100.0, rel_tol=1e-6)
     assert not correct("2.0000001", 2, abs_tol=None, rel_tol=None)  # no tolerance: exact
     assert correct("2.0", 2, abs_tol=None, rel_tol=None)
 
 
+def test_an_integer_reference_is_met_by_a_float_only_within_abs_tol():
+    """A relative tolerance would make 123456700.0 equal 123456789 (1e-6 of it is 123)."""
+    assert not values_equal(123456700.0, 123456789)
+    assert not correct("123456700.0", 123456789)  # the study's default scorer settings
+    assert not values_equal(100.00005, 100)  # rel_tol does not apply to a count
+    assert values_equal(16.0, 16) and correct("16.", 16) and correct("16.0", 16)
+    assert values_equal(-3.9995, -4, abs_tol=1e-3) and not values_equal(-3.99, -4, abs_tol=1e-3)
+    assert values_equal(10 ** 20 * 1.0, 10 ** 20)  # exactly integral, however large
+    assert values_equal(3, 3.0000001)  # a float reference keeps its relative tolerance
+
+
+def correct(got: str, want, **tol) -> bool:
+    settings = ScorerSettings(kind="number", **tol)
+    return score_numbers([_row([want])], [f"The answer is {got}"], settings)[0][0]["correct"]
+
+
 def test_values_equal_default_tolerance_is_relative():
-    assert values_equal(1.0000005, 1)
-    assert not values_equal(1.00001, 1)
+    assert values_equal(1.0000005, 1.0)
+    assert not values_equal(1.00001, 1.0)
     assert values_equal([0.001, 2], [0, 2], abs_tol=1e-3, rel_tol=None)
 
 

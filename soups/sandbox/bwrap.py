@@ -5,8 +5,8 @@ make further user namespaces), pid (it sees only itself; everything dies with th
 network (a loopback only; sockets are refused by the seccomp filter anyway), ipc, uts,
 cgroup, mount. The mount namespace holds only, read-only: the shared libraries of the
 system (`/usr/lib`, `/lib*`), the interpreter, its standard library and the directory of
-`libpython`, with every site-packages folder masked by an empty tmpfs; and one writable
-tmpfs of bounded size as the working directory. No `/proc`, no `/dev`, no `/etc` (but the
+`libpython`, with every site-packages folder masked by an empty read-only tmpfs; and one
+writable tmpfs of bounded size as the working directory. No `/proc`, no `/dev`, no `/etc` (but the
 loader cache), no home, no project files, no datasets. The root itself is remounted
 read-only.
 """
@@ -77,7 +77,9 @@ def mount_args() -> tuple[str, ...]:
         masks.update(glob.glob(os.path.join(root, "python3", "dist-packages")))
     for path in sorted(masks):
         if os.path.isdir(path) and _under(path, bound):
-            args += ["--tmpfs", path]
+            # Read-only too: `--remount-ro /` does not reach mounts below the root, and an
+            # empty writable tmpfs would be memory outside every limit the sandbox sets.
+            args += ["--tmpfs", path, "--remount-ro", path]
     return tuple(args)
 
 

@@ -9,7 +9,7 @@ anything else is a malformed result, which scores that row as not run.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 MAX_RESULT_BYTES = 1 << 20
 MAX_DEPTH = 16  # nesting of one returned value
@@ -17,6 +17,7 @@ MAX_NODES = 10_000  # elements over all returned values
 MAX_STRING = 10_000  # characters of one string
 MAX_INT_DIGITS = 400  # longer integers are read as a marker string (never equal a number)
 FIELDS = {"parsed", "ran", "outputs", "error"}
+OPTIONAL = {"span"}  # [start, end): where in the text sent the program was (extract mode)
 
 
 @dataclass(frozen=True)
@@ -25,6 +26,9 @@ class ExecutionResult:
     ran: bool  # every call returned without exception, timeout or crash
     outputs: tuple  # returned values (JSON-able, else their repr), one per call
     error: str | None  # why not ran: "timeout", "MemoryError: ...", "SyntaxError: ..."
+    # [start, end) of the program in the text sent (the whole text unless it was extracted
+    # in the sandbox); None where the child did not say
+    span: tuple[int, int] | None = field(default=None, compare=False)
 
 
 def failed(error: str, parsed: bool = False) -> ExecutionResult:
@@ -60,9 +64,19 @@ def _value_problem(value) -> str | None:
     return None
 
 
-def _schema_problem(result, n_calls: int) -> str | None:
-    if not isinstance(result, dict) or set(result) != FIELDS:
+def _span_problem(span, text_length: int) -> str | None:
+    if (not isinstance(span, list) or len(span) != 2
+            or not all(isinstance(v, int) and not isinstance(v, bool) for v in span)
+            or not 0 <= span[0] <= span[1] <= text_length):
+        return "a program span outside the text"
+    return None
+
+
+def _schema_problem(result, n_calls: int, text_length: int) -> str | None:
+    if not isinstance(result, dict) or not FIELDS <= set(result) <= FIELDS | OPTIONAL:
         return "not the harness's result object"
+    if "span" in result and _span_problem(result["span"], text_length):
+        return _span_problem(result["span"], text_length)
     parsed, ran, outputs, error = (result[k] for k in ("parsed", "ran", "outputs", "error"))
     if not isinstance(parsed, bool) or not isinstance(ran, bool) or not isinstance(outputs, list):
         return "fields of the wrong type"
@@ -75,16 +89,18 @@ def _schema_problem(result, n_calls: int) -> str | None:
     return None
 
 
-def parse_result(data: bytes, n_calls: int) -> ExecutionResult | str:
-    """The result the child sent, or why it is malformed. Never raises."""
+def parse_result(data: bytes, n_calls: int, text_length: int = 0) -> ExecutionResult | str:
+    """The result the child sent, or why it is malformed (`text_length`: characters of the
+    text sent, which a span must lie within). Never raises."""
     if len(data) > MAX_RESULT_BYTES:
         return f"more than {MAX_RESULT_BYTES} bytes"
     try:
         result = json.loads(data.decode("utf-8"), parse_int=_int)
     except Exception as err:  # bad UTF-8 or JSON, RecursionError on deep nesting, ...
         return f"not JSON ({type(err).__name__})"
-    problem = _schema_problem(result, n_calls)
+    problem = _schema_problem(result, n_calls, text_length)
     if problem is not None:
         return problem
+    span = tuple(result["span"]) if "span" in result else None
     return ExecutionResult(result["parsed"], result["ran"], tuple(result["outputs"]),
-                           result["error"])
+                           result["error"], span)

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from soups.errors import SoupsError
-from soups.sandbox import bwrap, seccomp
+from soups.sandbox import bwrap, cgroup, seccomp
 from soups.sandbox.result import MAX_RESULT_BYTES, ExecutionResult, failed, parse_result
 
 BWRAP = "bwrap"
@@ -54,9 +54,15 @@ class SandboxUnavailable(SoupsError, RuntimeError):
 
 @dataclass(frozen=True)
 class ProgramJob:
-    program: str
+    program: str  # the program, or with `extract` a model's whole answer that holds it
     function: str = "solution"
     calls: tuple = ((),)  # argument lists, one call each
+    extract: bool = False  # cut the program out of the answer inside the sandbox
+
+
+def memory_bound_mb(memory_mb: int) -> int:
+    """What one sandbox may hold in all, kernel memory included: its memory cgroup's limit."""
+    return memory_mb + TMP_MB + cgroup.KERNEL_SLACK_MB
 
 
 def _defines(program: str, function: str) -> bool:
@@ -66,21 +72,29 @@ def _defines(program: str, function: str) -> bool:
                      program, re.MULTILINE) is not None
 
 
-def _spawn(sandbox: str, work: str | None, result_w: int, stderr
-           ) -> tuple[subprocess.Popen, int]:
-    """Start the sandbox; returns it and the read end of bwrap's info pipe (-1 without
-    bwrap), which tells the pid of the sandbox's init process."""
+# Joins the cgroup named by $0, then becomes bubblewrap: everything the sandbox starts is
+# in the cgroup from its first instruction (a thread-safe stand-in for a preexec_fn).
+JOIN_CGROUP = 'echo $$ > "$0" && exec "$@"'
+
+
+def _spawn(sandbox: str, work: str | None, result_w: int, stderr,
+           group: cgroup.SandboxCgroup | None) -> tuple[subprocess.Popen, int]:
+    """Start the sandbox (in `group` where there is one); returns it and the read end of
+    bwrap's info pipe (-1 without bwrap), which tells the pid of the sandbox's init."""
     if sandbox == BWRAP:
         program = bwrap.find_bwrap()
         if program is None:
             raise SandboxUnavailable(f"bubblewrap (bwrap) is not installed; {INSTALL_HINT}")
         filter_r, filter_w = os.pipe()
         info_r, info_w = os.pipe()
+        command = bwrap.command(program, HARNESS, result_w, filter_r, info_w, TMP_MB)
+        if group is not None:
+            command = ["/bin/sh", "-c", JOIN_CGROUP, group.procs, *command]
         try:
             os.write(filter_w, seccomp.filter_program())  # a few KiB: fits the pipe buffer
             os.close(filter_w)
             proc = subprocess.Popen(
-                bwrap.command(program, HARNESS, result_w, filter_r, info_w, TMP_MB), cwd="/",
+                command, cwd="/",
                 env={}, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=stderr,
                 pass_fds=(result_w, filter_r, info_w), start_new_session=True)
         except BaseException:
@@ -199,9 +213,32 @@ def _crash_reason(code: int | None) -> str:
     return f"crashed (exit code {code})"
 
 
+def _cgroup(sandbox: str, memory_mb: int) -> cgroup.SandboxCgroup | None:
+    """A fresh memory cgroup for one bwrap sandbox, where this evaluator can make one."""
+    if sandbox != BWRAP:
+        return None
+    found = cgroup.parent()
+    if isinstance(found, str):
+        _note_no_cgroup(found)
+        return None
+    try:
+        return cgroup.SandboxCgroup(found, memory_bound_mb(memory_mb) << 20)
+    except OSError as err:
+        _note_no_cgroup(f"cannot create a cgroup in {found.path} ({err})")
+        return None
+
+
+@functools.cache
+def _note_no_cgroup(reason: str) -> None:
+    print(f"note: sandboxed programs run without a memory cgroup ({reason}): tmpfs and kernel "
+          "memory they use are bounded by their time limit only (docs/sandbox.md, "
+          f"${cgroup.ENV})", file=sys.stderr)
+
+
 def run_job(job: ProgramJob, timeout_s: float = 2.0, memory_mb: int = 256,
             sandbox: str = BWRAP, stderr=subprocess.DEVNULL) -> ExecutionResult:
-    """Execute `job.program`, then `job.function(*args)` for each args in `job.calls`."""
+    """Execute `job.program` (cut out of the answer first with `job.extract`), then
+    `job.function(*args)` for each args in `job.calls`."""
     if sandbox not in SANDBOXES:
         raise ValueError(f"unknown sandbox {sandbox!r}; known: {', '.join(SANDBOXES)}")
     if len(job.program) > MAX_PROGRAM_CHARS:
@@ -210,13 +247,14 @@ def run_job(job: ProgramJob, timeout_s: float = 2.0, memory_mb: int = 256,
         return failed(f"no function {job.function}() defined")
     calls = [list(c) for c in job.calls]
     payload = {"program": job.program, "function": job.function, "calls": calls,
-               "timeout_s": timeout_s, "memory_mb": memory_mb, "file_mb": FILE_MB,
-               "open_files": OPEN_FILES, "result_bytes": MAX_RESULT_BYTES}
+               "extract": job.extract, "timeout_s": timeout_s, "memory_mb": memory_mb,
+               "file_mb": FILE_MB, "open_files": OPEN_FILES, "result_bytes": MAX_RESULT_BYTES}
     work = tempfile.mkdtemp(prefix="soups-unsafe-") if sandbox == UNSAFE else None
     result_r, result_w = os.pipe()
     proc, info_r, timed_out = None, -1, True
+    group = _cgroup(sandbox, memory_mb)
     try:
-        proc, info_r = _spawn(sandbox, work, result_w, stderr)
+        proc, info_r = _spawn(sandbox, work, result_w, stderr, group)
         os.close(result_w)
         result_w = -1
         data, timed_out = _exchange(proc, json.dumps(payload).encode(), result_r,
@@ -229,9 +267,11 @@ def run_job(job: ProgramJob, timeout_s: float = 2.0, memory_mb: int = 256,
                 os.close(fd)
         if work is not None:
             _remove_tree(work)
+        if group is not None:
+            group.remove()
     if timed_out:
         return failed("timeout", parsed=True)
-    result = parse_result(data, len(calls)) if data else None
+    result = parse_result(data, len(calls), len(job.program)) if data else None
     if isinstance(result, ExecutionResult) and proc.returncode == 0:
         return result
     if isinstance(result, str):
