@@ -138,7 +138,99 @@ def attacks(canary: str, port: int) -> dict[str, str]:
         "deep directory chain": "import os\ndef solution():\n    for _ in range(3000):\n"
                                 "        os.mkdir('d')\n        os.chdir('d')\n"
                                 f"    return {PWNED!r}[:1]\n",
+        **resource_attacks(),
+        **shared_state_attacks(),
     }
+
+
+def resource_attacks() -> dict[str, str]:
+    """Memory and kernel objects outside the program's address space, and quotas the host
+    user or the whole host shares: each fills what it reaches until refused. The floods
+    never return "pwned" (what they cost is measured outside, from the cgroup and
+    /proc/meminfo); the others do on their first success, since one is already a hole."""
+    masks = _masked_paths()
+    return {
+        "fill the package masks": _try(  # 1 MiB files (the file size limit), up to 1 GiB
+            f"written = 0\nfor path in {masks!r}:\n    try:\n        for i in range(1024):\n"
+            "            with open(f'{path}/f{i}', 'wb') as f:\n"
+            "                written += f.write(b'x' * (1 << 20))\n    except OSError:\n"
+            "        pass\nassert written > 32 << 20, f'{written} bytes'"),
+        "xattrs in /tmp": _try(
+            "open('x', 'w').close()\nfor i in range(100000):\n"
+            "    os.setxattr('x', f'user.{i}', b'v' * 4000)"),
+        "directory flood": "import os\ndef solution():\n    n = 0\n    try:\n"
+                           "        while n < 400000:\n            os.mkdir('d' * 200 + str(n))\n"
+                           "            n += 1\n    except OSError:\n        pass\n"
+                           "    return f'made {n}'\n",
+        "file flood": "import os\ndef solution():\n    n = 0\n    try:\n"
+                      "        while n < 400000:\n"
+                      "            os.close(os.open('f' * 200 + str(n), os.O_CREAT | os.O_WRONLY))\n"
+                      "            n += 1\n    except OSError:\n        pass\n"
+                      "    return f'made {n}'\n",
+        "native aio contexts": _try(
+            LIBC + f"ctx = ctypes.c_ulong(0)\nassert libc.syscall({_nr('io_setup')}, 1, "
+            "ctypes.byref(ctx)) == 0\nfor _ in range(100000):\n"
+            f"    ctx = ctypes.c_ulong(0)\n    if libc.syscall({_nr('io_setup')}, 1, "
+            "ctypes.byref(ctx)):\n        break"),
+        "posix timers": _try(
+            LIBC + "ids = [ctypes.c_void_p() for _ in range(100000)]\n"
+            "assert libc.timer_create(1, None, ctypes.byref(ids[0])) == 0\n"
+            "for t in ids[1:]:\n    if libc.timer_create(1, None, ctypes.byref(t)):\n"
+            "        break"),
+        "queued real-time signals": _try(
+            LIBC + "import signal\nsignal.pthread_sigmask(signal.SIG_BLOCK, [signal.SIGRTMIN])\n"
+            "sent = 0\nwhile sent < 100000 and libc.sigqueue(os.getpid(), signal.SIGRTMIN, 0) == 0:"
+            "\n    sent += 1\nassert sent > 100, sent"),
+        "inotify instances": _try(
+            LIBC + "fds = [libc.inotify_init1(0) for _ in range(60)]\nassert max(fds) >= 0"),
+        "inotify watches": _try(
+            LIBC + "fd = libc.inotify_init1(0)\nassert fd >= 0\nn = 0\n"
+            "for root, dirs, files in os.walk('/usr/lib'):\n"
+            "    n += libc.inotify_add_watch(fd, root.encode(), 0xfff) >= 0\nassert n"),
+        "locked memory": _try(
+            LIBC + "import mmap\nm = mmap.mmap(-1, 1 << 20)\n"
+            "assert libc.mlockall(3) == 0"),
+    }
+
+
+def shared_state_attacks() -> dict[str, str]:
+    """What two sandboxes share without any file between them: locks and futexes on the
+    same host inodes (the read-only library files), notifications on them."""
+    library = "import sysconfig\nlib = sysconfig.get_paths()['stdlib'] + '/os.py'\n"
+    return {
+        "flock a library file": _try(
+            library + "import fcntl\nf = open(lib)\nfcntl.flock(f, fcntl.LOCK_SH | fcntl.LOCK_NB)"),
+        "posix lock a library file": _try(
+            library + "import fcntl\nf = open(lib)\nfcntl.lockf(f, fcntl.LOCK_SH | fcntl.LOCK_NB)"),
+        "open-file lock a library file": _try(
+            library + "import fcntl, struct\nf = open(lib)\n"
+            "fcntl.fcntl(f, 37, struct.pack('hhqqi4x', fcntl.F_RDLCK, 0, 0, 0, 0))"),  # OFD_SETLK
+        "lease or notify": _try(
+            library + "import fcntl\nf = os.open(os.path.dirname(lib), os.O_RDONLY)\n"
+            "fcntl.fcntl(f, fcntl.F_NOTIFY, fcntl.DN_ACCESS)"),
+        "shared futex on a library mapping": _try(
+            LIBC + library + "f = os.open(lib, os.O_RDONLY)\nlibc.mmap.restype = ctypes.c_void_p\n"
+            "libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int,"
+            " ctypes.c_int, ctypes.c_long]\naddr = libc.mmap(None, 4096, 1, 1, f, 0)\n"
+            "assert addr and addr != 2 ** 64 - 1\n"  # PROT_READ, MAP_SHARED; FUTEX_WAKE below
+            f"assert libc.syscall({_nr('futex')}, ctypes.c_void_p(addr), 1, 1, None, None, 0) >= 0"),
+    }
+
+
+def _nr(name: str) -> int:
+    """The number of system call `name` here (-1 where this architecture has none)."""
+    from soups.sandbox.seccomp import syscall_number
+
+    number = syscall_number(name)
+    return -1 if number is None else number
+
+
+def _masked_paths() -> list[str]:
+    """The package folders the sandbox masks (empty, and read-only, inside it)."""
+    from soups.sandbox.bwrap import mount_args
+
+    args = mount_args()
+    return [args[i + 1] for i, arg in enumerate(args) if arg == "--tmpfs"]
 
 
 def _site_packages() -> list[str]:
@@ -204,15 +296,92 @@ def rows(canary: str, port: int) -> list[dict]:
     return out
 
 
-def run_battery(canary: str, port: int, workers: int = 4) -> list[dict]:
+def run_battery(canary: str, port: int, workers: int = 4, battery: list[dict] | None = None
+                ) -> list[dict]:
     """Score every row in four sandboxes at once; one record per row, with its name."""
     from soups.scoring import score_programs
 
-    battery = rows(canary, port)
+    battery = rows(canary, port) if battery is None else battery
     records, _ = score_programs(battery, [r["answer"] for r in battery], workers=workers)
     return [{"name": row["name"], "kind": row["kind"], "correct": record["correct"],
              "ran": record["ran"], "outputs": [repr(o)[:200] for o in record["outputs"]],
              "error": record["error"]} for row, record in zip(battery, records, strict=True)]
+
+
+def resource_rows(copies: int = 4) -> list[dict]:
+    """Each resource attack `copies` times in a row (so that many run at once), then the
+    honest rows: what an evaluator in a small memory cgroup must survive."""
+    out = [{"name": name, "kind": "attack", "answer": program, "function": "solution",
+            "calls": "[[]]", "expected": json.dumps([PWNED])}
+           for name, program in resource_attacks().items() for _ in range(copies)]
+    for name, (program, function, calls, expected) in HONEST.items():
+        out.append({"name": name, "kind": "honest", "answer": program, "function": function,
+                    "calls": json.dumps(calls), "expected": json.dumps(expected)})
+    return out
+
+
+class EvaluatorProbe:
+    """While attacks run: the evaluator's own use of what the host shares with them (native
+    AIO contexts, POSIX timers and their queued signals, inotify instances and watches),
+    every 20 ms, with each failure recorded; and the lowest MemAvailable seen."""
+
+    def __init__(self):
+        import threading
+
+        self.failures: list[str] = []
+        self.rounds = 0
+        self.io_setup, self.io_destroy = _nr("io_setup"), _nr("io_destroy")  # imports here
+        self.lowest_available_kb = self.available_kb()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+
+    @staticmethod
+    def available_kb() -> int:
+        with open("/proc/meminfo") as handle:
+            for line in handle:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1])
+        return 0
+
+    def _loop(self) -> None:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        io_setup, io_destroy = self.io_setup, self.io_destroy
+        while not self._stop.is_set():
+            ctx = ctypes.c_ulong(0)
+            if libc.syscall(io_setup, 1, ctypes.byref(ctx)) != 0:
+                self.failures.append(f"io_setup: errno {ctypes.get_errno()}")
+            else:
+                libc.syscall(io_destroy, ctx)
+            timer = ctypes.c_void_p()
+            if libc.timer_create(1, None, ctypes.byref(timer)) != 0:
+                self.failures.append(f"timer_create: errno {ctypes.get_errno()}")
+            else:
+                libc.timer_delete(timer)
+            fd = libc.inotify_init1(0)
+            if fd < 0:
+                self.failures.append(f"inotify_init1: errno {ctypes.get_errno()}")
+            else:
+                if libc.inotify_add_watch(fd, b"/tmp", 0x100) < 0:  # IN_CREATE
+                    self.failures.append(f"inotify_add_watch: errno {ctypes.get_errno()}")
+                os.close(fd)
+            self.lowest_available_kb = min(self.lowest_available_kb, self.available_kb())
+            self.rounds += 1
+            self._stop.wait(0.02)
+
+    def __enter__(self):
+        self.start_available_kb = self.available_kb()
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+
+    def report(self) -> dict:
+        return {"failures": self.failures, "rounds": self.rounds,
+                "available_drop_kb": self.start_available_kb - self.lowest_available_kb}
 
 
 def sandbox_processes() -> list[str]:
@@ -232,4 +401,9 @@ def sandbox_processes() -> list[str]:
 
 
 if __name__ == "__main__":
-    print(json.dumps(run_battery(sys.argv[1], int(sys.argv[2]))))
+    # python3 sandbox_attacks.py CANARY PORT [--resources]: the records and the probe as JSON
+    only_resources = "--resources" in sys.argv
+    with EvaluatorProbe() as probe:
+        found = run_battery(sys.argv[1], int(sys.argv[2]),
+                            battery=resource_rows() if only_resources else None)
+    print(json.dumps({"records": found, "probe": probe.report()}))

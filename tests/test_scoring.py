@@ -260,3 +260,72 @@ def test_settings_params_are_flat():
     params = ScorerSettings(kind="program", abs_tol=1e-3).params("scorer.")
     assert params["scorer.kind"] == "program" and params["scorer.abs_tol"] == 1e-3
     assert all(not isinstance(v, (dict, list)) for v in params.values())
+
+
+# ---- hostile answers: the evaluator never parses them ----------------------------------
+
+def _exhaustive_extract(text: str, entry: str) -> str:
+    """The unbounded search program_span replaces: every (start, end) pair, longest first."""
+    import ast
+
+    fenced = re.search(r"```(?:python|py)?[ \t]*\n(.*?)```", text, re.DOTALL)
+    if fenced:
+        return fenced.group(1)
+    lines = text.splitlines(keepends=True)
+    starts = [0] + [i for i, line in enumerate(lines) if i and line.startswith(
+        ("def ", "async def ", "import ", "from ", "class ", "@"))]
+    for start in starts:
+        for end in range(len(lines), start, -1):
+            program = "".join(lines[start:end])
+            try:
+                tree = ast.parse(program)
+            except Exception:
+                continue
+            if any(getattr(node, "name", None) == entry for node in tree.body
+                   if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef))):
+                return program.rstrip()
+    return text
+
+
+ANSWER_LINES = [
+    "4 * 3 = 12.", "Here is the program:", "def solution():", "    result = 4 * 3",
+    "    return result", "    return (1 +", "    2)", "Q: Sam has 3 pens. How many?",
+    "A: def solution():", "import math", "from math import sqrt", "@functools.cache",
+    "class A:", "    x = [1,", "'''", "x = (", ")", "def other():", "    pass", "",
+    "The answer is 12.", "    if True:", "        return 5", "print(5)", "async def solution():",
+    "def solution(:", "  bad indent", "#### 12", "```", "```python",
+]
+
+
+def test_the_bounded_search_finds_what_the_exhaustive_one_does():
+    """On 3,000 random answers built from program, prose and broken lines, the bounded
+    search inside the sandbox cuts out the same program as trying every pair of lines."""
+    import random
+
+    rng = random.Random(0)
+    for _ in range(3000):
+        text = "\n".join(rng.choice(ANSWER_LINES) for _ in range(rng.randint(1, 9)))
+        assert extract_program(text) == _exhaustive_extract(text, "solution"), text
+
+
+@pytest.mark.parametrize("line", ["@", "def ", "import ", "def solution(", "(", "'''"])
+def test_an_adversarial_answer_is_scored_wrong_within_its_timeout(sandbox, line, monkeypatch):
+    """3,000 short lines (6 KB and more) that each open code: the old search parsed every
+    pair of lines in the evaluator and did not return in 45 s. Now the evaluator parses
+    nothing (ast.parse is switched off in it here) and the sandbox's search is bounded."""
+    import ast
+    import time
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the evaluator parsed an answer")
+
+    monkeypatch.setattr(ast, "parse", refuse)
+    answer = "def solution():\n" + (line + "\n") * 3000
+    settings = ScorerSettings(kind="program", timeout_s=2.0)
+    start = time.monotonic()
+    records, _ = score_programs([_row([5], "program", "solution", "[[]]")] * 2,
+                                [answer, "def solution():\n    return 5\n" + answer],
+                                settings, sandbox=sandbox)
+    assert time.monotonic() - start < settings.timeout_s + 3  # start-up slack, two at once
+    assert [r["correct"] for r in records] == [False, True]
+    assert records[1]["extracted"] == "def solution():\n    return 5"
