@@ -10,16 +10,18 @@ STAMP := $(VENV)/.installed
 
 venv: $(STAMP)
 
-# The sandbox of generated programs (docs/sandbox.md) needs bubblewrap and libseccomp:
-# installed with apt-get where they are missing (root, or sudo), else named.
+# The sandbox of generated programs (docs/sandbox.md) needs bubblewrap and libseccomp; its
+# tests re-derive the system-call allow list with strace. Installed with apt-get where they
+# are missing (root, or sudo), else named.
 system:
-	@if ! command -v bwrap >/dev/null 2>&1 || ! $(PYTHON) -c "import ctypes.util, sys; \
+	@if ! command -v bwrap >/dev/null 2>&1 || ! command -v strace >/dev/null 2>&1 \
+	  || ! $(PYTHON) -c "import ctypes.util, sys; \
 	sys.exit(not ctypes.util.find_library('seccomp'))"; then \
 	  if command -v apt-get >/dev/null 2>&1; then \
 	    SUDO=$$([ "$$(id -u)" = 0 ] || echo sudo); \
-	    $$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq bubblewrap libseccomp2; \
+	    $$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq bubblewrap libseccomp2 strace; \
 	  else \
-	    echo "install bubblewrap and libseccomp with your package manager (docs/sandbox.md)"; \
+	    echo "install bubblewrap, libseccomp and strace with your package manager (docs/sandbox.md)"; \
 	    exit 1; \
 	  fi; \
 	fi

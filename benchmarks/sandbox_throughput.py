@@ -1,106 +1,122 @@
-"""Sandbox throughput: programs scored per second by the kernel sandbox (bubblewrap +
-seccomp, `soups.sandbox`) against the sandbox it replaced (`python -I -S`, rlimits, a setuid
-drop and an audit hook; read from git history) and against no isolation at all
-(`unsafe_subprocess`), on the same target answers with the same number of workers.
+"""Sandbox throughput: target answers scored per second, this tree's sandbox against the one
+of a baseline commit (by default the last one before the allow list, per-sandbox memory
+cgroups and extraction inside the sandbox) and against no isolation (`unsafe_subprocess`).
 
-Every side must return the same outputs (checked); the figure that matters is the ratio
-bwrap / previous (the goal: at least one half).
+Each side scores the same embedded target answers (worked line, then the `solution()`
+program) with its own `soups.scoring.score_programs`, as a trial does, in a process of its
+own with its own source tree on `sys.path`, the same number of workers, best of
+`--repeats`. Every side must score every answer correct (checked); the figure that matters
+is this tree / baseline (goal: at least 0.8x).
 
     .venv/bin/python -m benchmarks.sandbox_throughput [--n 200] [--workers 4] [--repeats 3]
+    .venv/bin/python -m benchmarks.sandbox_throughput --quick   # seconds: 8 answers, once
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
+import os
 import random
 import subprocess
 import sys
+import tarfile
 import tempfile
-import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from soups.sandbox import BWRAP, UNSAFE, ProgramJob, check_sandbox, run_many
-from soups.tasks import math_code_example
-
-# The last commit with the previous sandbox (soups/sandbox.py, before the kernel sandbox).
-PREVIOUS_COMMIT = "0d7961d1568573a7a35dba67bd4e5803ed12ff81"
 ROOT = Path(__file__).resolve().parents[1]
+# The last commit with the deny-list sandbox (extraction in the evaluator, no cgroups).
+BASELINE_COMMIT = "049f221d7348195df69d581377164465bfc041c0"
+
+# Runs in each side's process: argv = rows file, workers, repeats, sandbox.
+SIDE = """
+import json, sys, time
+from soups.scoring import score_programs
+rows = json.load(open(sys.argv[1]))
+workers, repeats, sandbox = int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
+answers = [r["completion"] for r in rows]
+score_programs(rows[:workers], answers[:workers], sandbox=sandbox, workers=workers)  # warm-up
+best, correct = 0.0, []
+for _ in range(repeats):
+    start = time.perf_counter()
+    records, _ = score_programs(rows, answers, sandbox=sandbox, workers=workers)
+    best = max(best, len(rows) / (time.perf_counter() - start))
+    correct = [r["correct"] for r in records]
+print(json.dumps({"rate": best, "correct": correct}))
+"""
 
 
-def target_answers(n: int, seed: int = 0) -> list[ProgramJob]:
-    """`n` target answers (the embedded target's reference programs), as a trial scores."""
-    rng = random.Random(seed)
-    rows = [math_code_example(rng, 50, 0.3) for _ in range(n)]
-    return [ProgramJob(r["completion"], r["function"],
-                       tuple(tuple(c) for c in json.loads(r["calls"]))) for r in rows]
+def target_rows(n: int, seed: int = 0) -> list[dict]:
+    """`n` rows of the embedded target, whose completions are the answers scored."""
+    from soups.data import DataSettings
+    from soups.tasks import math_code_example
+
+    rng, settings = random.Random(seed), DataSettings()
+    return [math_code_example(rng, settings) for _ in range(n)]
 
 
-def previous_sandbox():
-    """The previous sandbox module, loaded from git history (None outside a clone)."""
+def baseline_tree(commit: str, into: Path) -> Path | None:
+    """`soups/` as it was at `commit`, unpacked under `into` (None outside a clone)."""
     try:
-        source = subprocess.run(["git", "show", f"{PREVIOUS_COMMIT}:soups/sandbox.py"],
-                                cwd=ROOT, capture_output=True, text=True, check=True).stdout
+        data = subprocess.run(["git", "archive", "--format=tar", commit, "soups"], cwd=ROOT,
+                              capture_output=True, check=True).stdout
     except (OSError, subprocess.CalledProcessError):
         return None
-    path = Path(tempfile.mkdtemp()) / "previous_sandbox.py"
-    path.write_text(source)
-    spec = importlib.util.spec_from_file_location("previous_sandbox", path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up while it loads
-    spec.loader.exec_module(module)
-    return module
+    archive = into / "baseline.tar"
+    archive.write_bytes(data)
+    with tarfile.open(archive) as tar:
+        tar.extractall(into / "baseline", filter="data")
+    return into / "baseline"
 
 
-def timed(run, jobs, repeats: int) -> tuple[float, list]:
-    """Best programs/s over `repeats` runs, and the outputs of the last run."""
-    best = 0.0
-    for _ in range(repeats):
-        start = time.perf_counter()
-        outputs = run(jobs)
-        best = max(best, len(jobs) / (time.perf_counter() - start))
-    return best, outputs
+def run_side(tree: Path, rows_file: Path, workers: int, repeats: int, sandbox: str) -> dict:
+    env = {**os.environ, "PYTHONPATH": str(tree)}
+    done = subprocess.run([sys.executable, "-c", SIDE, str(rows_file), str(workers),
+                           str(repeats), sandbox], cwd=tree, env=env, capture_output=True,
+                          text=True, check=False)
+    if done.returncode != 0:
+        raise SystemExit(f"side {tree} ({sandbox}) failed:\n{done.stderr[-3000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def main() -> None:
+def main(argv=None) -> dict[str, float]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--n", type=int, default=200)
     parser.add_argument("--workers", type=int, default=4)
     parser.add_argument("--repeats", type=int, default=3)
-    args = parser.parse_args()
+    parser.add_argument("--baseline", default=BASELINE_COMMIT,
+                        help="commit whose sandbox is the baseline")
+    parser.add_argument("--quick", action="store_true", help="8 answers, 2 workers, once")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.n, args.workers, args.repeats = 8, 2, 1
 
-    jobs = target_answers(args.n)
-    check_sandbox(BWRAP)
-    sides = {
-        "bwrap": lambda js: [r.outputs for r in run_many(js, sandbox=BWRAP,
-                                                         workers=args.workers)],
-        "unsafe_subprocess": lambda js: [r.outputs for r in run_many(
-            js, sandbox=UNSAFE, workers=args.workers)],
-    }
-    previous = previous_sandbox()
-    if previous is not None:
-        def run_previous(js):
-            with ThreadPoolExecutor(max_workers=args.workers) as pool:  # as it was scored
-                return [r.outputs for r in pool.map(
-                    lambda j: previous.run_function(j.program, j.function, j.calls), js)]
-        sides["previous"] = run_previous
-    rates, answers = {}, {}
-    for name, run in sides.items():
-        timed(run, jobs[: args.workers], 1)  # warm-up (probe, page cache)
-        rates[name], answers[name] = timed(run, jobs, args.repeats)
-    reference = answers["bwrap"]
-    for name, outputs in answers.items():
-        assert outputs == reference, f"{name} returned other outputs than bwrap"
+    with tempfile.TemporaryDirectory() as folder:
+        folder = Path(folder)
+        rows_file = folder / "rows.json"
+        rows_file.write_text(json.dumps(target_rows(args.n)))
+        sides = {"this tree (bwrap)": (ROOT, "bwrap")}
+        baseline = baseline_tree(args.baseline, folder)
+        if baseline is not None:
+            sides[f"baseline {args.baseline[:7]} (bwrap)"] = (baseline, "bwrap")
+        sides["this tree (unsafe_subprocess)"] = (ROOT, "unsafe_subprocess")
+        results = {name: run_side(tree, rows_file, args.workers, args.repeats, sandbox)
+                   for name, (tree, sandbox) in sides.items()}
+    for name, result in results.items():
+        assert all(result["correct"]), f"{name} scored a reference answer wrong"
+    rates = {name: result["rate"] for name, result in results.items()}
     print(f"{args.n} target answers, {args.workers} workers, best of {args.repeats}")
     for name, rate in rates.items():
-        print(f"  {name:<18} {rate:7.1f} programs/s")
-    if "previous" in rates:
-        print(f"  bwrap / previous   {rates['bwrap'] / rates['previous']:.2f}x (goal >= 0.5)")
+        print(f"  {name:<32} {rate:7.1f} answers/s")
+    mine = rates["this tree (bwrap)"]
+    if baseline is not None:
+        ratio = mine / rates[f"baseline {args.baseline[:7]} (bwrap)"]
+        print(f"  this tree / baseline             {ratio:.2f}x (goal >= 0.8)")
     else:
-        print("  (previous sandbox not found in git history: no ratio)")
-    print(f"  bwrap / unsafe     {rates['bwrap'] / rates['unsafe_subprocess']:.2f}x")
+        print("  (baseline commit not found: run from a clone for the ratio)")
+    unsafe = rates["this tree (unsafe_subprocess)"]
+    print(f"  this tree / unsafe_subprocess    {mine / unsafe:.2f}x")
+    return rates
 
 
 if __name__ == "__main__":

@@ -164,7 +164,8 @@ def resource_attacks() -> dict[str, str]:
                            "    return f'made {n}'\n",
         "file flood": "import os\ndef solution():\n    n = 0\n    try:\n"
                       "        while n < 400000:\n"
-                      "            os.close(os.open('f' * 200 + str(n), os.O_CREAT | os.O_WRONLY))\n"
+                      "            name = 'f' * 200 + str(n)\n"
+                      "            os.close(os.open(name, os.O_CREAT | os.O_WRONLY))\n"
                       "            n += 1\n    except OSError:\n        pass\n"
                       "    return f'made {n}'\n",
         "native aio contexts": _try(
@@ -213,7 +214,8 @@ def shared_state_attacks() -> dict[str, str]:
             "libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int,"
             " ctypes.c_int, ctypes.c_long]\naddr = libc.mmap(None, 4096, 1, 1, f, 0)\n"
             "assert addr and addr != 2 ** 64 - 1\n"  # PROT_READ, MAP_SHARED; FUTEX_WAKE below
-            f"assert libc.syscall({_nr('futex')}, ctypes.c_void_p(addr), 1, 1, None, None, 0) >= 0"),
+            f"assert libc.syscall({_nr('futex')}, ctypes.c_void_p(addr), 1, 1, None, None, 0)"
+            " >= 0"),
     }
 
 

@@ -333,7 +333,8 @@ def test_no_bit_crosses_between_two_sandboxes():
              "if n.endswith('.py'))[:16]\n")
     sender = ("import fcntl, struct, time\n" + files + "def solution(secret):\n"
               "    held, refused = [], 0\n    for i, path in enumerate(files):\n"
-              "        if secret >> i & 1:\n            f = open(path)\n            held.append(f)\n"
+              "        if secret >> i & 1:\n            f = open(path)\n"
+              "            held.append(f)\n"
               "            for lock in (lambda: fcntl.flock(f, fcntl.LOCK_SH),\n"
               "                         lambda: fcntl.lockf(f, fcntl.LOCK_SH),\n"
               "                         lambda: fcntl.fcntl(f, 37, struct.pack('hhqqi4x', 0, 0, "
