@@ -30,6 +30,8 @@ def _try(body: str) -> str:
 
 
 LIBC = "import ctypes\nlibc = ctypes.CDLL(None, use_errno=True)\n"
+# after taking a shared resource: keep it while the evaluator's probe tries to use it
+HOLD = "import time\ntime.sleep(1.5)"
 
 
 def attacks(canary: str, port: int) -> dict[str, str]:
@@ -172,22 +174,23 @@ def resource_attacks() -> dict[str, str]:
             LIBC + f"ctx = ctypes.c_ulong(0)\nassert libc.syscall({_nr('io_setup')}, 1, "
             "ctypes.byref(ctx)) == 0\nfor _ in range(100000):\n"
             f"    ctx = ctypes.c_ulong(0)\n    if libc.syscall({_nr('io_setup')}, 1, "
-            "ctypes.byref(ctx)):\n        break"),
+            "ctypes.byref(ctx)):\n        break\n" + HOLD),
         "posix timers": _try(
             LIBC + "ids = [ctypes.c_void_p() for _ in range(100000)]\n"
             "assert libc.timer_create(1, None, ctypes.byref(ids[0])) == 0\n"
             "for t in ids[1:]:\n    if libc.timer_create(1, None, ctypes.byref(t)):\n"
-            "        break"),
+            "        break\n" + HOLD),
         "queued real-time signals": _try(
             LIBC + "import signal\nsignal.pthread_sigmask(signal.SIG_BLOCK, [signal.SIGRTMIN])\n"
             "sent = 0\nwhile sent < 100000 and libc.sigqueue(os.getpid(), signal.SIGRTMIN, 0) == 0:"
-            "\n    sent += 1\nassert sent > 100, sent"),
+            "\n    sent += 1\nassert sent > 100, sent\n" + HOLD),
         "inotify instances": _try(
-            LIBC + "fds = [libc.inotify_init1(0) for _ in range(60)]\nassert max(fds) >= 0"),
+            LIBC + "fds = [libc.inotify_init1(0) for _ in range(200)]\nassert max(fds) >= 0\n"
+            + HOLD),
         "inotify watches": _try(
             LIBC + "fd = libc.inotify_init1(0)\nassert fd >= 0\nn = 0\n"
             "for root, dirs, files in os.walk('/usr/lib'):\n"
-            "    n += libc.inotify_add_watch(fd, root.encode(), 0xfff) >= 0\nassert n"),
+            "    n += libc.inotify_add_watch(fd, root.encode(), 0xfff) >= 0\nassert n\n" + HOLD),
         "locked memory": _try(
             LIBC + "import mmap\nm = mmap.mmap(-1, 1 << 20)\n"
             "assert libc.mlockall(3) == 0"),
