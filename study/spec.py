@@ -227,7 +227,9 @@ class Cluster(Strict):
 
 class StudySpec(Strict):
     name: str = "default"
-    base_model: str = EMBEDDED  # `embedded`, a save_pretrained folder or a hub id
+    # `embedded`, a save_pretrained folder, a hub id, a .gguf file or a named real base
+    # (soups.gguf_base.NAMED_BASES: smollm2-135m-instruct)
+    base_model: str = EMBEDDED
     base_model_seed: int = 0
     base_model_steps: int | None = None  # embedded model pretraining steps (None: its default)
     generated: GeneratedData = GeneratedData()
@@ -250,8 +252,9 @@ class StudySpec(Strict):
     @classmethod
     def _base_model_given(cls, base_model):
         if base_model is None or base_model == "":
-            raise ValueError("set base_model: a save_pretrained folder, a hub id, or "
-                             f"{EMBEDDED!r} (e.g. --set base_model=/models/llama)")
+            raise ValueError("set base_model: a save_pretrained folder, a hub id, a .gguf "
+                             f"file, smollm2-135m-instruct, or {EMBEDDED!r} (e.g. --set "
+                             "base_model=/models/llama)")
         return base_model
 
     @model_validator(mode="after")
