@@ -133,8 +133,8 @@ def dequantize(gguf_path: Path, out_root: Path, name: str, hub_id: str | None = 
     try:
         import gguf  # noqa: F401  (transformers needs it to read the file)
     except ImportError:
-        raise BaseModelError("GGUF bases need the gguf package: pip install gguf "
-                             "(`pip install -e .[real]`)") from None
+        raise BaseModelError("GGUF bases need the gguf package: `pip install -e '.[real]'` "
+                             "(make installs it)") from None
     import torch
     import transformers
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer

@@ -64,17 +64,36 @@ class TaskData:
         that changes a row changes only its own."""
         return [dict(r) for r in _render_once(replace(self, exclude=frozenset()), role)]
 
+    def uses_chat(self) -> bool:
+        """Whether prompts go through the base's chat template (training and evaluation):
+        `tokenizer`, or `auto` with a base whose tokenizer has one. Raw text never does."""
+        mode = self.spec.chat_template
+        if mode == "none" or self.spec.is_text:
+            return False
+        if mode == "tokenizer":
+            return True
+        return (self.model_dir is not None
+                and getattr(self.tokenizer(), "chat_template", None) is not None)
+
     def _render(self, role: str) -> list[dict]:
         spec = self.spec
         if spec.generated:
             split = spec.splits.get(role)
-            return list(_generated_split(self.location, split)) if split else []
-        raw = self._raw(role)
-        if spec.is_text:
-            return self._text_rows(raw)
-        templates = _Templates.of(spec, self.name)
-        rows = [templates.row(r) for r in raw]
-        if spec.chat_template == "tokenizer":
+            # copies: the split is cached for every TaskData of this folder
+            rows = [dict(r) for r in _generated_split(self.location, split)] if split else []
+            if self.uses_chat():  # the question alone is the user's turn
+                from soups.tasks import question_of
+
+                for row in rows:
+                    row["raw_prompt"] = question_of(row["prompt"])
+                    row["raw_completion"] = row["completion"]
+        else:
+            raw = self._raw(role)
+            if spec.is_text:
+                return self._text_rows(raw)
+            templates = _Templates.of(spec, self.name)
+            rows = [templates.row(r) for r in raw]
+        if self.uses_chat():
             from soups.prompts import PromptFormat
 
             chat, tokenizer = PromptFormat(chat=True), self.tokenizer()
@@ -139,7 +158,7 @@ class TaskData:
         through the chat template when the task uses one."""
         from soups.prompts import PromptFormat
 
-        chat = self.spec.chat_template == "tokenizer"
+        chat = self.uses_chat()
         demos = self.demos()
         if not chat and not demos:
             return [r.get("raw_prompt", r["prompt"]) for r in rows]

@@ -142,7 +142,9 @@ class TaskSpec(Strict):
     completion: str | None = None
     expected: str | None = None  # the reference answer (column or template)
     key: str | None = None  # decontamination key (column or template); None: the prompt
-    chat_template: Literal["none", "tokenizer"] = "none"
+    # auto: the base's chat template where its tokenizer has one (an instruct model), else
+    # plain prompts; tokenizer: the template, required; none: plain prompts
+    chat_template: Literal["auto", "none", "tokenizer"] = "auto"
     fewshot: FewShotSpec | None = None
     generation: GenerationSpec = GenerationSpec()
     scorer: ScorerSpec = ScorerSpec()

@@ -33,9 +33,10 @@ def encode_example(
     holds completion text). A slow tokenizer has no character offsets: the two parts are
     then tokenized apart, as before.
 
-    BOS comes first unless the tokenizer has none or the text already starts with it (as a
-    chat template may write it); EOS comes last unless the tokenizer has none or the
-    completion already ends with it, trailing whitespace aside (a chat turn's `</s>\n`)."""
+    BOS comes first unless the tokenizer has none, the text already starts with it (as a
+    chat template may write it) or it opens chat turns (`_bos`); EOS comes last unless the
+    tokenizer has none or the completion already ends with it, trailing whitespace aside
+    (a chat turn's `</s>\n`)."""
     if loss_on not in ("all", "completion"):
         raise ValueError(f"loss_on must be 'all' or 'completion', got {loss_on!r}")
     text = prompt + completion
@@ -71,10 +72,15 @@ def _separate_ids(tokenizer, prompt: str, completion: str) -> tuple[list[int], l
 
 
 def _bos(tokenizer, text: str) -> list[int]:
-    """[BOS id] to put before `text`, or [] when the tokenizer has none or the text already
-    starts with it (chat templates often write it themselves: it must not come twice)."""
-    if tokenizer.bos_token_id is None or (tokenizer.bos_token and
-                                          text.startswith(tokenizer.bos_token)):
+    """[BOS id] to put before `text`, or [] when the tokenizer has none, the text already
+    starts with it (chat templates often write it themselves: it must not come twice), or
+    the BOS token is a chat turn's opener (SmolLM2's `<|im_start|>`, written by its chat
+    template before a role): before a plain prompt it would announce a role that never comes."""
+    bos = tokenizer.bos_token
+    if tokenizer.bos_token_id is None or (bos and text.startswith(bos)):
+        return []
+    template = getattr(tokenizer, "chat_template", None)
+    if bos and isinstance(template, str) and bos in template:
         return []
     return [tokenizer.bos_token_id]
 

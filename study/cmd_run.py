@@ -42,14 +42,15 @@ def run(
 ) -> None:
     """Run a study end to end: fine-tune skill LoRAs, search merges with Ray Tune, evaluate
     the best on the test split once, export and register it."""
-    from study.spec import StudySpec, assignments, overlay, parse_model, study_data
+    from study.spec import StudySpec, assignments, overlay, parse_model, study_data, with_overrides
 
-    data = overlay(study_data(study), assignments(set_))
+    label = str(study or "default study")
+    data = with_overrides(study_data(study), assignments(set_), label)
     if smoke:
         data = overlay(data, {**SMOKE, "name": data.get("name", "smoke")})
     if name:
         data["name"] = name
-    _run_in_console(parse_model(StudySpec, data, str(study or "default study")))
+    _run_in_console(parse_model(StudySpec, data, label))
 
 
 def resume(name: str = typer.Argument(..., help="Name of an interrupted study.")) -> None:

@@ -311,13 +311,21 @@ def load_yaml(path: str | Path):
     return read_yaml(path, SpecError) or {}
 
 
-def overlay(base: dict, extra: dict) -> dict:
+def overlay(base: dict, extra: dict, defaults: dict | None = None) -> dict:
     """`base` with `extra` put over it, mapping by mapping (`{"cat": {"max_steps": 20}}`
-    changes one key of the `cat` section)."""
+    changes one key of the `cat` section). Where `base` lacks a mapping that `extra` changes
+    a key of, it is taken from `defaults` first (the study as parsed): `--set
+    target.math_code.chat_template=tokenizer` changes that one key of the default target,
+    not a new target entry holding that key alone."""
     out = dict(base)
     for key, value in extra.items():
         below = out.get(key)
-        out[key] = (overlay(below if isinstance(below, dict) else {}, value)
+        default = (defaults or {}).get(key)
+        if not isinstance(below, dict) and isinstance(value, dict) and isinstance(default,
+                                                                                   dict):
+            below = default
+        out[key] = (overlay(below if isinstance(below, dict) else {}, value,
+                            default if isinstance(default, dict) else None)
                     if isinstance(value, dict) else value)
     return out
 
@@ -356,5 +364,18 @@ def study_data(path: str | Path | None) -> dict:
 
 def load_spec(path: str | Path | None = None, overrides: dict | None = None) -> StudySpec:
     """The study in `path` (None: the embedded default), with `overrides` put over it."""
-    data = overlay(study_data(path), overrides or {})
-    return parse_model(StudySpec, data, str(path or "default study"))
+    label = str(path or "default study")
+    return parse_model(StudySpec, with_overrides(study_data(path), overrides, label), label)
+
+
+def with_overrides(data: dict, overrides: dict | None, label: str) -> dict:
+    """A study's mapping with `--set` overrides put over it. What the file leaves to
+    defaults is filled in first where an override reaches into it, so that one key changes
+    and the rest keeps its default (a file that does not parse alone: overrides as given)."""
+    if not overrides:
+        return data
+    try:
+        defaults = parse_model(StudySpec, data, label).model_dump(mode="json")
+    except SpecError:
+        defaults = None
+    return overlay(data, overrides, defaults)

@@ -398,3 +398,20 @@ def test_pad_token_id_falls_back_to_eos(tok):
     no_pad.eos_token = None
     with pytest.raises(SoupsError, match="tiny-tok"):
         pad_token_id(no_pad)
+
+
+def test_no_bos_before_a_plain_prompt_when_bos_opens_chat_turns(tok):
+    """SmolLM2's BOS is `<|im_start|>`, which its chat template writes before each role: put
+    before a plain prompt it announces a role that never comes, so it is left out there
+    (and a chat prompt starts with it already)."""
+    turns = copy.deepcopy(tok)
+    turns.chat_template = ("{% for m in messages %}" + tok.bos_token + "{{ m['role'] }}\n"
+                           "{{ m['content'] }}{% endfor %}")
+    assert prompt_ids(turns, "Tom has") == _ids(tok, "Tom has")
+    ids, _ = encode_example(turns, "Tom has", " 25", max_length=64)
+    assert ids[0] != tok.bos_token_id and ids[-1] == tok.eos_token_id
+    chat = tok.bos_token + "user\nTom has"
+    assert prompt_ids(turns, chat).count(tok.bos_token_id) == 1
+    elsewhere = copy.deepcopy(tok)  # a template that never writes BOS: BOS as before
+    elsewhere.chat_template = "{% for m in messages %}{{ m['content'] }}{% endfor %}"
+    assert prompt_ids(elsewhere, "Tom has")[0] == tok.bos_token_id

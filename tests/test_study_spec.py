@@ -273,3 +273,20 @@ def test_cluster_study_and_its_space_are_valid():
 
     spec = load_spec(ROOT / "docs" / "cluster_study.yaml")
     assert len(load_search_space(spec).methods) == 13
+
+
+def test_set_changes_one_key_of_a_default_task_entry():
+    """`--set target.math_code.chat_template=...` changes that key of the default target,
+    keeping its scorer (it used to replace the entry, silently scoring by final number),
+    and `--set skills.code....` no longer drops the other skill."""
+    from study.spec import assignments, load_spec
+
+    spec = load_spec(None, assignments(["target.math_code.chat_template=tokenizer",
+                                        "skills.code.chat_template=none"]))
+    default = load_spec(None)
+    assert spec.target["math_code"].chat_template == "tokenizer"
+    assert spec.target["math_code"].scorer == default.target["math_code"].scorer
+    assert spec.target["math_code"].scorer.kind == "program"
+    assert list(spec.skills) == list(default.skills) == ["math", "code"]
+    assert spec.skills["code"].chat_template == "none"
+    assert spec.skills["math"] == default.skills["math"]

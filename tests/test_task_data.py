@@ -290,3 +290,40 @@ def test_a_trial_evaluates_each_task_on_its_settings_and_writes_its_generations(
     assert [r["reference"] for r in records] == [json.loads(r["expected"])[0] for r in rows]
     assert all("\n" not in r["output"] for r in records)  # cut at the task's stop sequence
     assert len((tmp_path / "validation" / "code.jsonl").read_text().splitlines()) == 4
+
+
+@pytest.fixture(scope="module")
+def generated(tmp_path_factory):
+    """The generated tasks, small."""
+    from soups.data import DataSettings, build_task_datasets
+
+    sizes = {"math": {"train": 6, "validation": 4, "test": 4},
+             "math_code": {"train": 2, "validation": 4, "test": 4}}
+    return build_task_datasets(tmp_path_factory.mktemp("data"), DataSettings(sizes=sizes))
+
+
+def test_a_generated_task_uses_an_instruct_bases_chat_template_by_default(generated,
+                                                                           model_dir):
+    """An instruct base (a tokenizer with a chat template) is trained and evaluated in its
+    chat format by default, the question alone as the user's turn; the same rows in plain
+    form without a template or with chat_template none."""
+    from soups.tasks import format_prompt, question_of
+
+    chat = TaskData("math", TaskSpec(), str(generated / "math"), model_dir=model_dir)
+    plain = TaskData("math", TaskSpec(chat_template="none"), str(generated / "math"),
+                     model_dir=model_dir)
+    assert chat.uses_chat() and not plain.uses_chat()
+    for role in ("train", "validation"):
+        for c, p in zip(chat.rows(role), plain.rows(role), strict=True):
+            question = question_of(p["prompt"])
+            assert p["prompt"] == format_prompt(question) and question in p["prompt"]
+            assert c["prompt"] == f"<|user|>\n{question}</s>\n<|assistant|>\n"
+            assert c["completion"] == f"{p['completion']}</s>\n" and c["key"] == p["key"]
+    rows = chat.rows("validation")
+    assert chat.eval_prompts(rows) == [r["prompt"] for r in rows]  # as trained
+    assert plain.eval_prompts(plain.rows("validation")) == [
+        r["prompt"] for r in plain.rows("validation")]
+    embedded = TaskData("math", TaskSpec(), str(generated / "math"),
+                        model_dir=build_tiny_llama(model_dir + "-plain"))  # no template
+    assert not embedded.uses_chat()
+    assert embedded.rows("train")[0]["prompt"] == plain.rows("train")[0]["prompt"]

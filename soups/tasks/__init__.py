@@ -28,6 +28,15 @@ def format_prompt(question: str) -> str:
     return PROMPT_TEMPLATE.format(question=question)
 
 
+def question_of(prompt: str) -> str:
+    """The question a generated prompt asks (`format_prompt` undone): the user's turn when
+    the prompt goes through a chat template instead."""
+    head, tail = PROMPT_TEMPLATE.split("{question}")
+    if prompt.startswith(head) and prompt.endswith(tail):
+        return prompt[len(head):len(prompt) - len(tail)]
+    return prompt
+
+
 def _row(key, prompt, completion, scorer, function="", calls=(), expected=()) -> dict:
     return {
         "key": key, "prompt": prompt, "completion": completion, "scorer": scorer,
