@@ -205,6 +205,12 @@ def resolve_gguf_base(name: str, cache: Path, log=print) -> Path:
     return dequantize(Path(name), cache / "base_models", name, None, log=log)
 
 
+def public_name(name: str) -> str:
+    """How an exported adapter names its base (`base_model_name_or_path`): the hub id of a
+    named base (the same model, loadable wherever a hub is), else `name` as the user gave it."""
+    return NAMED_BASES[name].hub_id if name in NAMED_BASES else name
+
+
 def provenance(model_dir: str | Path) -> dict | None:
     """The `soups_base.json` of a dequantized base folder, or None for any other base."""
     path = Path(model_dir) / BASE_FILE

@@ -40,11 +40,26 @@ def export_adapter(row: dict, out: Path, spec: StudySpec) -> Path:
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     shutil.copytree(adapter, tmp)
+    _name_the_base(tmp, spec)
     trial = json.loads((Path(row["checkpoint"]) / TRIAL_FILE).read_text())
     (tmp / "README.md").write_text(_model_card(spec, row, trial))
     shutil.rmtree(out, ignore_errors=True)
     tmp.rename(out)
     return out
+
+
+def _name_the_base(folder: Path, spec: StudySpec) -> None:
+    """The adapter names its base as the user did (a named GGUF base by its hub id), not by
+    the cache folder it was trained from; the embedded model has no other name."""
+    from soups.gguf_base import public_name
+    from study.spec import EMBEDDED
+
+    config = folder / "adapter_config.json"
+    if spec.base_model == EMBEDDED or not config.is_file():
+        return
+    data = json.loads(config.read_text())
+    data["base_model_name_or_path"] = public_name(spec.base_model)
+    config.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
 
 
 def _model_card(spec: StudySpec, row: dict, trial: dict) -> str:
