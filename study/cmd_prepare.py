@@ -4,6 +4,9 @@ model (optionally with a LoRA adapter) on the tasks."""
 from __future__ import annotations
 
 import json
+import math
+import os
+import time
 from pathlib import Path
 
 import typer
@@ -89,9 +92,14 @@ def evaluate(
     sandbox: str = typer.Option("bwrap", help="Where generated programs run: bwrap (a kernel "
                                 "sandbox per program, docs/sandbox.md) or unsafe_subprocess "
                                 "(no isolation; only inside a container of your own)."),
+    chat: str = typer.Option("auto", help="Prompts through the base's chat template: auto "
+                             "(where its tokenizer has one, as a study trains and evaluates), "
+                             "tokenizer (always), none (plain prompts)."),
 ) -> None:
     """Score a model (and optionally a LoRA adapter or a mixture of LoRA experts) on each
-    task: accuracy with partial credit (answered / parsed / ran)."""
+    task: accuracy with partial credit (answered / parsed / ran). Shows progress every
+    CHUNK rows; with --out, the answers scored so far are written after each chunk, so an
+    interrupted run keeps them."""
     from soups.data import DatasetError, DataSettings, build_task_datasets, load_task_dataset
     from soups.home import cache_dir
     from soups.resident import ResidentModel, evaluate_side_by_side
@@ -100,6 +108,9 @@ def evaluate(
     if sandbox not in SANDBOXES:
         raise typer.BadParameter(f"{sandbox!r} is not one of {', '.join(SANDBOXES)}",
                                  param_hint="--sandbox")
+    if chat not in CHAT_MODES:
+        raise typer.BadParameter(f"{chat!r} is not one of {', '.join(CHAT_MODES)}",
+                                 param_hint="--chat")
     model_dir = resolve_model(model)
     data_dir = Path(data or build_task_datasets(cache_dir("datasets"), DataSettings()))
     if not data_dir.is_dir():
@@ -117,14 +128,73 @@ def evaluate(
     # The study's evaluator: the base loaded once, the adapter applied unmerged (a mixture of
     # LoRA experts: its layers installed on the base).
     resident = ResidentModel(model_dir)
-    report = {}
+    use_chat = chat == "tokenizer" or (
+        chat == "auto" and getattr(resident.tokenizer, "chat_template", None) is not None)
+    report: dict = {}
     for name in task:
-        (scores,) = evaluate_side_by_side(resident, [adapter], name, list(rows[name]),
-                                          sandbox=sandbox)
-        partial = "  ".join(f"{k} {v:.3f}" for k, v in scores.partial.items())
-        accuracy = f"accuracy {scores.accuracy:.3f}  " if scores.accuracy is not None else ""
-        typer.echo(f"{name:<10} {split:<10} n={scores.n:<4} {accuracy}{partial}  "
+        task_rows = list(rows[name])
+        prompts = _prompts(task_rows, resident.tokenizer if use_chat else None)
+        scored, start = [], time.monotonic()
+        for first in range(0, len(task_rows), CHUNK):
+            (chunk,) = evaluate_side_by_side(resident, [adapter], name,
+                                             task_rows[first:first + CHUNK],
+                                             prompts[first:first + CHUNK], sandbox=sandbox)
+            scored.append(chunk)
+            scores = _merged(name, scored, time.monotonic() - start)
+            report[name] = {"metrics": scores.metrics(), "n": scores.n,
+                            "records": scores.records, "complete": scores.n == len(task_rows)}
+            if out:
+                _write_atomic(out, json.dumps(report, indent=2, default=str))
+            if scores.n < len(task_rows):
+                left = scores.seconds / scores.n * (len(task_rows) - scores.n)
+                typer.echo(f"  {name}: {scores.n}/{len(task_rows)} rows  "
+                           f"{_summary(scores)}  ({scores.seconds:.0f} s, about {left:.0f} s "
+                           "left)")
+        typer.echo(f"{name:<10} {split:<10} n={scores.n:<4} {_summary(scores)}  "
                    f"({scores.seconds:.1f} s)")
-        report[name] = {"metrics": scores.metrics(), "n": scores.n, "records": scores.records}
-    if out:
-        out.write_text(json.dumps(report, indent=2, default=str))
+
+
+CHAT_MODES = ("auto", "tokenizer", "none")
+CHUNK = 32  # rows scored between progress lines (and writes of --out)
+
+
+def _prompts(rows: list[dict], tokenizer) -> list[str]:
+    """Each row's generation prompt: as stored, or (a tokenizer given) its question as the
+    user's turn of the tokenizer's chat template, as a study renders it."""
+    if tokenizer is None:
+        return [row["prompt"] for row in rows]
+    from soups.prompts import PromptFormat
+    from soups.tasks import question_of
+
+    fmt = PromptFormat(chat=True)
+    return [fmt.generation_prompt(tokenizer, question_of(row["prompt"])) for row in rows]
+
+
+def _merged(task: str, parts: list, seconds: float):
+    """One TaskScores of consecutive chunks: their records, and means weighted by rows (a
+    loss task's token-weighted loss, approximately: its chunks are of equal size)."""
+    from soups.evaluate import TaskScores
+
+    n = sum(p.n for p in parts)
+
+    def mean(values):
+        return sum(v * p.n for v, p in zip(values, parts, strict=True)) / max(n, 1)
+
+    accuracy = (None if parts[0].accuracy is None else mean([p.accuracy for p in parts]))
+    partial = {k: mean([p.partial[k] for p in parts]) for k in parts[0].partial}
+    if "loss" in partial and "perplexity" in partial:
+        partial["perplexity"] = math.exp(partial["loss"])
+    return TaskScores(task, n, accuracy, partial, seconds,
+                      [r for p in parts for r in p.records])
+
+
+def _summary(scores) -> str:
+    partial = "  ".join(f"{k} {v:.3f}" for k, v in scores.partial.items())
+    accuracy = f"accuracy {scores.accuracy:.3f}  " if scores.accuracy is not None else ""
+    return f"{accuracy}{partial}"
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)

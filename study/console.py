@@ -21,7 +21,7 @@ import threading
 import time
 from pathlib import Path
 
-from trainables.finetune_settings import PROGRESS_PREFIX
+from trainables.finetune_settings import PACE_PREFIX, PROGRESS_PREFIX
 
 LOG_DIR = "logs"
 LOG_FILE = "study.log"
@@ -108,10 +108,15 @@ class StudyConsole:
                 if tqdm_ray.RAY_TQDM_MAGIC in line:
                     if bars:
                         ray_worker.process_tqdm(line)
-                elif PROGRESS_PREFIX in line:
-                    text = "  " + line.split(PROGRESS_PREFIX, 1)[1]
-                    if text not in self._shown:
-                        self._shown.add(text)
+                elif PROGRESS_PREFIX in line or PACE_PREFIX in line:
+                    pace = PACE_PREFIX in line
+                    text = "  " + line.split(PACE_PREFIX if pace else PROGRESS_PREFIX, 1)[1]
+                    if text in self._shown:
+                        continue
+                    self._shown.add(text)
+                    if pace and bars:  # the step bar shows the same, redrawn in place
+                        self._write(text)
+                    else:
                         self.say(text)
                 else:
                     self._write(f"{prefix} {line}")

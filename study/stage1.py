@@ -84,7 +84,7 @@ def _one_seed(spec: StudySpec, model_dir: str, tasks: dict[str, TaskData], ranks
                 adapter_cache_dir(spec), model_dir, dataset, lora, train, eval_sets[name],
                 DeepSpeedSettings(zero_stage=ft.zero_stage), scaling,
                 storage_path=study_dir(spec) / "finetunes",
-                env={TRACKING_ENV: tracking_uri},
+                env={TRACKING_ENV: tracking_uri}, label=f"LoRA {name} r{rank}{shown}",
             )
             adapters[str(rank)][name] = str(entry.path)
             if result is None:

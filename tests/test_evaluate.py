@@ -377,3 +377,41 @@ def test_a_prompt_longer_than_the_context_loses_its_start_not_its_question(tiny)
         (text,) = generate(model, tokenizer, [demos + PROMPTS[0]],
                            GenerationSettings(max_new_tokens=4, stop=()))
     assert isinstance(text, str)
+
+
+def test_evaluate_command_shows_progress_and_keeps_what_it_scored(tiny_model_dir, tmp_path,
+                                                                  monkeypatch):
+    """40 rows: a progress line after the first 32; with --out, the answers scored so far
+    are on disk after each chunk, so a run interrupted in the second keeps the first."""
+    from datasets import Dataset, DatasetDict
+    from typer.testing import CliRunner
+
+    import soups.resident
+    from study.cli import app
+
+    rows = [{"key": f"k{i}", "prompt": f"### Question:\nTom has {i} apples.\n### Answer:\n",
+             "completion": f"The answer is {i}.", **_row([i])} for i in range(40)]
+    DatasetDict({"validation": Dataset.from_list(rows)}).save_to_disk(str(tmp_path / "d" / "m"))
+    out = tmp_path / "scores.json"
+    args = ["evaluate", "--model", tiny_model_dir, "--data", str(tmp_path / "d"), "--task",
+            "m", "--out", str(out)]
+    done = CliRunner().invoke(app, args)
+    assert done.exit_code == 0, done.output
+    assert "m: 32/40 rows" in done.output and "left)" in done.output
+    report = json.loads(out.read_text())["m"]
+    assert report["n"] == 40 and report["complete"] and len(report["records"]) == 40
+    assert [r["prompt"] for r in report["records"]] == [r["prompt"] for r in rows]
+
+    real = soups.resident.evaluate_side_by_side
+    calls = []
+
+    def interrupted(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(soups.resident, "evaluate_side_by_side", interrupted)
+    CliRunner().invoke(app, args)
+    kept = json.loads(out.read_text())["m"]
+    assert kept["n"] == 32 and not kept["complete"] and len(kept["records"]) == 32

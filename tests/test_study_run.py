@@ -105,9 +105,16 @@ def test_console_shows_progress_and_the_log_holds_the_rest(smoke, home):
     assert f"logs are in {log}" in smoke.stdout
     text = log.read_text(errors="replace")
     assert "pid=" in text  # the workers' and Ray's lines went there
-    progress = [line for line in smoke.stdout.splitlines() if line.startswith("  [finetune-")]
+    progress = [line for line in smoke.stdout.splitlines() if line.startswith("  [LoRA ")]
     assert progress and len(progress) == len(set(progress))  # each fine-tune line once
     assert all(line in text for line in progress)  # and in the log too
+    # Named by skill and rank, not by a cache hash; without a terminal (here) a line every
+    # 5% of the steps with tokens/s and the time left, so a long fine-tune is never quiet.
+    assert "[finetune-" not in smoke.stdout
+    math = [line for line in progress if line.startswith("  [LoRA math r8]")]
+    paced = [line for line in math if "%)" in line]
+    assert len(paced) >= 15 and all("tokens/s" in line for line in math)
+    assert "ETA" in paced[0] and "step 5/100 (5%)" in paced[0]
     assert "the shipped build" in smoke.stdout  # the base model is copied, not pretrained
 
 

@@ -95,12 +95,14 @@ def finetune_adapter(
     env: Mapping[str, str] | None = None,
     step_hook: StepHook | None = None,
     keep_checkpoints: int = 2,
+    label: str | None = None,
 ) -> FinetuneResult:
     """Fine-tune a LoRA of `model_dir` (a local `save_pretrained` folder or a hub id) on
     `dataset` (rows with prompt / completion) and write it to `out_dir` (PEFT, safetensors).
 
     `eval_dataset`: held-out rows, scored at each report. `storage_path`: where Ray Train
-    keeps checkpoints (a shared path on a cluster; default `$SOUPS_HOME/runs`). `env`:
+    keeps checkpoints (a shared path on a cluster; default `$SOUPS_HOME/runs`). `label`:
+    what the progress lines and bar show (default `name`, the Ray run's name). `env`:
     extra environment variables for the workers. `step_hook(rank, step, resumed)` runs in
     every worker after each optimizer step (monitoring, fault-injection tests); it must be
     picklable. Needs Ray: connects to a running instance or starts a local one.
@@ -133,7 +135,7 @@ def finetune_adapter(
         name=name, model_dir=model_dir, lora=lora, train=train, deepspeed=deepspeed,
         scaling=scaling, train_data=ray.put(encoded),
         eval_data=ray.put(held_out) if held_out else None, n_train=len(encoded),
-        pad_id=pad_token_id(tokenizer), step_hook=step_hook,
+        pad_id=pad_token_id(tokenizer), step_hook=step_hook, label=label,
     )
     resources = {"CPU": scaling.cpus_per_worker, **({"GPU": 1} if scaling.use_gpu else {}),
                  **scaling.custom_resources}

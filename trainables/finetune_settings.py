@@ -15,6 +15,9 @@ from soups.train_settings import TrainSettings
 # Marks a fine-tune worker's progress line: the study console shows these lines on the
 # terminal, and sends every other worker line to the study's log.
 PROGRESS_PREFIX = "soups-progress: "
+# Marks a pace line (step, tokens/s, time left, every few percent): shown where no step bar
+# is drawn (no terminal: a CI log, a file), logged always.
+PACE_PREFIX = "soups-pace: "
 
 Precision = Literal["auto", "fp32", "bf16", "fp16"]
 

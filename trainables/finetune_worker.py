@@ -53,6 +53,7 @@ from soups.text_batches import collate
 from soups.train_settings import LoraSettings, TrainSettings
 from soups.training_loop import adamw_with_warmup
 from trainables.finetune_settings import (
+    PACE_PREFIX,
     PROGRESS_PREFIX,
     DeepSpeedSettings,
     ScalingSettings,
@@ -85,6 +86,11 @@ class WorkerSpec:
     n_train: int
     pad_id: int
     step_hook: StepHook | None = None
+    label: str | None = None  # what the progress shows (`LoRA math r8`); default `name`
+
+    @property
+    def shown(self) -> str:
+        return self.label or self.name
 
 
 @dataclass
@@ -176,7 +182,8 @@ def train_worker(config: dict) -> None:
     per_epoch = train.steps_per_epoch(spec.n_train, world)
     stream = ChunkStream(spec.n_train, train.micro_batch_size, train.seed)
     steps = rank_step_chunks(stream, world, train.grad_accumulation, rank, state.step)
-    bar = _progress_bar(spec.name, total, state.step) if rank == 0 else None
+    bar = _progress_bar(spec.shown, total, state.step) if rank == 0 else None
+    pace = _Pace(spec.shown, total, state.step, world) if rank == 0 else None
     pending: list[tuple[float, int]] = []  # (loss sum, tokens) of this rank, per step
     engine.train()
     state.first_step_start.append(time.time())
@@ -196,6 +203,9 @@ def train_worker(config: dict) -> None:
         if rank == 0:
             state.step_seconds.append(time.perf_counter() - start)
             bar.update(1)
+            line = pace.step(state.step, tokens)
+            if line and state.step not in reports:  # a report prints its own line
+                print(PACE_PREFIX + line, flush=True)
         if spec.step_hook is not None:
             spec.step_hook(rank, state.step, resumed)
         if state.step in reports:
@@ -210,7 +220,8 @@ def train_worker(config: dict) -> None:
                     best = gather_adapter(engine, ds.zero_stage, rank)
             state.history.append(record)
             if rank == 0:
-                print(PROGRESS_PREFIX + _format_record(spec.name, record, total), flush=True)
+                print(PROGRESS_PREFIX + _format_record(spec.shown, record, total)
+                      + pace.eta(state.step), flush=True)
             _report(engine, state, record, rank, ds.zero_stage, final=state.step >= total,
                     best=best)
     if bar is not None:
@@ -410,6 +421,44 @@ def _progress_bar(name: str, total: int, done: int):
     bar = tqdm(total=total, desc=f"{name} steps", unit="step")
     bar.update(done)
     return bar
+
+
+class _Pace:
+    """Progress lines with or without a terminal: one every `EVERY` of the steps (and at
+    least every `AT_MOST_S` seconds), with tokens/s and the time left, so a long fine-tune on
+    a real model never goes quiet in a CI log or a file."""
+
+    EVERY, AT_MOST_S = 0.05, 60.0
+
+    def __init__(self, name: str, total: int, done: int, world: int):
+        self.name, self.total, self.world = name, total, world
+        self.start = self.last = time.monotonic()
+        self.first, self.tokens, self.mark = done, 0, done
+
+    def step(self, step: int, tokens: int) -> str | None:
+        self.tokens += tokens * self.world  # this rank's share, times the ranks
+        now = time.monotonic()
+        due = max(1, round(self.total * self.EVERY))
+        if step < self.total and step - self.mark < due and now - self.last < self.AT_MOST_S:
+            return None
+        self.mark, self.last = step, now
+        rate = self.tokens / max(now - self.start, 1e-9)
+        return (f"[{self.name}] step {step}/{self.total} ({100 * step / self.total:.0f}%)  "
+                f"{rate:.0f} tokens/s" + self.eta(step))
+
+    def eta(self, step: int) -> str:
+        done = step - self.first
+        if done <= 0 or step >= self.total:
+            return ""
+        left = (time.monotonic() - self.start) / done * (self.total - step)
+        return f"  ETA {_duration(left)}"
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(round(seconds))
+    if seconds >= 3600:
+        return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+    return f"{seconds // 60}m{seconds % 60:02d}s" if seconds >= 60 else f"{seconds}s"
 
 
 def _format_record(name: str, record: dict, total: int) -> str:
