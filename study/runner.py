@@ -127,7 +127,8 @@ def run_study(spec: StudySpec, resume: bool = False, log=print) -> list[dict]:
             model_dir=str(model_dir), skills=tuple(spec.skills), target=spec.target_name,
             tasks=tasks, adapters=adapters, evaluation=evaluation,
             cat=spec.cat.model_dump(), seed=spec.search.seed,
-            stage1_seed=spec.finetune.seed, evaluators=evaluators)
+            stage1_seed=spec.finetune.seed, evaluators=evaluators,
+            finetune=spec.finetune.model_dump())
         try:
             results = fit(spec.search, spec.cat, spec.cluster, space, ranks, context,
                           root / TUNE_DIR, resume, log, say)

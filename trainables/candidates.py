@@ -47,12 +47,19 @@ from soups.names import (
     SEARCH_STEP,
 )
 from trainables.learned_settings import CatTraining
-from trainables.merge_trial import TrialContext, load_rows, stage1_adapter, trial_seed
+from trainables.merge_trial import (
+    TrialContext,
+    finetune_settings,
+    load_rows,
+    stage1_adapter,
+    trial_seed,
+)
 
 DATA_MIX = "data_mix"
 # What a kind is, for `soups methods` and the report: the model alone, one stage-1 adapter,
-# a data-free merge of the skill LoRAs, or a composition learned on the skill mix.
-Family = Literal["reference", "stage-1", "merge", "learned"]
+# a data-free merge of the skill LoRAs, a composition learned on the skill mix, or a control
+# of a merging claim (soups.controls).
+Family = Literal["reference", "stage-1", "merge", "learned", "control"]
 Builder = Callable[[TrialContext, dict, Path, Callable[[dict], None]], "str | None"]
 # (adapter folder, the trial's work folder, the study's skills) -> {artifact name: path}
 Artifacts = Callable[[Path, Path, tuple[str, ...]], dict[str, Path]]
@@ -339,6 +346,61 @@ def _lora_moe(ctx, variant, out_dir, report) -> str:
     return str(out_dir)
 
 
+# --- controls of a merging claim (soups.controls) --------------------------------------------
+
+ALL_SKILLS = "all"
+
+
+def _random_lora(ctx, variant, out_dir, report) -> str:
+    """A random stand-in of one skill LoRA (same modules, ranks, scalings, update norms),
+    or with `all` the exact concatenation of a stand-in of each (an equal-weight cat)."""
+    import tempfile
+
+    from soups.controls import random_stand_in
+    from soups.merge import merge_adapters
+
+    skill, seed = variant["params"]["skill"], trial_seed(ctx, variant)
+    if skill != ALL_SKILLS and skill not in ctx.skills:
+        raise ValueError(f"skill {skill!r} is neither {ALL_SKILLS!r} nor a skill of this "
+                         f"study: {list(ctx.skills)}")
+    if skill != ALL_SKILLS:
+        return str(random_stand_in(stage1_adapter(ctx, variant, skill), out_dir, seed))
+    with tempfile.TemporaryDirectory() as folder:
+        stand_ins = [random_stand_in(stage1_adapter(ctx, variant, s), Path(folder) / s,
+                                     seed + i) for i, s in enumerate(ctx.skills)]
+        merge_adapters(stand_ins, "cat", out_dir)
+    return str(out_dir)
+
+
+def _random_skill_problem(skill, skills: Collection[str] | None) -> str | None:
+    return None if skill == ALL_SKILLS else _skill_problem(skill, skills)
+
+
+def _mix_parameters() -> dict[str, Parameter]:
+    """The skill mix's size, as for CAT (the `cat` section's defaults)."""
+    return {n: p for n, p in _training_parameters().items()
+            if n in ("fraction", "count", "held_out")}
+
+
+def _mix_lora(ctx, variant, out_dir, report) -> str:
+    """One LoRA at the trial's rank, trained as stage 1 trains (the study's `finetune`
+    recipe) on exactly the rows CAT learns its weights on: the same skill mix, seed and
+    held-out rows (`soups.cat.mix.skill_mix`)."""
+    from soups.cat.mix import skill_mix
+    from soups.lora_training import train_lora
+
+    _, mix = _skill_mix_split(ctx, variant)
+    seed = trial_seed(ctx, variant)
+    rows, held = skill_mix([load_rows(ctx, s, "train") for s in ctx.skills], seed=seed,
+                           label="mix_lora", **mix)
+    lora, train = finetune_settings(ctx, variant["rank"], seed)
+    result = train_lora(ctx.model_dir, rows, out_dir, lora, train, held or None,
+                        on_step=_train_progress(report))
+    report({CAT_BEST_EVAL_LOSS: result.best_eval_loss or result.eval_loss,
+            CAT_BEST_STEP: result.best_step})
+    return str(out_dir)
+
+
 LORA_SOUPS = "https://arxiv.org/abs/2410.13025"
 MERGOO = "https://github.com/Leeroo-AI/mergoo"
 LORAHUB = "https://arxiv.org/abs/2307.13269"
@@ -373,6 +435,17 @@ def _registry() -> CandidateRegistry:
         "over the frozen skill LoRAs, trained alone on the skill mix; a mixture folder, not "
         "one LoRA", _lora_moe, _moe_parameters(), trains=True, reference=MERGOO,
         study_checks={"top_k": _top_k_problem}))
+    registry.register(CandidateKind(
+        "random_lora", "control", "a random LoRA with a skill LoRA's modules, ranks and "
+        "per-module update norms (all: one per skill, concatenated): a merge must beat the "
+        "same-sized perturbation", _random_lora,
+        {"skill": Parameter("skill", Annotated[str, Field(
+            description="one of the study's skills, or all")], REQUIRED)},
+        study_checks={"skill": _random_skill_problem}))
+    registry.register(CandidateKind(
+        "mix_lora", "control", "one LoRA fine-tuned (the study's recipe) on exactly the rows "
+        "CAT learns its weights on: a learned composition must beat training on its data",
+        _mix_lora, _mix_parameters(), trains=True))
     for method in (MERGES.get(name) for name in MERGES.names()):
         registry.register(CandidateKind(
             method.name, "merge", f"{method.summary} ({method.space.value} space)",

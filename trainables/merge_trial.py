@@ -13,7 +13,7 @@ holding the adapter, so the study can export the best trial's adapter later.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from soups.names import BUILD_SECONDS, OBJECTIVE, VALIDATION, task_metric
@@ -45,6 +45,27 @@ class TrialContext:
     seed: int = 0
     stage1_seed: int = 0
     evaluators: tuple[str, ...] = ()  # the study's resident evaluators (actor names)
+    finetune: dict = field(default_factory=dict)  # the study's `finetune` section (controls)
+
+
+def finetune_settings(ctx: TrialContext, rank: int, seed: int):
+    """(LoraSettings, TrainSettings) of a LoRA a trial trains as stage 1 would at `rank` (the
+    study's `finetune` section), seeded with `seed`."""
+    from dataclasses import fields
+
+    from soups.train_settings import LoraSettings, TrainSettings
+
+    section = ctx.finetune
+    defaults = LoraSettings()
+    lora = LoraSettings(rank=rank, alpha=section.get("alpha_ratio", defaults.alpha
+                                                      / defaults.rank) * rank,
+                        dropout=section.get("dropout", defaults.dropout),
+                        target_modules=tuple(section.get("target_modules",
+                                                         defaults.target_modules)))
+    names = {f.name for f in fields(TrainSettings)}
+    train = TrainSettings(**{k: v for k, v in section.items() if k in names and k != "seed"},
+                          seed=seed)
+    return lora, train
 
 
 def load_rows(ctx: TrialContext, task: str, split: str, limit: int | None = None) -> list[dict]:
