@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 TORCH_VERSION ?= 2.13.0
 STAMP := $(VENV)/.installed
 
-.PHONY: venv system demo test lint clean
+.PHONY: venv system demo test lint clean real gpu-check
 
 venv: $(STAMP)
 
@@ -37,6 +37,15 @@ $(STAMP): pyproject.toml
 # A new name each time, so `make demo` can be run again (a study name is never reused).
 demo: $(STAMP) system
 	$(VENV)/bin/soups run --name demo-$$(date +%Y%m%d-%H%M%S)
+
+# The real-model tier (docs/real_model.md): SmolLM2-135M-Instruct, fetched and dequantized once.
+real: $(STAMP) system
+	$(VENV)/bin/soups run studies/real_composition.yaml --name real-$$(date +%Y%m%d-%H%M%S)
+
+# One GPU, under 8 minutes: the real-model check in ZeRO-2 bfloat16, the resident evaluator's
+# candidates per minute at k = 1 and 8, merged against unmerged answers, peak GPU memory.
+gpu-check: $(STAMP) system
+	$(PY) -m benchmarks.gpu_check
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

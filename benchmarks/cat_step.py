@@ -13,6 +13,7 @@ backward (activations, excluding model weights and buffers) plus trainable state
 
     nice -n 10 .venv/bin/python -m benchmarks.cat_step [--steps 6] [--rank 16]
         [--models tiny,larger] [--ks 2,4]
+    .venv/bin/python -m benchmarks.cat_step --models smollm2 --ks 2 --steps 3   # real model
 """
 
 from __future__ import annotations
@@ -37,12 +38,22 @@ _E = BaseModelSettings()
 MODELS = {
     "tiny": (_E.hidden_size, _E.num_layers, _E.num_heads, _E.intermediate_size, 6, 256),
     "larger": (768, 6, 12, 2048, 4, 128),
+    # the real-model tier's base itself (docs/real_model.md), fetched and dequantized once
+    "smollm2": (576, 30, 9, 1536, 4, 128),
 }
+REAL = {"smollm2": "smollm2-135m-instruct"}
 
 
 def build_model(name: str, device: torch.device, dtype: torch.dtype):
     from transformers import LlamaConfig, LlamaForCausalLM
 
+    if name in REAL:
+        from transformers import AutoModelForCausalLM
+
+        from study.cmd_prepare import resolve_model
+
+        return AutoModelForCausalLM.from_pretrained(resolve_model(REAL[name], log=print),
+                                                    dtype=dtype).to(device)
     hidden, layers, heads, intermediate, _, length = MODELS[name]
     config = LlamaConfig(vocab_size=_E.vocab_size, hidden_size=hidden,
                          intermediate_size=intermediate, num_hidden_layers=layers,

@@ -207,8 +207,10 @@ def check_answers(results: list[dict]) -> None:
 
 
 def _model_dir(args, work: Path) -> str:
-    if args.model:
-        return args.model
+    if args.model:  # a folder, a hub id, a .gguf file or smollm2-135m-instruct
+        from study.cmd_prepare import resolve_model
+
+        return resolve_model(args.model, log=print)
     if args.embedded:
         from soups.base_model import BaseModelSettings, build_base_model
         from soups.home import cache_dir
@@ -217,9 +219,10 @@ def _model_dir(args, work: Path) -> str:
     return build_random_llama(work / "model")
 
 
-def main() -> None:
+def main(argv=None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", default=None, help="a model folder (default: random 134M)")
+    parser.add_argument("--model", default=None, help="a model folder, a .gguf file or "
+                        "smollm2-135m-instruct (default: random 134M)")
     parser.add_argument("--embedded", action="store_true", help="the embedded base model")
     parser.add_argument("--n", type=int, default=16, help="prompts")
     parser.add_argument("--max-new-tokens", type=int, default=32)
@@ -231,11 +234,11 @@ def main() -> None:
     parser.add_argument("--mode", choices=list(MODES), help=argparse.SUPPRESS)  # a child
     parser.add_argument("--spec", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--out", type=Path, help=argparse.SUPPRESS)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     if args.mode:
         result = run_mode(args.mode, json.loads(args.spec.read_text()))
         args.out.write_text(json.dumps(result))
-        return
+        return [result]
 
     with tempfile.TemporaryDirectory(prefix="eval_candidates_") as tmp:
         work = Path(tmp)
@@ -251,6 +254,7 @@ def main() -> None:
           f"{args.max_new_tokens} new tokens max, batch {args.batch_size} (x k side by side)")
     print_table(results, args.candidates)
     check_answers(results)
+    return results
 
 
 if __name__ == "__main__":

@@ -7,6 +7,11 @@ compute over the steps after the first `--skip`, per optimizer step, same token 
 both sides since the data order is the same). Ratio = plain tokens/s / Ray tokens/s.
 
     python -m benchmarks.finetune_overhead [--steps 60] [--rank 8] [--out results.json]
+    python -m benchmarks.finetune_overhead --base smollm2-135m-instruct --steps 20 \
+        --batch-size 8 --lr 1e-3      # the real-model tier (goal: Ray / plain >= 0.9x)
+
+`--base`: embedded (default), a folder, a .gguf file or smollm2-135m-instruct; its rows go
+through its chat template where it has one, as in a study.
 """
 
 from __future__ import annotations
@@ -19,8 +24,7 @@ from pathlib import Path
 
 import torch
 
-from soups.base_model import BaseModelSettings, build_base_model
-from soups.data import DataSettings, build_task_datasets, load_task_dataset
+from soups.data import DataSettings, build_task_datasets
 from soups.home import cache_dir
 from soups.lora_training import train_lora
 from soups.train_settings import LoraSettings, TrainSettings
@@ -60,14 +64,20 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--skip", type=int, default=5, help="warm-up steps left out")
     parser.add_argument("--out", type=Path)
+    parser.add_argument("--base", default="embedded")
+    parser.add_argument("--lr", type=float, default=2e-3)
     args = parser.parse_args()
     import ray
 
-    model_dir = build_base_model(cache_dir("base_models"), BaseModelSettings())
+    from soups.task_data import TaskData
+    from soups.task_spec import TaskSpec
+    from study.cmd_prepare import resolve_model
+
+    model_dir = resolve_model(args.base, log=print)
     data = build_task_datasets(cache_dir("datasets"), DataSettings())
-    rows = list(load_task_dataset(data / "math", "train"))
+    rows = TaskData("math", TaskSpec(), str(data / "math"), model_dir=model_dir).rows("train")
     lora = LoraSettings(rank=args.rank, alpha=2.0 * args.rank, dropout=0.0)
-    train = TrainSettings(learning_rate=2e-3, max_steps=args.steps,
+    train = TrainSettings(learning_rate=args.lr, max_steps=args.steps,
                           micro_batch_size=args.batch_size, max_length=192, seed=0)
     # The worker gets as many cores (torch threads) as the plain loop uses.
     ray.init(num_cpus=torch.get_num_threads(), include_dashboard=False, log_to_driver=False)
@@ -81,6 +91,7 @@ def main() -> None:
         }
     ray.shutdown()
     base = rows_out["plain PEFT loop"]["steady_tokens_per_s"]
+    print(f"{args.base}: {args.steps} steps of {args.batch_size} rows, rank {args.rank}")
     print(f"{'side':<34}{'start-up s':>11}{'steady tok/s':>14}{'vs plain':>10}{'wall s':>8}"
           f"{'loss':>8}")
     for side, r in rows_out.items():

@@ -13,7 +13,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import run_soups
 
 pytestmark = pytest.mark.integration
 
@@ -28,9 +27,28 @@ def home(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def study(home):
-    done = run_soups(home, "run", "studies/real_check.yaml", timeout=1200)
+    """`make gpu-check`'s CPU path (benchmarks/gpu_check.py --cpu): the real-model check
+    study, then the resident evaluator against per-candidate merging on the same base."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "SOUPS_HOME": str(home), "PYTHONUNBUFFERED": "1"}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    done = subprocess.run([sys.executable, "-m", "benchmarks.gpu_check", "--cpu", "--name",
+                           "real_check"], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=1500, stdin=subprocess.DEVNULL)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     return done
+
+
+def test_the_gpu_checks_cpu_path_prints_its_table(study):
+    table = study.stdout.split("gpu check (CPU path)", 1)[1]
+    assert "real-model check study  finished in" in table and "2 trials" in table
+    for line in ("candidates/min, merged per candidate", "candidates/min, resident k = 1",
+                 "candidates/min, resident k = 8", "merged vs unmerged answers"):
+        assert line in table
+    assert "identical answers: resident, side8" in study.stdout  # k = 1 and k = 8 agree
 
 
 @pytest.fixture(scope="module")
