@@ -25,6 +25,7 @@ import itertools
 import os
 import re
 import signal
+import subprocess
 import threading
 import time
 from dataclasses import dataclass
@@ -141,7 +142,17 @@ def _probe(explicit: str | None) -> Parent | str:
         probe = SandboxCgroup(found, 64 << 20)
     except OSError as err:
         return f"cannot create a limited cgroup in {found.path} ({err})"
+    try:
+        # As a sandbox joins (run.py): cgroup v2 lets a process move only within a subtree
+        # its user may write at the top of, which creating the cgroup does not prove.
+        joined = subprocess.run(["/bin/sh", "-c", 'echo $$ > "$0"', probe.procs],
+                                capture_output=True, text=True, timeout=10, check=False)
+    except (OSError, subprocess.TimeoutExpired) as err:
+        joined = subprocess.CompletedProcess([], 1, "", str(err))
     probe.remove()
+    if joined.returncode != 0:
+        return (f"a process cannot join a cgroup in {found.path} "
+                f"({joined.stderr.strip()[-200:] or 'refused'})")
     return found
 
 
