@@ -50,9 +50,9 @@ def build_model(name: str, device: torch.device, dtype: torch.dtype):
     if name in REAL:
         from transformers import AutoModelForCausalLM
 
-        from study.cmd_prepare import resolve_model
+        from study.resolve import resolve_base
 
-        return AutoModelForCausalLM.from_pretrained(resolve_model(REAL[name], log=print),
+        return AutoModelForCausalLM.from_pretrained(resolve_base(REAL[name], log=print),
                                                     dtype=dtype).to(device)
     hidden, layers, heads, intermediate, _, length = MODELS[name]
     config = LlamaConfig(vocab_size=_E.vocab_size, hidden_size=hidden,

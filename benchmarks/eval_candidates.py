@@ -200,17 +200,22 @@ def check_answers(results: list[dict]) -> None:
         distinct = len({json.dumps(a) for a in by_mode[resident[0]]})
         print(f"distinct answer sets among the candidates: {distinct}")
     if "merged" in by_mode and resident:
-        pairs = [(a, b) for ma, mb in zip(by_mode["merged"], by_mode[resident[0]], strict=True)
-                 for a, b in zip(ma, mb, strict=True)]
-        same = sum(a == b for a, b in pairs)
-        print(f"merged vs unmerged: {same}/{len(pairs)} answers identical")
+        same, total = agreement(by_mode["merged"], by_mode[resident[0]])
+        print(f"merged vs unmerged: {same}/{total} answers identical")
+
+
+def agreement(answers: list[list[str]], others: list[list[str]]) -> tuple[int, int]:
+    """(identical answers, answers) of two modes, candidate by candidate, row by row."""
+    pairs = [(a, b) for ma, mb in zip(answers, others, strict=True)
+             for a, b in zip(ma, mb, strict=True)]
+    return sum(a == b for a, b in pairs), len(pairs)
 
 
 def _model_dir(args, work: Path) -> str:
     if args.model:  # a folder, a hub id, a .gguf file or smollm2-135m-instruct
-        from study.cmd_prepare import resolve_model
+        from study.resolve import resolve_base
 
-        return resolve_model(args.model, log=print)
+        return resolve_base(args.model, log=print)
     if args.embedded:
         from soups.base_model import BaseModelSettings, build_base_model
         from soups.home import cache_dir

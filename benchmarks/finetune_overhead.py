@@ -71,9 +71,9 @@ def main() -> None:
 
     from soups.task_data import TaskData
     from soups.task_spec import TaskSpec
-    from study.cmd_prepare import resolve_model
+    from study.resolve import resolve_base
 
-    model_dir = resolve_model(args.base, log=print)
+    model_dir = resolve_base(args.base, log=print)
     data = build_task_datasets(cache_dir("datasets"), DataSettings())
     rows = TaskData("math", TaskSpec(), str(data / "math"), model_dir=model_dir).rows("train")
     lora = LoraSettings(rank=args.rank, alpha=2.0 * args.rank, dropout=0.0)

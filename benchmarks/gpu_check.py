@@ -67,10 +67,9 @@ def table(study: dict, modes: list[dict], candidates: int = 8) -> list[str]:
     def per_minute(mode: str) -> float:
         return 60 * candidates / by_mode[mode]["total_s"]
 
-    merged, unmerged = by_mode["merged"]["answers"], by_mode["resident"]["answers"]
-    pairs = [(a, b) for ma, mb in zip(merged, unmerged, strict=True)
-             for a, b in zip(ma, mb, strict=True)]
-    same = sum(a == b for a, b in pairs)
+    from benchmarks.eval_candidates import agreement
+
+    same, total = agreement(by_mode["merged"]["answers"], by_mode["resident"]["answers"])
 
     def gpu(mode: str) -> str:
         peak = by_mode[mode].get("gpu_peak_mb")
@@ -85,7 +84,7 @@ def table(study: dict, modes: list[dict], candidates: int = 8) -> list[str]:
             ("candidates/min, resident k = 8", f"{per_minute('side8'):.1f} "
              f"({per_minute('side8') / per_minute('merged'):.1f}x merged; GPU peak "
              f"{gpu('side8')})"),
-            ("merged vs unmerged answers", f"{same}/{len(pairs)} identical")]
+            ("merged vs unmerged answers", f"{same}/{total} identical")]
     width = max(len(name) for name, _ in rows)
     return [f"{name:<{width}}  {value}" for name, value in rows]
 

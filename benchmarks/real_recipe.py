@@ -59,9 +59,9 @@ def main(argv=None) -> list[dict]:
     from soups.lora_training import train_lora
     from soups.text_batches import encode_dataset, pad_token_id
     from soups.training_loop import held_out_loss
-    from study.cmd_prepare import resolve_model
+    from study.resolve import resolve_base
 
-    model_dir = resolve_model(args.base)
+    model_dir = resolve_base(args.base)
     held_count = 8 if args.quick else 32
     train_rows, held_rows = _rows(args.base, args.skill, args.steps * args.batch, held_count,
                                   model_dir)

@@ -29,7 +29,9 @@ def prepare(
     from soups.home import cache_dir
 
     if base != "embedded":
-        model_dir = resolve_model(base, log=typer.echo)
+        from study.resolve import resolve_base
+
+        model_dir = resolve_base(base, log=typer.echo)
         typer.echo(f"base model: {model_dir}\n  {_provenance_line(model_dir)}")
     else:
         from soups.base_model import (
@@ -52,21 +54,6 @@ def prepare(
     typer.echo(f"datasets:   {data_dir}")
     for task, splits in sizes.items():
         typer.echo(f"  {task:<10} " + "  ".join(f"{s} {n}" for s, n in splits.items()))
-
-
-def resolve_model(name: str | None, log=typer.echo) -> str:
-    """A base model as a user names it on the command line: None or `embedded` (the embedded
-    build), a .gguf file or a named real base (dequantized once), else a folder or hub id."""
-    from soups.gguf_base import is_gguf_base, resolve_gguf_base
-    from soups.home import cache_dir, soups_home
-
-    if name is None or name == "embedded":
-        from soups.base_model import BaseModelSettings, build_base_model
-
-        return str(build_base_model(cache_dir("base_models"), BaseModelSettings(), log=log))
-    if is_gguf_base(name):
-        return str(resolve_gguf_base(name, soups_home() / "cache", log=log))
-    return name
 
 
 def _provenance_line(model_dir: str) -> str:
@@ -104,6 +91,7 @@ def evaluate(
     from soups.home import cache_dir
     from soups.resident import ResidentModel, evaluate_side_by_side
     from soups.sandbox import SANDBOXES, check_sandbox
+    from study.resolve import resolve_base
 
     if sandbox not in SANDBOXES:
         raise typer.BadParameter(f"{sandbox!r} is not one of {', '.join(SANDBOXES)}",
@@ -111,7 +99,7 @@ def evaluate(
     if chat not in CHAT_MODES:
         raise typer.BadParameter(f"{chat!r} is not one of {', '.join(CHAT_MODES)}",
                                  param_hint="--chat")
-    model_dir = resolve_model(model)
+    model_dir = resolve_base(model, log=typer.echo)
     data_dir = Path(data or build_task_datasets(cache_dir("datasets"), DataSettings()))
     if not data_dir.is_dir():
         raise DatasetError(f"datasets folder {data_dir}: no such folder")

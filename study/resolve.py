@@ -34,22 +34,33 @@ def load_search_space(spec: StudySpec):
     return load_space(spec.search.space, partial(method_parameters, skills=tuple(spec.skills)))
 
 
-def resolve_base_model(spec: StudySpec, log=print) -> str:
-    """The folder (or hub id) every stage loads the base from: the embedded model built once,
-    a GGUF file or named real base dequantized once (soups.gguf_base), else as given."""
+def resolve_base(name: str | None, settings=None, log=print) -> str:
+    """The folder (or hub id) every stage loads a base from, as a user names it (a study's
+    `base_model`, `--model` of a command): None or `embedded` the embedded model built once
+    (`settings`: its BaseModelSettings, default the shipped build's), a .gguf file or a named
+    real base dequantized once (soups.gguf_base), else the folder or hub id as given."""
     from soups.gguf_base import is_gguf_base, resolve_gguf_base
     from soups.home import cache_dir, soups_home
 
-    if is_gguf_base(spec.base_model):
-        return str(resolve_gguf_base(spec.base_model, soups_home() / "cache", log=log))
-    if spec.base_model != EMBEDDED:
-        return spec.base_model
+    if name is not None and is_gguf_base(name):
+        return str(resolve_gguf_base(name, soups_home() / "cache", log=log))
+    if name is not None and name != EMBEDDED:
+        return name
     from soups.base_model import BaseModelSettings, build_base_model
+
+    return str(build_base_model(cache_dir("base_models"), settings or BaseModelSettings(),
+                                log=log))
+
+
+def resolve_base_model(spec: StudySpec, log=print) -> str:
+    """The study's base (`resolve_base`), the embedded one built with the study's seed and
+    pretraining steps."""
+    from soups.base_model import BaseModelSettings
 
     settings = BaseModelSettings(seed=spec.base_model_seed)
     if spec.base_model_steps:
         settings = replace(settings, steps=spec.base_model_steps)
-    return str(build_base_model(cache_dir("base_models"), settings, log=log))
+    return resolve_base(spec.base_model, settings, log=log)
 
 
 def resolve_tasks(spec: StudySpec, model_dir: str | None = None) -> dict[str, TaskData]:

@@ -128,7 +128,8 @@ def run_study(spec: StudySpec, resume: bool = False, log=print) -> list[dict]:
             tasks=tasks, adapters=adapters, evaluation=evaluation,
             cat=spec.cat.model_dump(), seed=spec.search.seed,
             stage1_seed=spec.finetune.seed, evaluators=evaluators,
-            finetune=spec.finetune.model_dump())
+            finetune_lora=spec.finetune.lora_settings(1),
+            finetune_train=spec.finetune.train_settings())
         try:
             results = fit(spec.search, spec.cat, spec.cluster, space, ranks, context,
                           root / TUNE_DIR, resume, log, say)

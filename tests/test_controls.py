@@ -59,13 +59,16 @@ def test_a_random_stand_in_keeps_every_modules_rank_scaling_and_norm(loras, tmp_
 
 
 def _ctx(loras, tiny_model_dir, tasks=None) -> TrialContext:
+    from study.spec import Finetune
+
+    recipe = Finetune(max_steps=2, micro_batch_size=2, grad_accumulation=1, max_length=48,
+                      eval_every=0, held_out=0, alpha_ratio=2.0)
     return TrialContext(study="s", experiment_id="0", tracking_uri="", parent_run_id="",
                         model_dir=tiny_model_dir, skills=("math", "code"), target="t",
                         tasks=tasks or {}, adapters={"0": {"4": dict(loras)}}, evaluation={},
                         cat={"fraction": 0.5, "count": None, "held_out": 2}, seed=7,
-                        finetune={"max_steps": 2, "micro_batch_size": 2,
-                                  "grad_accumulation": 1, "max_length": 48, "eval_every": 0,
-                                  "held_out": 0, "alpha_ratio": 2.0})
+                        finetune_lora=recipe.lora_settings(1),
+                        finetune_train=recipe.train_settings())
 
 
 def test_random_lora_of_all_skills_concatenates_one_stand_in_per_skill(loras, tmp_path,

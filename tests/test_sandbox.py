@@ -228,14 +228,8 @@ def _test_cgroup(owner: int | None = None, limit: int | None = None):
     finally:
         for child in os.listdir(group.path):
             if os.path.isdir(os.path.join(group.path, child)):
-                cgroup.SandboxCgroup.remove(_existing(os.path.join(group.path, child)))
+                cgroup.remove(os.path.join(group.path, child))
         group.remove()
-
-
-def _existing(path: str) -> cgroup.SandboxCgroup:
-    group = object.__new__(cgroup.SandboxCgroup)
-    group.path = path
-    return group
 
 
 def _check_bounded(group: cgroup.SandboxCgroup | None, probe: dict) -> None:

@@ -13,11 +13,12 @@ holding the adapter, so the study can export the best trial's adapter later.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from soups.names import BUILD_SECONDS, OBJECTIVE, VALIDATION, task_metric
 from soups.task_data import TaskData
+from soups.train_settings import LoraSettings, TrainSettings
 
 ADAPTER_DIR = "adapter"
 TRIAL_FILE = "trial.json"
@@ -45,27 +46,21 @@ class TrialContext:
     seed: int = 0
     stage1_seed: int = 0
     evaluators: tuple[str, ...] = ()  # the study's resident evaluators (actor names)
-    finetune: dict = field(default_factory=dict)  # the study's `finetune` section (controls)
+    # Stage 1's recipe, for a LoRA a trial trains itself (the controls): the study's
+    # `finetune` section as LoraSettings at rank 1 (its alpha the alpha ratio) and
+    # TrainSettings; None where the study gave none.
+    finetune_lora: LoraSettings | None = None
+    finetune_train: TrainSettings | None = None
 
 
-def finetune_settings(ctx: TrialContext, rank: int, seed: int):
-    """(LoraSettings, TrainSettings) of a LoRA a trial trains as stage 1 would at `rank` (the
-    study's `finetune` section), seeded with `seed`."""
-    from dataclasses import fields
-
-    from soups.train_settings import LoraSettings, TrainSettings
-
-    section = ctx.finetune
-    defaults = LoraSettings()
-    lora = LoraSettings(rank=rank, alpha=section.get("alpha_ratio", defaults.alpha
-                                                      / defaults.rank) * rank,
-                        dropout=section.get("dropout", defaults.dropout),
-                        target_modules=tuple(section.get("target_modules",
-                                                         defaults.target_modules)))
-    names = {f.name for f in fields(TrainSettings)}
-    train = TrainSettings(**{k: v for k, v in section.items() if k in names and k != "seed"},
-                          seed=seed)
-    return lora, train
+def finetune_settings(ctx: TrialContext, rank: int, seed: int
+                      ) -> tuple[LoraSettings, TrainSettings]:
+    """(LoraSettings, TrainSettings) of a LoRA a trial trains as stage 1 would at `rank`,
+    seeded with `seed`."""
+    if ctx.finetune_lora is None or ctx.finetune_train is None:
+        raise ValueError(f"study {ctx.study}: no stage-1 recipe in the trial's context")
+    lora = replace(ctx.finetune_lora, rank=rank, alpha=ctx.finetune_lora.alpha * rank)
+    return lora, replace(ctx.finetune_train, seed=seed)
 
 
 def load_rows(ctx: TrialContext, task: str, split: str, limit: int | None = None) -> list[dict]:

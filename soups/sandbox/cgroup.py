@@ -170,7 +170,7 @@ def _remove_stale(found: Parent) -> None:
     for name in names:
         match = re.fullmatch(rf"{PREFIX}(\d+)-\d+", name)
         if match and not os.path.exists(f"/proc/{match.group(1)}"):
-            try:
+            try:  # one try: a probe does not wait on what a dead evaluator left
                 os.rmdir(os.path.join(found.path, name))
             except OSError:
                 pass
@@ -220,32 +220,37 @@ class SandboxCgroup:
         except (OSError, ValueError, IndexError):
             return None
 
-    def _pids(self) -> list[int]:
-        try:
-            with open(self.procs) as handle:
-                return [int(p) for p in handle.read().split()]
-        except (OSError, ValueError):
-            return []
-
     def remove(self) -> None:
-        """Kill whatever is still in the cgroup, then remove it (waiting for the kernel to
-        let go of exiting processes). Never raises: a cgroup that will not go is left for
-        the next evaluator's clean-up of stale ones."""
-        end = time.monotonic() + REMOVE_WAIT_S
-        delay = 0.001
-        while True:
-            for pid in self._pids():
-                try:
-                    os.kill(pid, signal.SIGKILL)
-                except OSError:
-                    pass
+        remove(self.path)
+
+
+def _pids(path: str) -> list[int]:
+    try:
+        with open(os.path.join(path, "cgroup.procs")) as handle:
+            return [int(p) for p in handle.read().split()]
+    except (OSError, ValueError):
+        return []
+
+
+def remove(path: str) -> None:
+    """Kill whatever is still in the cgroup at `path`, then remove it (waiting for the kernel
+    to let go of exiting processes). Never raises: a cgroup that will not go is left for the
+    next evaluator's clean-up of stale ones."""
+    end = time.monotonic() + REMOVE_WAIT_S
+    delay = 0.001
+    while True:
+        for pid in _pids(path):
             try:
-                os.rmdir(self.path)
-                return
-            except FileNotFoundError:
-                return
+                os.kill(pid, signal.SIGKILL)
             except OSError:
-                if time.monotonic() > end:
-                    return
-            time.sleep(delay)
-            delay = min(delay * 2, 0.05)
+                pass
+        try:
+            os.rmdir(path)
+            return
+        except FileNotFoundError:
+            return
+        except OSError:
+            if time.monotonic() > end:
+                return
+        time.sleep(delay)
+        delay = min(delay * 2, 0.05)

@@ -91,7 +91,9 @@ class _ArgCmp(ctypes.Structure):  # struct scmp_arg_cmp
                 ("datum_b", ctypes.c_uint64)]
 
 
-def _library() -> ctypes.CDLL:
+@functools.cache
+def library() -> ctypes.CDLL:
+    """libseccomp, its functions typed (loaded once)."""
     name = ctypes.util.find_library("seccomp") or "libseccomp.so.2"
     try:
         lib = ctypes.CDLL(name, use_errno=True)
@@ -114,13 +116,13 @@ def _library() -> ctypes.CDLL:
 
 def syscall_number(name: str) -> int | None:
     """The number of system call `name` on this architecture, or None where it has none."""
-    number = _library().seccomp_syscall_resolve_name(name.encode())
+    number = library().seccomp_syscall_resolve_name(name.encode())
     return number if number >= 0 else None
 
 
 def syscall_names(highest: int = 1024) -> dict[int, str]:
     """number -> name of every system call libseccomp knows on this architecture."""
-    lib = _library()
+    lib = library()
     libc = ctypes.CDLL(None)
     libc.free.argtypes = [ctypes.c_void_p]
     names = {}
@@ -145,7 +147,7 @@ def _add(lib, ctx, action: int, name: str, *conditions: tuple[int, int, int, int
 @functools.cache
 def filter_program() -> bytes:
     """The compiled BPF program (struct sock_filter[]), as bubblewrap's `--seccomp` reads it."""
-    lib = _library()
+    lib = library()
     ctx = lib.seccomp_init(_errno_action(errno.EPERM))  # what is not allowed is refused
     if not ctx:
         raise SeccompUnavailable("seccomp_init failed")
@@ -160,20 +162,25 @@ def filter_program() -> bytes:
              (1, SCMP_CMP_MASKED_EQ, FUTEX_PRIVATE_FLAG, FUTEX_PRIVATE_FLAG))
         for name, code in ERRNO.items():
             _add(lib, ctx, _errno_action(code), name)
-        read_fd, write_fd = os.pipe()
-        try:
-            code = lib.seccomp_export_bpf(ctx, write_fd)
-            os.close(write_fd)
-            write_fd = -1
-            if code != 0:
-                raise SeccompUnavailable(f"seccomp_export_bpf failed ({code})")
-            chunks = []
-            while chunk := os.read(read_fd, 65536):
-                chunks.append(chunk)
-        finally:
-            if write_fd >= 0:
-                os.close(write_fd)
-            os.close(read_fd)
+        return export(lib, ctx)
     finally:
         lib.seccomp_release(ctx)
+
+
+def export(lib, ctx) -> bytes:
+    """The BPF program of libseccomp context `ctx` (written by libseccomp to a pipe)."""
+    read_fd, write_fd = os.pipe()
+    try:
+        code = lib.seccomp_export_bpf(ctx, write_fd)
+        os.close(write_fd)
+        write_fd = -1
+        if code != 0:
+            raise SeccompUnavailable(f"seccomp_export_bpf failed ({code})")
+        chunks = []
+        while chunk := os.read(read_fd, 65536):
+            chunks.append(chunk)
+    finally:
+        if write_fd >= 0:
+            os.close(write_fd)
+        os.close(read_fd)
     return b"".join(chunks)

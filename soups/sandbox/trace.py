@@ -76,17 +76,12 @@ def _trace_one(strace: str, text: str, function: str, calls, extract: bool, out:
 
 def _allow_all_filter() -> bytes:
     """A filter that allows every call (bwrap still loads one, so the trace shows where)."""
-    lib = seccomp._library()
+    lib = seccomp.library()
     ctx = lib.seccomp_init(seccomp.ALLOW)
-    read_fd, write_fd = os.pipe()
     try:
-        lib.seccomp_export_bpf(ctx, write_fd)
+        return seccomp.export(lib, ctx)
     finally:
-        os.close(write_fd)
         lib.seccomp_release(ctx)
-    data = os.read(read_fd, 65536)
-    os.close(read_fd)
-    return data
 
 
 def parse_trace(path: str) -> tuple[Counter, dict[str, set[str]]]:
