@@ -123,7 +123,7 @@ def evaluate(
         task_rows = list(rows[name])
         prompts = _prompts(task_rows, resident.tokenizer if use_chat else None)
         scored, start = [], time.monotonic()
-        for first in range(0, len(task_rows), CHUNK):
+        for first in range(0, max(len(task_rows), 1), CHUNK):  # an empty split: one pass
             (chunk,) = evaluate_side_by_side(resident, [adapter], name,
                                              task_rows[first:first + CHUNK],
                                              prompts[first:first + CHUNK], sandbox=sandbox)

@@ -319,14 +319,13 @@ def overlay(base: dict, extra: dict, defaults: dict | None = None) -> dict:
     not a new target entry holding that key alone."""
     out = dict(base)
     for key, value in extra.items():
-        below = out.get(key)
+        if not isinstance(value, dict):
+            out[key] = value
+            continue
         default = (defaults or {}).get(key)
-        if not isinstance(below, dict) and isinstance(value, dict) and isinstance(default,
-                                                                                   dict):
-            below = default
-        out[key] = (overlay(below if isinstance(below, dict) else {}, value,
-                            default if isinstance(default, dict) else None)
-                    if isinstance(value, dict) else value)
+        default = default if isinstance(default, dict) else None
+        below = out.get(key)
+        out[key] = overlay(below if isinstance(below, dict) else default or {}, value, default)
     return out
 
 
