@@ -66,7 +66,7 @@ def program_span(text: str, entry: str) -> tuple[int, int]:
     there instead of one line at a time; a prefix that parses without defining `entry`
     ends the search from that start (no shorter one defines it at top level); and the
     characters parsed over the whole search are capped at PARSE_BUDGET per character of
-    the answer, after which the longest program found so far (or the whole answer) stands.
+    the answer: a search that runs out of it has found nothing and gives the whole answer.
     """
     fenced = FENCED.search(text)
     if fenced:

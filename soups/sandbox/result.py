@@ -75,8 +75,9 @@ def _span_problem(span, text_length: int) -> str | None:
 def _schema_problem(result, n_calls: int, text_length: int) -> str | None:
     if not isinstance(result, dict) or not FIELDS <= set(result) <= FIELDS | OPTIONAL:
         return "not the harness's result object"
-    if "span" in result and _span_problem(result["span"], text_length):
-        return _span_problem(result["span"], text_length)
+    problem = _span_problem(result["span"], text_length) if "span" in result else None
+    if problem is not None:
+        return problem
     parsed, ran, outputs, error = (result[k] for k in ("parsed", "ran", "outputs", "error"))
     if not isinstance(parsed, bool) or not isinstance(ran, bool) or not isinstance(outputs, list):
         return "fields of the wrong type"
