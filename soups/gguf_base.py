@@ -120,13 +120,14 @@ def _quantization(path: Path) -> str:
 
 
 def dequantize(gguf_path: Path, out_root: Path, name: str, hub_id: str | None = None,
-               log=print) -> Path:
+               log=print, digest: str | None = None) -> Path:
     """A save_pretrained folder (float32 safetensors, tokenizer, provenance) of the GGUF
-    file, built once under `out_root` and keyed by the file's sha256."""
+    file, built once under `out_root` and keyed by the file's sha256 (`digest`, when the
+    caller has just checked it)."""
     gguf_path = Path(gguf_path)
     if not gguf_path.is_file():
         raise GgufError(f"base model {gguf_path}: no such GGUF file")
-    digest = sha256_of(gguf_path)
+    digest = digest or sha256_of(gguf_path)
     out = out_root / f"gguf-{digest[:16]}"
     if (out / BASE_FILE).is_file():
         return out
@@ -200,8 +201,9 @@ def resolve_gguf_base(name: str, cache: Path, log=print) -> Path:
     """The cached save_pretrained folder of a GGUF path or a named base (see the module)."""
     if name in NAMED_BASES:
         named = NAMED_BASES[name]
-        gguf_path = fetch_named(name, cache / "downloads", log=log)
-        return dequantize(gguf_path, cache / "base_models", name, named.hub_id, log=log)
+        gguf_path = fetch_named(name, cache / "downloads", log=log)  # checked: its sha256
+        return dequantize(gguf_path, cache / "base_models", name, named.hub_id, log=log,
+                          digest=named.sha256)
     return dequantize(Path(name), cache / "base_models", name, None, log=log)
 
 
