@@ -28,12 +28,17 @@ from soups.names import (
     STUDY_TAG,
     TRIAL_ID,
     accuracy_task,
+    candidate_label,
 )
 
 # Leading columns of the trial table, in this order; parameters and metrics follow.
 TRIAL_COLUMNS = ["study", "trial", "label", "method", "group", "rank", "seed", "status",
                  OBJECTIVE, "start_time", "end_time", "duration_s", "run_id", "run_name",
                  "n_runs"]
+# Parameters every trial of a study shares (each task's generation and scoring settings):
+# the study logs them on its parent run; older versions logged them on every trial run, where
+# the trial table and the labels leave them out.
+SHARED_PARAM_PREFIXES = ("task.",)
 # MLflow status -> trial status: a RUNNING run belongs to a study that is running or was
 # killed (the next `soups resume` finishes it).
 STATUS = {"FINISHED": "finished", "FAILED": "failed", "KILLED": "killed",
@@ -143,11 +148,10 @@ def _time(ms: int | None):
 
 
 def label(method: str, rank, params: dict) -> str:
-    """A trial's short name, as the leaderboard prints it: `ties r8 (density=0.75)`."""
-    shown = ", ".join(f"{k}={v}" for k, v in sorted(params.items())
-                      if v is not None and not (isinstance(v, float) and pd.isna(v)))
-    rank_text = f" r{int(rank)}" if rank is not None and not pd.isna(rank) else ""
-    return f"{method}{rank_text}" + (f" ({shown})" if shown else "")
+    """A trial's short name, as the leaderboard prints it: `ties r8 (density=0.75)`. Settings
+    every trial shares (`task.*`, logged on trial runs by older versions) are not part of it."""
+    return candidate_label(method, rank, {k: v for k, v in params.items()
+                                          if not k.startswith(SHARED_PARAM_PREFIXES)})
 
 
 def group(method: str, params: dict) -> str:
@@ -159,7 +163,8 @@ def group(method: str, params: dict) -> str:
 
 
 def _trial_row(run, study: str) -> dict:
-    params = {k: _value(v) for k, v in run.data.params.items()}
+    params = {k: _value(v) for k, v in run.data.params.items()
+              if not k.startswith(SHARED_PARAM_PREFIXES)}
     metrics = dict(run.data.metrics)
     status = _status(run)
     if status == "finished" and OBJECTIVE not in metrics:

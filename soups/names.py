@@ -13,8 +13,13 @@ reads them):
   analysis keeps one trial run per key;
 - PARENT_TAG `mlflow.parentRunId`, RUN_NAME_TAG `mlflow.runName`: MLflow's own run nesting
   and run name;
-- GIT_COMMIT_TAG `git_commit` and `version_tag(package)` `version.<package>`: the code the run
-  ran (`trainables.tracking.environment_tags`).
+- MLflow's own source tags (GIT_COMMIT_TAG `mlflow.source.git.commit`, its branch, whether the
+  tree was dirty, `mlflow.source.name` and `.type`, `mlflow.user`) and `version_tag(package)`
+  `version.<package>`: the code the run ran (`trainables.tracking.environment_tags`).
+
+Experiment tags (`trainables.tracking.experiment_id`): EXPERIMENT_KIND_TAG
+`mlflow.experimentKind` = EXPERIMENT_KIND (the UI opens a study's experiment on its runs, not on
+the GenAI overview it guesses for an untagged one) and the primary metric, the objective.
 
 Trial run tags (`trainables.trial_run`): METHOD_TAG `method` (the candidate's method; the
 analysis falls back to it when the run has no `method` param), TRIAL_ID `trial_id` (Tune's
@@ -31,7 +36,8 @@ BEST_TRIAL_TAG `best_trial` and BEST_METHOD_TAG `best_method`, the selected tria
 Trial metrics (`trainables.merge_trial`; logged to the trial run and reported to Tune):
 - `task_metric(split, task, metric)` `<split>/<task>/<metric>`: a task's score on a split
   (VALIDATION for every trial, TEST for the selected one only, `study.selection`); the metric is
-  ACCURACY `accuracy`, a partial score of the task's scorer (`soups.scoring`), or EVAL_SECONDS
+  ACCURACY `accuracy`, a partial score of the task's scorer (`soups.scoring`; every generating
+  scorer gives PARSED `parsed`, the share of answers it could read), or EVAL_SECONDS
   `eval_seconds` (time to score it). `split_task_metric(key)` and `accuracy_task(key)` parse
   them back;
 - OBJECTIVE `objective`: the validation accuracy on the target task, which the search
@@ -71,7 +77,12 @@ ROLE_TAG = "soups.role"
 KEY_TAG = "soups.run_key"
 PARENT_TAG = "mlflow.parentRunId"
 RUN_NAME_TAG = "mlflow.runName"
-GIT_COMMIT_TAG = "git_commit"
+GIT_COMMIT_TAG = "mlflow.source.git.commit"
+# Tags of a study's experiment (values the MLflow UI reads).
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+EXPERIMENT_KIND = "custom_model_development"
+PRIMARY_METRIC_TAG = "mlflow.experiment.primaryMetric.name"
+PRIMARY_METRIC_GREATER_TAG = "mlflow.experiment.primaryMetric.greaterIsBetter"
 # Values of ROLE_TAG.
 ROLE_PARENT = "parent"
 ROLE_FINETUNE = "finetune"
@@ -79,6 +90,7 @@ ROLE_TRIAL = "trial"
 # Tags of a trial run (TRIAL_ID is also a key of every Tune result).
 METHOD_TAG = "method"
 TRIAL_ID = "trial_id"
+TRIAL_NAME_TAG = "soups.tune_trial"
 NODE_TAG = "soups.work_nodes"
 LOSS_TAG = "soups.node_losses"
 DRIVER_TAG = "soups.driver_node"
@@ -92,6 +104,7 @@ BEST_METHOD_TAG = "best_method"
 VALIDATION = "validation"
 TEST = "test"
 ACCURACY = "accuracy"
+PARSED = "parsed"  # share of answers the task's scorer could read (soups.scoring)
 EVAL_SECONDS = "eval_seconds"
 # Trial metrics.
 OBJECTIVE = "objective"
@@ -122,6 +135,20 @@ BEST_OBJECTIVE_STDERR = "best/validation_objective_stderr"
 BEST_TEST_STDERR = "best/test_accuracy_stderr"
 DATA_PREFIX = "data"  # parent run: each task's rows per role, and decontamination
 DECONTAMINATED = "decontaminated"  # train rows removed: they are target evaluation rows
+
+
+def candidate_label(method: str | None, rank=None, params: dict | None = None,
+                    seed=None) -> str:
+    """A candidate's short name, the same in the terminal, the MLflow run name, the report and
+    the model card: `ties r8 (density=0.75)`, with ` seed 1` on a seed axis. Only what a
+    trial varies goes in; a missing value (None, NaN) is left out."""
+    def present(value) -> bool:
+        return value is not None and value == value  # NaN != NaN
+
+    shown = ", ".join(f"{k}={v}" for k, v in sorted((params or {}).items()) if present(v))
+    rank_text = f" r{int(rank)}" if present(rank) else ""
+    seed_text = f" seed {int(seed)}" if present(seed) else ""
+    return f"{method or '?'}{rank_text}" + (f" ({shown})" if shown else "") + seed_text
 
 
 def version_tag(package: str) -> str:

@@ -5,8 +5,9 @@ settings that kind reads. Kinds:
   "The answer is: N", the first such phrase, where a model usually stops; `hashes` GSM8K's
   "#### N", the first; `last` the last number of the text; `auto` answer_is, else hashes,
   else last; `regex` the first match of `pattern`'s one group) must equal the reference
-  within the tolerance; partial credit `answered` = a number was found by a stated form
-  (answer_is / hashes / regex; `last` for extract `last`), not by the last-number fallback.
+  within the tolerance; partial credit `parsed` = a number was found at all, `answered` = it
+  was found by a stated form (answer_is / hashes / regex; `last` for extract `last`), not by
+  the last-number fallback.
 - `final_number`: the alias of `number` with extract `auto` (the study's default).
 - `program`: the answer is a Python program (its first fenced block, else the longest
   run of its lines that parses and defines the entry function), cut out of the answer and
@@ -15,7 +16,10 @@ settings that kind reads. Kinds:
   (every call returned), then `accuracy` (every call returned the reference value within
   the tolerance).
 - `exact_match`: the whole answer equals the reference text, whitespace collapsed and,
-  unless `case_sensitive`, casefolded.
+  unless `case_sensitive`, casefolded; `parsed` = the answer is not empty.
+
+Every generating scorer reports `parsed` (PARSED: the answer gave the scorer something to
+judge), so a score of 0 reads apart from "never produced an answer" in every table.
 - `loss`: nothing is generated or scored here: the evaluation reports the completions' mean
   loss and perplexity (`soups.evaluate.completion_loss`) instead of an accuracy.
 
@@ -42,6 +46,7 @@ from dataclasses import asdict, dataclass
 from fractions import Fraction
 
 from soups.errors import SoupsError
+from soups.names import PARSED
 from soups.sandbox import BWRAP, ProgramJob, run_many
 from soups.sandbox.harness import program_span
 
@@ -220,8 +225,9 @@ def score_numbers(rows: Sequence[dict], answers: Sequence[str],
         correct = got is not None and values_equal(got, want, abs_tol=settings.abs_tol,
                                                    rel_tol=settings.rel_tol)
         records.append({**_base_record(row, answer, got, want, correct), "found_by": mode,
-                        "answered": mode in stated})
-    return records, {"answered": mean(r["answered"] for r in records)}
+                        "answered": mode in stated, PARSED: got is not None})
+    return records, {PARSED: mean(r[PARSED] for r in records),
+                     "answered": mean(r["answered"] for r in records)}
 
 
 def score_final_number(rows: Sequence[dict], answers: Sequence[str],
@@ -274,10 +280,10 @@ def score_programs(rows: Sequence[dict], answers: Sequence[str],
                    and values_equal(list(result.outputs), want, abs_tol=settings.abs_tol,
                                     rel_tol=settings.rel_tol))
         records.append({**_base_record(row, answer, program, want, correct),
-                        "parsed": result.parsed, "ran": result.ran,
+                        PARSED: result.parsed, "ran": result.ran,
                         "outputs": list(result.outputs),
                         "error": _program_error(result, correct)})
-    partial = {"parsed": mean(r["parsed"] for r in records),
+    partial = {PARSED: mean(r[PARSED] for r in records),
                "ran": mean(r["ran"] for r in records)}
     return records, partial
 
@@ -301,8 +307,8 @@ def score_exact_match(rows: Sequence[dict], answers: Sequence[str],
         want = json.loads(row["expected"])[0]
         got = normalise_text(answer, settings.case_sensitive)
         correct = got == normalise_text(want, settings.case_sensitive)
-        records.append(_base_record(row, answer, got, want, correct))
-    return records, {}
+        records.append({**_base_record(row, answer, got, want, correct), PARSED: bool(got)})
+    return records, {PARSED: mean(r[PARSED] for r in records)}
 
 
 # Registry -------------------------------------------------------------------------------

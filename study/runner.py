@@ -33,7 +33,7 @@ from study.layout import BEST_DIR, LEADERBOARD_FILE, SPEC_FILE, TUNE_DIR, study_
 from study.seeds import candidate_rows, exported_trial, shown, stderr_key
 from study.spec import StudySpec
 from trainables import tracking
-from trainables.merge_trial import TrialContext
+from trainables.merge_trial import TrialContext, generation_params
 
 # Library warnings and weight-loading bars of every trial process are silenced; worker
 # output still reaches the driver (fine-tune loss lines and step bars).
@@ -130,6 +130,9 @@ def run_study(spec: StudySpec, resume: bool = False, log=print) -> list[dict]:
             stage1_seed=spec.finetune.seed, evaluators=evaluators,
             finetune_lora=spec.finetune.lora_settings(1),
             finetune_train=spec.finetune.train_settings())
+        # Every task's generation and scoring settings: the same for every trial, so logged
+        # once here, not on each trial run (whose parameters are what it varies).
+        tracking.log_params(parent, {"task": generation_params(context)})
         try:
             results = fit(spec.search, spec.cat, spec.cluster, space, ranks, context,
                           root / TUNE_DIR, resume, log, say)

@@ -10,6 +10,7 @@ from pathlib import Path
 from soups.names import (
     MLFLOW_RUN_ID,
     OBJECTIVE,
+    PARSED,
     TEST,
     TRIAL_ID,
     VALIDATION,
@@ -56,8 +57,10 @@ def print_leaderboard(rows: list[dict], target: str, print_fn=print) -> None:
     skills and the time are means."""
     seeded = any(count_key(OBJECTIVE) in r for r in rows)
     value_w, test_w = (22, 22) if seeded else (14, 6)
-    print_fn(f"\n{'#':>2}  {'candidate':<44} {'val ' + target:>{value_w}} {'test':>{test_w}}  "
-             f"{'skills (val)':<24} {'time':>6}")
+    # `parsed`: the share of target answers the scorer could read at all, so a candidate that
+    # never wrote an answer reads apart from one that answered wrongly.
+    print_fn(f"\n{'#':>2}  {'candidate':<44} {'val ' + target:>{value_w}} {'parsed':>6} "
+             f"{'test':>{test_w}}  {'skills (val)':<24} {'time':>6}")
     for i, row in enumerate(rows, 1):
         m = row["metrics"]
         skills = " ".join(f"{task}={v:.2f}" for k, v in m.items()
@@ -65,7 +68,9 @@ def print_leaderboard(rows: list[dict], target: str, print_fn=print) -> None:
         objective = shown(row, OBJECTIVE) if row[OBJECTIVE] is not None else row["status"]
         seconds = sum(v for k, v in m.items() if k.endswith("seconds"))
         name = row["candidate"] + (f" seed {row['seed']}" if "seed" in row else "")
-        print_fn(f"{i:>2}  {name[:44]:<44} {objective:>{value_w}} "
+        parsed = m.get(task_metric(VALIDATION, target, PARSED))
+        parsed = f"{parsed:.2f}" if parsed is not None else "-"
+        print_fn(f"{i:>2}  {name[:44]:<44} {objective:>{value_w}} {parsed:>6} "
                  f"{shown(row, 'test'):>{test_w}}  {skills:<24} {seconds:>5.0f}s")
 
 

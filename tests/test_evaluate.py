@@ -258,8 +258,10 @@ def test_evaluate_rows_with_prompts_and_a_scorer(tiny):
     assert [r["prompt"] for r in scores.records] == PROMPTS[2:]
     assert [r["output"] for r in scores.records] == outputs
     assert [r["correct"] for r in scores.records] == [True, False]
-    assert scores.metrics("test") == {task_metric("test", "t"): 0.5}
-    assert scores.metrics() == {"t/accuracy": 0.5}
+    parsed = sum(bool(o.strip()) for o in outputs) / 2  # exact_match reads any non-empty answer
+    assert scores.metrics("test") == {task_metric("test", "t"): 0.5,
+                                      task_metric("test", "t", "parsed"): parsed}
+    assert scores.metrics() == {"t/accuracy": 0.5, "t/parsed": parsed}
 
 
 def test_evaluate_rows_defaults_to_the_rows_scorer(tiny):
@@ -269,7 +271,7 @@ def test_evaluate_rows_defaults_to_the_rows_scorer(tiny):
                            generation=GenerationSettings(max_new_tokens=3, stop=()))
     assert scores.records[0]["prompt"] == PROMPTS[3]
     assert scores.records[0]["extracted"] == scores.records[0]["reference"] == 3
-    assert scores.accuracy == 1.0 and scores.partial == {"answered": 0.0}
+    assert scores.accuracy == 1.0 and scores.partial == {"parsed": 1.0, "answered": 0.0}
 
 
 def test_evaluate_rows_rejects_unknown_mixed_or_miscounted_input(tiny):

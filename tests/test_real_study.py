@@ -13,6 +13,8 @@ import pytest
 import real_schemas
 from conftest import run_soups
 
+from soups.names import candidate_label
+
 pytestmark = pytest.mark.integration
 
 STUDY = "studies/lora_soups_gsm_hard.yaml"
@@ -123,13 +125,19 @@ def test_every_trial_logs_its_generations_and_settings(study, smoke_home):
 
     trials = _runs(smoke_home, "trial")
     assert len(trials) == 2
+    # The settings every trial shares are logged once, on the study's parent run.
+    (parent,) = _runs(smoke_home, "parent")
+    params = parent.data.params
+    assert params["task.gsm_hard.generation.max_new_tokens"] == "40"
+    assert "\\nQ:" in params["task.gsm_hard.generation.stop"] or \
+        "\nQ:" in params["task.gsm_hard.generation.stop"]
     first_demo = PRESETS["pal"].demos[0]
     for run in trials:
         assert run.info.status == "FINISHED"
         params, metrics = run.data.params, run.data.metrics
-        assert params["task.gsm_hard.generation.max_new_tokens"] == "40"
-        assert "\\nQ:" in params["task.gsm_hard.generation.stop"] or \
-            "\nQ:" in params["task.gsm_hard.generation.stop"]
+        assert not any(key.startswith("task.") for key in params), params
+        varied = {k: v for k, v in params.items() if k not in ("method", "rank", "seed")}
+        assert run.info.run_name == candidate_label(params["method"], params["rank"], varied)
         assert "validation/code/loss" in metrics and "validation/code/accuracy" not in metrics
         assert 0.0 <= metrics["validation/gsm_hard/accuracy"] <= 1.0
         records = _artifact_lines(run.info.run_id, "generations/validation/gsm_hard.jsonl",

@@ -89,7 +89,10 @@ def test_score_numbers_answered_and_text_references():
     assert [r["correct"] for r in records] == [True, False, False, True, True]
     assert [r["extracted"] for r in records] == [16, 15, 4, 1234, 3]
     assert [r["reference"] for r in records] == [16, 16, 3, 1234, 3.0]
-    assert partial == {"answered": pytest.approx(3 / 5)}  # "16 then 15" and "3": fallback
+    # Every answer gave a number; "16 then 15" and "3" only by the last-number fallback.
+    assert partial == {"parsed": 1.0, "answered": pytest.approx(3 / 5)}
+    _, partial = score_final_number(rows[:2], ["no number here", "The answer is 16."])
+    assert partial == {"parsed": 0.5, "answered": 0.5}
     assert {"prompt", "output", "extracted", "reference", "correct"} <= set(records[0])
 
 
@@ -218,7 +221,8 @@ def test_exact_match():
     answers = ["paris   is\nbig ", "Paris is big.", "PARIS IS BIG"]
     records, partial = score_exact_match(rows, answers)
     assert [r["correct"] for r in records] == [True, False, True]
-    assert records[0]["extracted"] == "paris is big" and partial == {}
+    assert records[0]["extracted"] == "paris is big" and partial == {"parsed": 1.0}
+    assert score_exact_match(rows[:2], ["  ", "Paris"])[1] == {"parsed": 0.5}
     sensitive = ScorerSettings(kind="exact_match", case_sensitive=True)
     records, _ = score_exact_match(rows, answers, sensitive)
     assert [r["correct"] for r in records] == [False, False, False]

@@ -260,6 +260,11 @@ def test_printed_leaderboard_over_seeds():
     lines.clear()
     print_leaderboard([TRIALS[0]], "math", lines.append)  # trials one by one: their seed
     assert "ties r8 seed 0" in lines[1] and "0.100" in lines[1]
+    assert lines[1].split()[6] == "-"  # no parse rate logged: none shown
+    lines.clear()
+    parsing = {**TRIALS[0], "metrics": {**TRIALS[0]["metrics"], "validation/math/parsed": 0.25}}
+    print_leaderboard([parsing], "math", lines.append)
+    assert "parsed" in lines[0].split() and lines[1].split()[6] == "0.25"
 
 
 def test_leaderboard_trial_rows_carry_their_seed_only_on_a_seed_axis():

@@ -132,7 +132,7 @@ def test_every_fine_tune_and_trial_is_one_finished_mlflow_run(smoke, home):
     for run in trials:
         assert run.data.params["method"] in PAPER_METHODS
         assert run.data.tags["method"] == run.data.params["method"]
-        assert "git_commit" in run.data.tags and "version.peft" in run.data.tags
+        assert "mlflow.source.git.commit" in run.data.tags and "version.peft" in run.data.tags
         metrics = run.data.metrics
         for task in ("math_code", "math", "code"):
             assert 0.0 <= metrics[f"validation/{task}/accuracy"] <= 1.0

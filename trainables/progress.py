@@ -7,21 +7,20 @@ import time
 
 from ray.tune import Callback
 
-from soups.names import OBJECTIVE
+from soups.names import OBJECTIVE, candidate_label
 
 
 def describe(config: dict) -> str:
     """A trial's candidate: `ties r8 (density=0.75)` (its seed, if any, left out)."""
     variant = config.get("variant", {})
-    params = ", ".join(f"{k}={v}" for k, v in sorted(variant.get("params", {}).items()))
-    rank = f" r{variant['rank']}" if variant.get("rank") is not None else ""
-    return f"{variant.get('method', '?')}{rank}" + (f" ({params})" if params else "")
+    return candidate_label(variant.get("method"), variant.get("rank"), variant.get("params"))
 
 
 def _trial(config: dict) -> str:
     """A trial in the progress lines: its candidate, and its seed on a seed axis."""
-    seed = config.get("variant", {}).get("seed")
-    return describe(config) + (f" seed {seed}" if seed is not None else "")
+    variant = config.get("variant", {})
+    return candidate_label(variant.get("method"), variant.get("rank"), variant.get("params"),
+                           variant.get("seed"))
 
 
 class StudyProgress(Callback):

@@ -16,9 +16,14 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 from soups.names import (
+    EXPERIMENT_KIND,
+    EXPERIMENT_KIND_TAG,
     GIT_COMMIT_TAG,
     KEY_TAG,
+    OBJECTIVE,
     PARENT_TAG,
+    PRIMARY_METRIC_GREATER_TAG,
+    PRIMARY_METRIC_TAG,
     ROLE_TAG,
     RUN_NAME_TAG,
     STUDY_TAG,
@@ -44,17 +49,29 @@ def artifact_location(uri: str, name: str) -> str | None:
     return (database.parent / "mlartifacts" / name).as_uri()
 
 
+# A study's experiment is model development: MLflow 3's UI guesses GenAI for an untagged one
+# and opens it on an empty traces overview instead of its runs.
+EXPERIMENT_TAGS = {EXPERIMENT_KIND_TAG: EXPERIMENT_KIND, PRIMARY_METRIC_TAG: OBJECTIVE,
+                   PRIMARY_METRIC_GREATER_TAG: "true"}
+
+
 def experiment_id(name: str) -> str:
+    """The study's experiment, created (with EXPERIMENT_TAGS) if it does not exist; an
+    existing one without a kind (made by an older version, or by hand) gets the tags."""
     import mlflow
 
     experiment = mlflow.get_experiment_by_name(name)
-    if experiment is not None:
-        return experiment.experiment_id
-    try:
-        return mlflow.create_experiment(
-            name, artifact_location=artifact_location(mlflow.get_tracking_uri(), name))
-    except mlflow.exceptions.MlflowException:  # created meanwhile by another process
-        return mlflow.get_experiment_by_name(name).experiment_id
+    if experiment is None:
+        try:
+            return mlflow.create_experiment(
+                name, artifact_location=artifact_location(mlflow.get_tracking_uri(), name),
+                tags=EXPERIMENT_TAGS)
+        except mlflow.exceptions.MlflowException:  # created meanwhile by another process
+            experiment = mlflow.get_experiment_by_name(name)
+    if EXPERIMENT_KIND_TAG not in experiment.tags:
+        for key, value in EXPERIMENT_TAGS.items():
+            mlflow.MlflowClient().set_experiment_tag(experiment.experiment_id, key, value)
+    return experiment.experiment_id
 
 
 def find_run(experiment: str, run_key: str):
@@ -155,24 +172,48 @@ def _text(value) -> str:
     return text[:6000]
 
 
+def _git(*args: str) -> str:
+    try:
+        return subprocess.run(["git", *args], capture_output=True, text=True,
+                              cwd=Path(__file__).parent, timeout=5).stdout.strip()
+    except (OSError, subprocess.TimeoutExpired):
+        return ""
+
+
 def environment_tags() -> dict[str, str]:
-    """Git commit and package versions, for reproducibility."""
+    """MLflow's own source tags (the UI's Source column and the run page's git commit) and
+    the package versions, for reproducibility. Runs are created through the client, which
+    sets none of them itself."""
+    import getpass
     from importlib.metadata import PackageNotFoundError, version
 
-    tags = {}
-    try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
-                                cwd=Path(__file__).parent, timeout=5).stdout.strip()
-        if commit:
-            tags[GIT_COMMIT_TAG] = commit
-    except (OSError, subprocess.TimeoutExpired):
-        pass
+    from mlflow.utils.mlflow_tags import (
+        MLFLOW_GIT_BRANCH,
+        MLFLOW_GIT_DIRTY,
+        MLFLOW_GIT_REPO_URL,
+        MLFLOW_SOURCE_NAME,
+        MLFLOW_SOURCE_TYPE,
+        MLFLOW_USER,
+    )
+
+    tags = {MLFLOW_SOURCE_NAME: "soups", MLFLOW_SOURCE_TYPE: "LOCAL"}
+    with contextlib.suppress(KeyError, OSError):
+        tags[MLFLOW_USER] = getpass.getuser()
+    commit = _git("rev-parse", "HEAD")
+    if commit:
+        tags[GIT_COMMIT_TAG] = commit
+        tags[MLFLOW_GIT_BRANCH] = _git("rev-parse", "--abbrev-ref", "HEAD")
+        tags[MLFLOW_GIT_DIRTY] = "true" if _git("status", "--porcelain",
+                                                "--untracked-files=no") else "false"
+        remote = _git("config", "--get", "remote.origin.url")
+        if remote:
+            tags[MLFLOW_GIT_REPO_URL] = remote
     for package in ("torch", "transformers", "peft", "ray", "deepspeed", "mlflow"):
         try:
             tags[version_tag(package)] = version(package)
         except PackageNotFoundError:
             continue
-    return tags
+    return {k: v for k, v in tags.items() if v}
 
 
 def register_champion(run_id: str, artifact_path: str, model_name: str) -> int:

@@ -17,14 +17,22 @@ import time
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 
-from soups.names import METHOD_TAG, MLFLOW_RUN_ID, ROLE_TRIAL, STEP_KEYS, TRIAL_ID, progress_step
+from soups.names import (
+    METHOD_TAG,
+    MLFLOW_RUN_ID,
+    ROLE_TRIAL,
+    STEP_KEYS,
+    TRIAL_ID,
+    TRIAL_NAME_TAG,
+    candidate_label,
+    progress_step,
+)
 from trainables import tracking
 from trainables.candidates import candidate_kind
 from trainables.merge_trial import (
     ADAPTER_DIR,
     TRIAL_FILE,
     TrialContext,
-    generation_params,
     trial_seed,
 )
 
@@ -97,14 +105,19 @@ def trial_run(context: TrialContext, variant: dict, tags: Mapping[str, str] | No
 
     tracking.configure(context.tracking_uri)
     trial = ray.tune.get_context()
+    # Named as the terminal and the report name the candidate (the seed on a seed axis), so
+    # the MLflow runs table tells trials apart; the parameters are what a trial varies (the
+    # settings every trial shares are on the study's parent run).
+    name = candidate_label(variant["method"], variant["rank"], variant["params"],
+                           variant.get("seed"))
     with tempfile.TemporaryDirectory() as tmp, tracking.tracked_run(
-        context.experiment_id, trial_run_key(context.study, variant), trial.get_trial_name(),
+        context.experiment_id, trial_run_key(context.study, variant), name,
         ROLE_TRIAL, context.study, context.parent_run_id,
-        tags={METHOD_TAG: variant["method"], TRIAL_ID: trial.get_trial_id(), **(tags or {}),
+        tags={METHOD_TAG: variant["method"], TRIAL_ID: trial.get_trial_id(),
+              TRIAL_NAME_TAG: trial.get_trial_name(), **(tags or {}),
               **tracking.environment_tags()},
     ) as run_id:
         tracking.log_params(run_id, {"method": variant["method"], "rank": variant["rank"],
                                      "seed": trial_seed(context, variant),
                                      **variant["params"]})
-        tracking.log_params(run_id, {"task": generation_params(context)})
         yield TrialRun(run_id, trial.get_trial_name(), Path(tmp), variant)
