@@ -107,6 +107,8 @@ def expand_list_options(args: list[str]) -> list[str]:
 def main() -> None:
     import sys
 
+    # A closed pipe (`soups methods | head`) ends the command quietly with status 1: click's
+    # own handling of EPIPE. A study's console survives one (study.console).
     app(args=expand_list_options(sys.argv[1:]), prog_name="soups")
 
 

@@ -54,10 +54,14 @@ def run(
 
 
 def resume(name: str = typer.Argument(..., help="Name of an interrupted study.")) -> None:
-    """Continue an interrupted study: finished trials are kept, unfinished ones rerun."""
-    from study.registry import saved_spec
+    """Continue an interrupted study: finished trials are kept, unfinished ones rerun. A
+    complete study is left as it is (said, exit status 0)."""
+    from study.registry import StudyComplete, saved_spec
 
-    _run_in_console(saved_spec(name), resume=True)
+    try:
+        _run_in_console(saved_spec(name), resume=True)
+    except StudyComplete as done:
+        typer.echo(str(done))
 
 
 def status(name: str = typer.Argument(..., help="Study name.")) -> None:

@@ -14,6 +14,7 @@ restores the descriptors) before Python or the command line prints it.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import sys
@@ -38,6 +39,7 @@ class StudyConsole:
         self._lock = threading.RLock()
         self._shown: set[str] = set()  # progress lines already shown (Ray may send twice)
         self._ray = None
+        self._closed = False  # the terminal's reader went away (a closed pipe)
 
     def __enter__(self) -> StudyConsole:
         global _active
@@ -70,17 +72,23 @@ class StudyConsole:
         for fd, saved in zip((1, 2), self._fds, strict=True):
             os.dup2(saved, fd)
             os.close(saved)
-        self.out.flush()
-        self.err.flush()  # left open: a step bar made during the study may still hold it
+        with contextlib.suppress(BrokenPipeError):
+            self.out.flush()
+        with contextlib.suppress(BrokenPipeError):
+            self.err.flush()  # left open: a step bar made during the study may still hold it
         self._log.close()
 
     def say(self, line: str = "") -> None:
         """Show `line` on the terminal (above any step bar) and log it."""
         hide, show = _bar_hiding() if self._ray is not None else (_nothing, _nothing)
         with self._lock:
-            hide()
-            print(line, file=self.out, flush=True)
-            show()
+            if not self._closed:
+                hide()
+                try:
+                    print(line, file=self.out, flush=True)
+                except BrokenPipeError:  # `soups run | head`: the study goes on, logged
+                    self._closed = True
+                show()
             self._write(line)  # the lock is reentrant
 
     def _write(self, line: str) -> None:

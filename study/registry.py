@@ -9,8 +9,18 @@ import os
 import yaml
 
 from soups.home import TRACKING_ENV, default_tracking_uri, soups_home
-from study.layout import SPEC_FILE, spec_files
+from study.layout import LEADERBOARD_FILE, SPEC_FILE, spec_files, study_dir
 from study.spec import SpecError, StudySpec, Tracking, load_yaml, parse_model
+
+
+class StudyComplete(SpecError):
+    """`soups resume` of a study that finished: nothing is run, and nothing of it changes."""
+
+    def __init__(self, name: str):
+        super().__init__(f"study {name!r} is complete: nothing to resume. See it with `soups "
+                         f"report {name}`, export it with `soups export {name} --out DIR`, or "
+                         f"run it again under another --name")
+        self.name = name
 
 
 def tracking_uri(spec: StudySpec) -> str:
@@ -41,6 +51,8 @@ def check_study(spec: StudySpec, resume: bool = False):
 
     if not resume:
         _refuse_taken(spec)
+    elif (study_dir(spec) / LEADERBOARD_FILE).is_file():
+        raise StudyComplete(spec.name)
     return load_search_space(spec), tracking_uri(spec)
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import ast
 import builtins
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -133,3 +134,19 @@ def test_a_real_bad_input_through_python_m_study_cli(tmp_path):
     done = run_soups(tmp_path, "run", str(tmp_path / "nope.yaml"), timeout=120)
     assert done.returncode == 2 and "Traceback" not in done.stderr
     assert done.stderr == f"error: {tmp_path / 'nope.yaml'}: no such file\n"
+
+
+def test_output_to_a_closed_pipe_ends_quietly():
+    """`soups methods | head`: when the reader has gone, the command ends quietly, status 1
+    (click's convention) and no traceback (the pipe's read end is closed before the command
+    writes anything)."""
+    read, write = os.pipe()
+    os.close(read)
+    try:
+        done = subprocess.run([sys.executable, "-m", "study.cli", "methods"], cwd=ROOT,
+                              stdout=write, stderr=subprocess.PIPE, text=True, timeout=120,
+                              stdin=subprocess.DEVNULL)
+    finally:
+        os.close(write)
+    assert done.returncode == 1, done.stderr
+    assert "Traceback" not in done.stderr and "BrokenPipe" not in done.stderr, done.stderr

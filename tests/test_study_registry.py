@@ -110,3 +110,49 @@ def test_study_commands_bad_inputs_are_one_line_errors(home, tmp_path):
     ]:
         assert_user_error(args, *named)
     assert not (home / "x").exists() and not (tmp_path / "out").exists()
+
+
+def test_the_experiment_opens_on_its_runs_and_a_finished_run_keeps_its_state(tmp_path):
+    """The experiment carries MLflow's kind tag (an untagged one opens on the GenAI page) and
+    the objective as its primary metric, also when an older version created it; a finished
+    run reopened under its key (a rerun trial) stays FINISHED with its end time, whether the
+    work inside succeeds or raises."""
+    import mlflow
+
+    from soups.home import default_tracking_uri
+    from trainables import tracking
+
+    saved = mlflow.get_tracking_uri()
+    try:
+        tracking.configure(default_tracking_uri(tmp_path))
+        experiment = tracking.experiment_id("kinds")
+        tags = mlflow.get_experiment(experiment).tags
+        assert tags["mlflow.experimentKind"] == "custom_model_development"
+        assert tags["mlflow.experiment.primaryMetric.name"] == "objective"
+        old = mlflow.create_experiment("older")  # as an earlier version made it: no tags
+        assert tracking.experiment_id("older") == old
+        assert mlflow.get_experiment(old).tags["mlflow.experimentKind"] == \
+            "custom_model_development"
+        with tracking.tracked_run(experiment, "key", "ties r8", "trial", "kinds") as run_id:
+            pass
+        ended = mlflow.get_run(run_id).info
+        assert ended.status == "FINISHED" and ended.run_name == "ties r8"
+        with tracking.tracked_run(experiment, "key", "ties r8", "trial", "kinds") as again:
+            assert again == run_id and mlflow.get_run(run_id).info.status == "FINISHED"
+        with pytest.raises(RuntimeError), \
+                tracking.tracked_run(experiment, "key", "ties r8", "trial", "kinds"):
+            raise RuntimeError("a rerun failed")
+        info = mlflow.get_run(run_id).info
+        assert (info.status, info.end_time) == ("FINISHED", ended.end_time)
+        failed = "other"
+        with pytest.raises(RuntimeError), \
+                tracking.tracked_run(experiment, failed, "linear r8", "trial", "kinds"):
+            raise RuntimeError("a first run failed")
+        reopened = tracking.find_run(experiment, failed)
+        assert reopened.info.status == "FAILED"
+        with tracking.tracked_run(experiment, failed, "linear r8", "trial", "kinds") as rerun:
+            assert rerun == reopened.info.run_id
+            assert mlflow.get_run(rerun).info.status == "RUNNING"
+        assert mlflow.get_run(rerun).info.status == "FINISHED"
+    finally:
+        mlflow.set_tracking_uri(saved)

@@ -283,3 +283,29 @@ def test_bad_study_or_space_fails_naming_the_key(home, tmp_path, yaml_text, mess
     assert done.returncode == 2
     assert message in done.stderr
     assert not (home / "bad").exists()  # nothing was created for a study that did not start
+
+
+def _snapshot(home: Path, name: str) -> dict:
+    """Everything a study has: each MLflow run's status, end time, params, tags and every
+    metric's history, and each file of its folder (size, modification time)."""
+    client = _client(home)
+    runs = {}
+    for run in _runs(home, name):
+        history = {key: [(m.value, m.step, m.timestamp) for m in
+                         client.get_metric_history(run.info.run_id, key)]
+                   for key in run.data.metrics}
+        runs[run.info.run_id] = (run.info.status, run.info.end_time, run.data.params,
+                                 run.data.tags, history)
+    files = {str(p): (p.stat().st_size, p.stat().st_mtime_ns)
+             for p in (home / name).rglob("*") if p.is_file()}
+    return {"runs": runs, "files": files}
+
+
+def test_resuming_a_complete_study_says_so_and_changes_nothing(smoke, home):
+    before = _snapshot(home, "smoke")
+    assert before["runs"] and before["files"]
+    done = _soups(home, "resume", "smoke", timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "is complete: nothing to resume" in done.stdout
+    assert "soups report smoke" in done.stdout and "Traceback" not in done.stderr
+    assert _snapshot(home, "smoke") == before

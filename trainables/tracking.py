@@ -88,9 +88,10 @@ def find_run(experiment: str, run_key: str):
 def tracked_run(experiment: str, run_key: str, name: str, role: str, study: str,
                 parent_run_id: str | None = None, tags: Mapping[str, str] | None = None
                 ) -> Iterator[str]:
-    """Start (or resume, by `run_key`) a run and end it FINISHED, or FAILED on an exception.
-    Yields the run id. Runs are created through the client so that no active-run state
-    leaks between trials that share a worker process."""
+    """Start (or resume, by `run_key`) a run and end it FINISHED, or FAILED on an exception;
+    a FINISHED run is yielded as it is and keeps its state. Yields the run id. Runs are
+    created through the client so that no active-run state leaks between trials that share
+    a worker process."""
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient()
@@ -99,6 +100,11 @@ def tracked_run(experiment: str, run_key: str, name: str, role: str, study: str,
                 **(tags or {})}
     if parent_run_id:
         all_tags[PARENT_TAG] = parent_run_id
+    if existing is not None and existing.info.status == "FINISHED":
+        # A finished run never changes state (nor end time): whatever runs again under its
+        # key (a trial Tune reruns after losing its result) logs into it and leaves it so.
+        yield existing.info.run_id
+        return
     if existing is not None:
         run_id = existing.info.run_id
         client.update_run(run_id, status="RUNNING")
