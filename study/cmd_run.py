@@ -92,6 +92,7 @@ def export(
     name: str = typer.Argument(..., help="Study name."),
     out: Path = typer.Option(..., help="Folder to write the PEFT adapter to."),
     trial: str = typer.Option(None, help="Trial to export (default: the best)."),
+    force: bool = typer.Option(False, help="Replace OUT when it is not empty."),
 ) -> None:
     """Write the best (or --trial) merged adapter of a finished study as a PEFT folder."""
     from soups.names import OBJECTIVE
@@ -114,6 +115,6 @@ def export(
     if row is None:
         raise SpecError(f"study {name}: trial {trial or ''} did not finish")
     row = exported_trial(row)  # the trial itself, or the best candidate's best seed
-    export_adapter(row, out, spec)
+    export_adapter(row, out, spec, force=force)
     seed = f" seed {row['seed']}" if "seed" in row else ""
     typer.echo(f"wrote {row['candidate']}{seed} to {out}")

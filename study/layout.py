@@ -1,6 +1,7 @@
 """Where a study's state lives: `$SOUPS_HOME/<name>/` (or `<storage>/<name>/`) holds
 `study.yaml` (the resolved spec), `tune/` (Ray Tune's experiment, restorable),
-`leaderboard.json`, `best_adapter/` and `logs/study.log`."""
+`leaderboard.json`, `prompt_format.json` (how each task's prompts were written: the exported
+model card says it), `best_adapter/` and `logs/study.log`."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ SPEC_FILE = "study.yaml"
 TUNE_DIR = "tune"
 LEADERBOARD_FILE = "leaderboard.json"
 BEST_DIR = "best_adapter"
+PROMPTS_FILE = "prompt_format.json"
 
 
 def study_dir(spec) -> Path:

@@ -82,7 +82,7 @@ def run_study(spec: StudySpec, resume: bool = False, log=print) -> list[dict]:
     """Run (or resume) a study end to end; returns the leaderboard rows."""
     from study.cluster import preflight
     from study.console import say
-    from study.export import export_best
+    from study.export import export_best, record_prompt_format
     from study.registry import check_study, register_study
     from study.resolve import data_report, resolve_base_model, resolve_tasks, stage1_needs
     from study.selection import (
@@ -111,6 +111,7 @@ def run_study(spec: StudySpec, resume: bool = False, log=print) -> list[dict]:
 
         model_dir = resolve_base_model(spec, log)
         tasks = resolve_tasks(spec, model_dir)
+        record_prompt_format(tasks, root)
         _log_data(parent, data_report(tasks), log)
         ranks = space.ranks(spec.finetune.ranks)
         needs_loras, needs_data_mix = stage1_needs(space)
@@ -149,7 +150,7 @@ def run_study(spec: StudySpec, resume: bool = False, log=print) -> list[dict]:
         finally:
             stop_evaluators(evaluators)
         exported = exported_trial(best)  # the best itself, or its best seed
-        export_best(spec, exported, root, log)
+        export_best(spec, exported, root, model_dir, log)
         tracking.log_metrics(parent, {BEST_OBJECTIVE: best[OBJECTIVE],
                                       BEST_TEST_ACCURACY: best["test"],
                                       WALL_SECONDS: time.time() - started})

@@ -495,7 +495,7 @@ def test_a_study_export_of_a_mixture_keeps_it_and_says_how_to_load_it(mixture, t
     shutil.copytree(folder, checkpoint / ADAPTER_DIR)
     (checkpoint / TRIAL_FILE).write_text(json.dumps({"metrics": {"objective": 0.5}}))
     spec = SimpleNamespace(name="s", skills=["math", "code"], target_name="math_code",
-                           base_model="tiny")
+                           base_model="tiny", storage=str(tmp_path))
     row = {"checkpoint": str(checkpoint), "trial": "t1", "candidate": "lora_moe top_k=1",
            "method": "lora_moe", "rank": 4, "params": {"top_k": 1}}
     out = export_adapter(row, tmp_path / "best", spec)

@@ -185,6 +185,25 @@ def test_best_adapter_is_exported_and_registered_as_champion(smoke, home, tmp_pa
             str(Path(best["checkpoint"]) / "adapter")).eval()(**ids).logits
     torch.testing.assert_close(exported, original, rtol=0, atol=0)
     assert trial["variant"]["method"] == best["method"]
+    # The card: a Hugging Face header with the results, and the prompt format the adapter
+    # was trained with; the base named as the study named it, not by its cache folder.
+    import yaml
+
+    card = (out / "README.md").read_text()
+    header = yaml.safe_load(card.split("---\n")[1])
+    assert header["library_name"] == "peft" and "lora-soups" in header["tags"]
+    (result,) = header["model-index"][0]["results"]
+    assert result["metrics"][0]["value"] == pytest.approx(best["objective"], abs=1e-4)
+    assert "## Prompt format" in card and "### Question:" in card
+    config = json.loads((out / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == "embedded"
+    # A folder with something in it is replaced only with --force.
+    again = _soups(home, "export", "smoke", "--out", str(out), "--trial", best["trial"])
+    assert again.returncode == 2 and "--force" in again.stderr
+    assert (out / "README.md").read_text() == card
+    forced = _soups(home, "export", "smoke", "--out", str(out), "--trial", best["trial"],
+                    "--force")
+    assert forced.returncode == 0, forced.stderr
     # The study's own export of the best trial is registered with alias `champion` (unless
     # the best candidate is the base model alone, which has no adapter).
     if rows[0]["method"] != "base":

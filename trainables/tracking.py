@@ -222,18 +222,39 @@ def environment_tags() -> dict[str, str]:
     return {k: v for k, v in tags.items() if v}
 
 
-def register_champion(run_id: str, artifact_path: str, model_name: str) -> int:
-    """Register the run's adapter folder as a model version with alias `champion`.
-    (`mlflow.register_model("runs:/...")` refuses a plain folder: stack-notes.)"""
+CHAMPION_MODEL_CODE = Path(__file__).with_name("champion_model.py")
+CHAMPION_ARTIFACT = "champion_model"  # the trial run's artifact the registry version points at
+
+
+def register_champion(run_id: str, adapter_dir: str | Path, model_config: Mapping,
+                      model_name: str, description: str, tags: Mapping[str, str]) -> int:
+    """Register the champion as an MLflow model that `mlflow.pyfunc.load_model` loads and
+    runs (`champion_model.py`, models from code: base model + the PEFT adapter, generating
+    answers), with alias `champion`, a description and tags. The model is saved into the
+    trial run's artifacts through the client, so the finished run keeps its state."""
+    import tempfile
+    from importlib.metadata import version
+
+    import mlflow
     from mlflow.exceptions import MlflowException
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient()
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp) / CHAMPION_ARTIFACT
+        mlflow.pyfunc.save_model(
+            str(folder), python_model=str(CHAMPION_MODEL_CODE),
+            artifacts={"adapter": str(adapter_dir)}, model_config=dict(model_config),
+            # stated, not inferred: inferring them would load and run the model
+            pip_requirements=[f"{p}=={version(p)}" for p in ("torch", "transformers", "peft")]
+            + [f"mlflow=={version('mlflow')}"])
+        client.log_artifacts(run_id, str(folder), CHAMPION_ARTIFACT)
     try:
         client.create_registered_model(model_name)
     except MlflowException:
         pass  # already registered
-    source = f"{client.get_run(run_id).info.artifact_uri}/{artifact_path}"
-    version = client.create_model_version(model_name, source=source, run_id=run_id)
-    client.set_registered_model_alias(model_name, "champion", version.version)
-    return int(version.version)
+    source = f"{client.get_run(run_id).info.artifact_uri}/{CHAMPION_ARTIFACT}"
+    created = client.create_model_version(model_name, source=source, run_id=run_id,
+                                          description=description, tags=dict(tags))
+    client.set_registered_model_alias(model_name, "champion", created.version)
+    return int(created.version)
