@@ -19,11 +19,11 @@ Ray Tune objects.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from soups.errors import SoupsError
+from soups.errors import SoupsError, did_you_mean
 from soups.yaml_file import read_yaml
 
 HERE = Path(__file__).parent
@@ -89,7 +89,8 @@ def space_path(name_or_path: str | Path) -> Path:
     shipped = HERE / f"{name_or_path}.yaml"
     if not shipped.is_file():
         names = sorted(p.stem for p in HERE.glob("*.yaml"))
-        raise SearchSpaceError(f"no search space {str(name_or_path)!r}; shipped: {names}")
+        raise SearchSpaceError(f"no search space {str(name_or_path)!r}; shipped: {names}"
+                               + did_you_mean(name_or_path, names))
     return shipped
 
 
@@ -150,20 +151,24 @@ def _checks(declared: Declared) -> Mapping[str, Check | None]:
     return declared if isinstance(declared, Mapping) else dict.fromkeys(declared)
 
 
-def parse_space(data, source: str, method_parameters: Callable[[str], Declared]) -> SearchSpace:
+def parse_space(data, source: str, method_parameters: Callable[[str], Declared],
+                known_methods: Iterable[str] = ()) -> SearchSpace:
     """Check a loaded YAML mapping; `method_parameters(name)` gives the parameters a method
-    declares (names, or names with their checks), or None for an unknown method."""
+    declares (names, or names with their checks), or None for an unknown method;
+    `known_methods`, the names an unknown one is matched against ("did you mean")."""
     if not isinstance(data, Mapping):
         raise SearchSpaceError(f"{source}: a search space is a mapping, got {data!r}")
     unknown = set(data) - TOP_LEVEL
     if unknown:
-        raise SearchSpaceError(f"{source}: unknown key {sorted(unknown)[0]!r}; "
-                               f"allowed: {sorted(TOP_LEVEL)}")
+        word = sorted(unknown)[0]
+        raise SearchSpaceError(f"{source}: unknown key {word!r}; allowed: {sorted(TOP_LEVEL)}"
+                               + did_you_mean(word, TOP_LEVEL))
     methods = data.get("methods")
     if not isinstance(methods, Mapping) or not methods:
         raise SearchSpaceError(f"{source}: 'methods' must map at least one method to its "
                                "parameters")
-    parsed = {method: _parse_method(method, params, source, method_parameters(method))
+    parsed = {method: _parse_method(method, params, source, method_parameters(method),
+                                    known_methods)
               for method, params in methods.items()}
     rank = _domain(data["rank"], f"{source}: rank") if "rank" in data else None
     if rank is not None:
@@ -171,10 +176,13 @@ def parse_space(data, source: str, method_parameters: Callable[[str], Declared])
     return SearchSpace(source=source, methods=parsed, rank=rank)
 
 
-def _parse_method(method: str, params, source: str, declared: Declared) -> dict[str, object]:
+def _parse_method(method: str, params, source: str, declared: Declared,
+                  known_methods: Iterable[str] = ()) -> dict[str, object]:
     """One method's parameters: declared names, well-formed domains, values its checks take."""
     if declared is None:
-        raise SearchSpaceError(f"{source}: unknown method {method!r}")
+        raise SearchSpaceError(f"{source}: unknown method {method!r}"
+                               + did_you_mean(method, known_methods)
+                               + " (`soups methods` lists them)")
     params = params or {}
     if not isinstance(params, Mapping):
         raise SearchSpaceError(f"{source}: methods.{method} must map parameters to "
@@ -184,7 +192,7 @@ def _parse_method(method: str, params, source: str, declared: Declared) -> dict[
         if name not in checks:
             raise SearchSpaceError(
                 f"{source}: method {method!r} takes no parameter {name!r}; "
-                f"it takes {sorted(checks) or 'none'}")
+                f"it takes {sorted(checks) or 'none'}" + did_you_mean(name, checks))
     missing = sorted(getattr(declared, "required", frozenset()) - set(params))
     if missing:
         raise SearchSpaceError(f"{source}: method {method!r} needs parameter {missing[0]!r}")
@@ -197,7 +205,8 @@ def _parse_method(method: str, params, source: str, declared: Declared) -> dict[
     return parsed
 
 
-def load_space(name_or_path: str | Path,
-               method_parameters: Callable[[str], Declared]) -> SearchSpace:
+def load_space(name_or_path: str | Path, method_parameters: Callable[[str], Declared],
+               known_methods: Iterable[str] = ()) -> SearchSpace:
     path = space_path(name_or_path)
-    return parse_space(read_yaml(path, SearchSpaceError), str(path), method_parameters)
+    return parse_space(read_yaml(path, SearchSpaceError), str(path), method_parameters,
+                       known_methods)

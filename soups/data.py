@@ -16,7 +16,7 @@ import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from soups.errors import SoupsError
+from soups.errors import SoupsError, did_you_mean
 from soups.tasks import EXAMPLE_BUILDERS, TASK_NAMES
 
 SPLITS = ("train", "validation", "test")
@@ -66,7 +66,8 @@ def generate_rows(settings: DataSettings) -> dict[str, dict[str, list[dict]]]:
     """Rows per task and split; problem texts are unique across all of them."""
     for task, sizes in settings.sizes.items():
         if task not in EXAMPLE_BUILDERS:
-            raise DatasetError(f"unknown task {task!r} in sizes; known: {sorted(EXAMPLE_BUILDERS)}")
+            raise DatasetError(f"unknown task {task!r} in sizes; known: {sorted(EXAMPLE_BUILDERS)}"
+                               + did_you_mean(task, EXAMPLE_BUILDERS))
         unknown = set(sizes) - set(SPLITS)
         if unknown:
             raise DatasetError(f"unknown split {sorted(unknown)[0]!r} for task {task!r}")

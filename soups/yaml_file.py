@@ -16,4 +16,16 @@ def read_yaml(path: str | Path, error: type[Exception] = ValueError):
     try:
         return yaml.safe_load(path.read_text())
     except yaml.YAMLError as err:
-        raise error(f"{path}: not valid YAML: {err}") from None
+        raise error(f"{path}: not valid YAML: {yaml_problem(err)}") from None
+
+
+def yaml_problem(err) -> str:
+    """A YAML parse error in one line, with its place: `line 3, column 1: expected the node
+    content, but found '<stream end>' (while parsing a flow node)` (PyYAML's own text spans
+    lines and names its input `<unicode string>`)."""
+    mark = getattr(err, "problem_mark", None)
+    problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+    context = getattr(err, "context", None)
+    where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
+    text = problem + (f" ({context})" if context else "")
+    return where + " ".join(text.split())

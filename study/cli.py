@@ -16,6 +16,10 @@ class SoupsGroup(TyperGroup):
     `error: <message>` on stderr and exit status 2, as a bad option does; any other
     exception is a bug and keeps its traceback."""
 
+    def list_commands(self, ctx):
+        """In the order a study's life goes (their registration order), not alphabetical."""
+        return list(self.commands)
+
     def invoke(self, ctx):
         try:
             return super().invoke(ctx)
@@ -34,6 +38,32 @@ app = typer.Typer(
 )
 
 
+def _show_version(value: bool) -> None:
+    if value:
+        from importlib.metadata import PackageNotFoundError, version
+
+        try:
+            typer.echo(f"soups {version('lora-soups')}")
+        except PackageNotFoundError:  # run from a source tree that was never installed
+            typer.echo("soups (not installed: run from a source tree)")
+        raise typer.Exit()
+
+
+@app.callback()
+def _options(
+    show_version: bool = typer.Option(False, "--version", callback=_show_version,
+                                      is_eager=True, help="Print the version and exit."),
+) -> None:
+    """Compose skills by merging LoRA adapters (LoRA Soups): fine-tune, merge, search, export."""
+
+
+def _command(name: str, function) -> None:
+    """Register a command; the list in `soups --help` shows its docstring's first paragraph
+    as one line (the full docstring is its own --help)."""
+    first = (function.__doc__ or "").strip().split("\n\n")[0]
+    app.command(name, short_help=" ".join(first.split()))(function)
+
+
 def _register() -> None:
     """One line per command; each command module keeps its heavy imports inside functions.
     The CLI is the one place `study` reaches `analysis` (the report command lives there,
@@ -49,18 +79,20 @@ def _register() -> None:
         cmd_validate,
     )
 
-    app.command("prepare")(cmd_prepare.prepare)
-    app.command("evaluate")(cmd_prepare.evaluate)
-    app.command("merge")(cmd_merge.merge)
-    app.command("methods")(cmd_methods.methods)
-    app.command("cat")(cmd_cat.cat)
-    app.command("run")(cmd_run.run)
-    app.command("resume")(cmd_run.resume)
-    app.command("status")(cmd_run.status)
-    app.command("export")(cmd_run.export)
-    app.command("validate")(cmd_validate.validate)
-    app.command("report")(cmd_report.report)
+    # A study's life: check it, prepare and inspect its inputs, run it, follow it, compare
+    # and export; then the building blocks one at a time.
+    _command("validate", cmd_validate.validate)
+    _command("prepare", cmd_prepare.prepare)
     app.add_typer(cmd_data.data_app, name="data")
+    _command("run", cmd_run.run)
+    _command("status", cmd_run.status)
+    _command("resume", cmd_run.resume)
+    _command("report", cmd_report.report)
+    _command("export", cmd_run.export)
+    _command("methods", cmd_methods.methods)
+    _command("merge", cmd_merge.merge)
+    _command("cat", cmd_cat.cat)
+    _command("evaluate", cmd_prepare.evaluate)
 
 
 _register()

@@ -25,6 +25,7 @@ def preview(
     decontamination), the first evaluation prompts with their reference completions, and
     the training token counts against `finetune.max_length`. Loads the data and the base
     model's tokenizer; trains nothing."""
+    from soups.errors import did_you_mean
     from soups.task_data import load_tokenizer
     from soups.text_batches import encode_example
     from study.resolve import data_report, resolve_base_model, resolve_tasks
@@ -33,7 +34,8 @@ def preview(
     spec = load_spec(study, assignments(set_))
     unknown = sorted(set(task or ()) - set(spec.tasks()))
     if unknown:
-        raise SpecError(f"no task {unknown[0]!r} in the study; tasks: {sorted(spec.tasks())}")
+        raise SpecError(f"no task {unknown[0]!r} in the study; tasks: {sorted(spec.tasks())}"
+                        + did_you_mean(unknown[0], spec.tasks()))
     model_dir = resolve_base_model(spec, log=typer.echo)
     tasks = resolve_tasks(spec, model_dir)
     report = data_report(tasks)

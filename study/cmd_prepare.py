@@ -88,6 +88,7 @@ def evaluate(
     CHUNK rows; with --out, the answers scored so far are written after each chunk, so an
     interrupted run keeps them."""
     from soups.data import DatasetError, DataSettings, build_task_datasets, load_task_dataset
+    from soups.errors import did_you_mean
     from soups.home import cache_dir
     from soups.resident import ResidentModel, evaluate_side_by_side
     from soups.sandbox import SANDBOXES, check_sandbox
@@ -107,7 +108,7 @@ def evaluate(
         if not (data_dir / name).exists():
             there = sorted(p.name for p in data_dir.iterdir() if p.is_dir())
             raise DatasetError(f"no dataset for task {name!r} in {data_dir} (tasks there: "
-                               f"{', '.join(there) or 'none'})")
+                               f"{', '.join(there) or 'none'})" + did_you_mean(name, there))
     rows = {name: load_task_dataset(data_dir / name, split) for name in task}
     if limit:
         rows = {name: r.select(range(min(limit, len(r)))) for name, r in rows.items()}

@@ -43,14 +43,11 @@ def validate(
 
 
 def is_cluster_file(path: Path) -> bool:
-    """Whether `path` is a `ray up` cluster file, by its top-level keys. A file that cannot be
-    read as YAML goes to the cluster checks, which report it as they always have."""
+    """Whether `path` is a `ray up` cluster file, by its top-level keys. A missing file or
+    one that is not YAML is bad input whatever its kind: one line, exit status 2."""
     from soups.yaml_file import read_yaml
 
-    try:
-        data = read_yaml(path, SoupsError)
-    except SoupsError:
-        return True
+    data = read_yaml(path, SoupsError)
     return isinstance(data, dict) and any(key in data for key in CLUSTER_KEYS)
 
 

@@ -47,7 +47,7 @@ def champion_config(spec: StudySpec, model_dir) -> dict:
 def champion_tags(spec: StudySpec, best: dict) -> dict[str, str]:
     tags = {"study": spec.name, "method": best["method"], "rank": str(best["rank"]),
             "candidate": candidate_label(best["method"], best["rank"], best["params"]),
-            "objective": f"{best[OBJECTIVE]:.4f}", "target": spec.target_name,
+            OBJECTIVE: f"{best[OBJECTIVE]:.4f}", "target": spec.target_name,
             "base_model": base_name(spec)}
     if best.get("test") is not None:
         tags["test_accuracy"] = f"{best['test']:.4f}"

@@ -8,6 +8,7 @@ import os
 
 import yaml
 
+from soups.errors import did_you_mean
 from soups.home import TRACKING_ENV, default_tracking_uri, soups_home
 from study.layout import LEADERBOARD_FILE, SPEC_FILE, spec_files, study_dir
 from study.spec import SpecError, StudySpec, Tracking, load_yaml, parse_model
@@ -80,5 +81,7 @@ def saved_spec(name: str) -> StudySpec:
     """The spec a study saved when it started, found by its name under $SOUPS_HOME."""
     path = soups_home() / name / SPEC_FILE
     if not path.is_file():
-        raise SpecError(f"no study {name!r} under {soups_home()}")
+        studies = [p.parent.name for p in soups_home().glob(f"*/{SPEC_FILE}")]
+        raise SpecError(f"no study {name!r} under {soups_home()}"
+                        + did_you_mean(name, studies))
     return parse_model(StudySpec, load_yaml(path), str(path))

@@ -30,8 +30,10 @@ def stage1_needs(space) -> tuple[bool, bool]:
 
 def load_search_space(spec: StudySpec):
     from search_spaces import load_space
+    from trainables.candidates import CANDIDATES
 
-    return load_space(spec.search.space, partial(method_parameters, skills=tuple(spec.skills)))
+    return load_space(spec.search.space, partial(method_parameters, skills=tuple(spec.skills)),
+                      CANDIDATES.names())
 
 
 def resolve_base(name: str | None, settings=None, log=print) -> str:
@@ -71,6 +73,7 @@ def resolve_tasks(spec: StudySpec, model_dir: str | None = None) -> dict[str, Ta
     data_dir = None
     if generated:
         from soups.data import build_task_datasets
+        from soups.errors import did_you_mean
         from soups.home import cache_dir
         from soups.tasks import TASK_NAMES
 
@@ -78,7 +81,8 @@ def resolve_tasks(spec: StudySpec, model_dir: str | None = None) -> dict[str, Ta
         for name in generated:
             if not (data_dir / name).exists():
                 raise SpecError(f"task {name!r} has source 'generated' but the generator "
-                                f"makes only {', '.join(TASK_NAMES)}")
+                                f"makes only {', '.join(TASK_NAMES)}"
+                                + did_you_mean(name, TASK_NAMES))
     tasks = {name: TaskData(name, task, str(data_dir / name) if task.generated else task.source,
                             model_dir=model_dir, max_length=spec.finetune.max_length)
              for name, task in spec.tasks().items()}

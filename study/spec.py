@@ -13,11 +13,11 @@ from typing import Annotated, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from soups.data import DataSettings
-from soups.errors import SoupsError
+from soups.errors import SoupsError, did_you_mean
 from soups.evaluate import BATCH_SIZE, MAX_NEW_TOKENS
 from soups.task_spec import TaskSpec
 from soups.train_settings import LoraSettings, LossOn, TrainSettings
-from soups.yaml_file import read_yaml
+from soups.yaml_file import read_yaml, yaml_problem
 from trainables.finetune_settings import DeepSpeedSettings, ScalingSettings
 from trainables.learned_settings import CatTraining
 
@@ -288,10 +288,37 @@ class StudySpec(Strict):
         return {**self.skills, **self.target}
 
 
-def _describe(error: dict) -> str:
+def _fields_at(model: type[BaseModel], loc: tuple) -> list[str]:
+    """The keys allowed where `loc`'s last part stands (the fields of the model that holds
+    it; through mappings of models such as `skills`), or [] where that cannot be told."""
+    import typing
+
+    current, parts = model, list(loc[:-1])
+    while parts:
+        field = current.model_fields.get(parts.pop(0)) if isinstance(current, type) else None
+        if field is None:
+            return []
+        annotation, current = field.annotation, None
+        for candidate in (annotation, *typing.get_args(annotation)):
+            args = typing.get_args(candidate)
+            if isinstance(candidate, type) and issubclass(candidate, BaseModel):
+                current = candidate
+            elif typing.get_origin(candidate) is dict and args and isinstance(args[-1], type) \
+                    and issubclass(args[-1], BaseModel) and parts:
+                parts.pop(0)  # the mapping's key (a task name)
+                current = args[-1]
+            if current is not None:
+                break
+        if current is None:
+            return []
+    return list(current.model_fields)
+
+
+def _describe(error: dict, model: type[BaseModel] | None = None) -> str:
     path = ".".join(str(p) for p in error["loc"]) or "(top level)"
     if error["type"] == "extra_forbidden":
-        return f"unknown key {path!r}"
+        known = _fields_at(model, tuple(error["loc"])) if model is not None else []
+        return f"unknown key {path!r}" + did_you_mean(error["loc"][-1], known)
     value = error.get("input")
     shown = f" (got {value!r})" if not isinstance(value, dict) else ""
     return f"{path}: {error['msg']}{shown}"
@@ -303,7 +330,7 @@ def parse_model(model: type[BaseModel], data, source: str):
     try:
         return model.model_validate(data)
     except ValidationError as err:
-        lines = [_describe(e) for e in err.errors()]
+        lines = [_describe(e, model) for e in err.errors()]
         raise SpecError(f"{source}: " + "; ".join(lines)) from None
 
 
@@ -342,7 +369,8 @@ def assignments(items: list[str] | None) -> dict:
         try:
             parsed = yaml.safe_load(value) if value else ""
         except yaml.YAMLError as err:
-            raise SpecError(f"--set {item!r}: the value is not YAML ({err})") from None
+            raise SpecError(f"--set {item!r}: the value is not YAML: {yaml_problem(err)}"
+                            ) from None
         *parents, last = key.split(".")
         node = out
         for part in parents:

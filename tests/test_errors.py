@@ -150,3 +150,55 @@ def test_output_to_a_closed_pipe_ends_quietly():
         os.close(write)
     assert done.returncode == 1, done.stderr
     assert "Traceback" not in done.stderr and "BrokenPipe" not in done.stderr, done.stderr
+
+
+@pytest.mark.parametrize("text, message", [
+    ("name: x\nfinetune: [1,\n", "not valid YAML: line 3, column 1: expected the node content"),
+    ("name: x\nfinetune:\n  learning_rat: 1\n",
+     "unknown key 'finetune.learning_rat'; did you mean 'learning_rate'?"),
+    ("name: x\nskills:\n  math: {source: generated, scorr: program}\n"
+     "  code: {source: generated}\n", "unknown key 'skills.math.scorr'; did you mean 'scorer'?"),
+    ("name: x\nsearh: {}\n", "unknown key 'searh'; did you mean 'search'?"),
+])
+def test_bad_study_files_are_one_line_with_a_suggestion(tmp_path, text, message):
+    """Malformed YAML and misspelt keys: exit status 2, one line naming the file, the place
+    or key, and the closest allowed key."""
+    study = tmp_path / "study.yaml"
+    study.write_text(text)
+    for command in ("validate", "run"):
+        done = run_soups(tmp_path, command, str(study), timeout=120)
+        assert done.returncode == 2, (command, done.stderr)
+        assert done.stderr.startswith(f"error: {study}: ") and message in done.stderr
+        assert done.stderr.count("\n") == 1 and "<unicode string>" not in done.stderr
+        assert done.stderr.count(str(study)) == 1
+
+
+def test_misspelt_names_get_a_suggestion(tmp_path):
+    from search_spaces import SearchSpaceError, parse_space
+    from study.resolve import method_parameters
+    from trainables.candidates import CANDIDATES
+
+    with pytest.raises(SearchSpaceError, match=r"unknown method 'tie'; did you mean 'ties'\?"):
+        parse_space({"methods": {"tie": {}}}, "s.yaml", method_parameters, CANDIDATES.names())
+    with pytest.raises(SearchSpaceError, match=r"'desnity'.*did you mean 'density'\?"):
+        parse_space({"methods": {"ties": {"desnity": 0.5}}}, "s.yaml", method_parameters)
+    with pytest.raises(CandidateError, match=r"did you mean 'lorahub'\?"):
+        CANDIDATES.get("lora_hub")
+    (tmp_path / "smoke").mkdir()
+    (tmp_path / "smoke" / "study.yaml").write_text("name: smoke\n")
+    done = run_soups(tmp_path, "status", "smok", timeout=120)
+    assert done.returncode == 2 and "did you mean 'smoke'?" in done.stderr
+    assert "did you mean" not in run_soups(tmp_path, "status", "zzz", timeout=120).stderr
+
+
+def test_version_and_help_in_workflow_order():
+    from importlib.metadata import version
+
+    result = CliRunner().invoke(app, ["--version"])
+    assert result.exit_code == 0 and result.output == f"soups {version('lora-soups')}\n"
+    listed = CliRunner().invoke(app, ["--help"]).output
+    import re
+
+    names = re.findall(r"^│ (\w+) ", listed, re.MULTILINE)
+    order = ["validate", "prepare", "run", "status", "resume", "report", "export", "methods"]
+    assert [n for n in names if n in order] == order, listed

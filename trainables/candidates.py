@@ -32,7 +32,7 @@ from typing import Annotated, Any, Literal
 from pydantic import Field
 
 from search_spaces import MethodParameters
-from soups.errors import SoupsError
+from soups.errors import SoupsError, did_you_mean
 from soups.merge.registry import REQUIRED, Parameter, interval
 from soups.names import (
     CAT_BEST_EVAL_LOSS,
@@ -116,7 +116,8 @@ class CandidateRegistry:
 
     def get(self, name: str) -> CandidateKind:
         if name not in self._kinds:
-            raise CandidateError(f"unknown method {name!r}; known: {self.names()}")
+            raise CandidateError(f"unknown method {name!r}; known: {self.names()}"
+                                 + did_you_mean(name, self.names()))
         return self._kinds[name]
 
     def names(self) -> list[str]:

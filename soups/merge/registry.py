@@ -24,7 +24,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import Field, TypeAdapter, ValidationError
 
-from soups.errors import SoupsError
+from soups.errors import SoupsError, did_you_mean
 
 # Parameter types: the annotation is the check, the description is the --list help.
 Weights = Annotated[
@@ -165,7 +165,8 @@ class MergeMethod:
         unknown = sorted(set(params) - set(self.parameters))
         if unknown:
             raise MergeError(f"method {self.name!r} takes no parameter {unknown[0]!r}; it takes "
-                             f"{sorted(self.parameters)}")
+                             f"{sorted(self.parameters)}"
+                             + did_you_mean(unknown[0], self.parameters))
         bound = {}
         for name, parameter in self.parameters.items():
             if params.get(name) is None:
@@ -210,7 +211,8 @@ class MethodRegistry:
 
     def get(self, name: str) -> MergeMethod:
         if name not in self._methods:
-            raise MergeError(f"unknown merge method {name!r}; known: {self.names()}")
+            raise MergeError(f"unknown merge method {name!r}; known: {self.names()}"
+                             + did_you_mean(name, self.names()))
         return self._methods[name]
 
     def names(self) -> list[str]:
