@@ -55,8 +55,14 @@ def _start_ray(spec: StudySpec, tracking_uri: str) -> None:
         active().route_ray_logs()
 
 
-def _log_data(parent: str, report: dict, log) -> None:
-    """Each task's data fingerprint and row counts to the parent run; decontamination said."""
+def _log_data(parent: str, report: dict, tasks: dict, log) -> None:
+    """Each task's data fingerprint and row counts to the parent run, and each role's rows
+    as an MLflow dataset; decontamination said."""
+    for name, data in tasks.items():
+        source = data.location if data.spec.generated else data.spec.source
+        for role, n in report[name]["rows"].items():
+            if n:
+                tracking.log_dataset(parent, name, data.rows(role), source, role)
     tracking.log_params(parent, {"data": {task: r["fingerprint"] for task, r in report.items()}})
     metrics = {}
     for task, r in report.items():
@@ -112,7 +118,7 @@ def run_study(spec: StudySpec, resume: bool = False, log=print) -> list[dict]:
         model_dir = resolve_base_model(spec, log)
         tasks = resolve_tasks(spec, model_dir)
         record_prompt_format(tasks, root)
-        _log_data(parent, data_report(tasks), log)
+        _log_data(parent, data_report(tasks), tasks, log)
         ranks = space.ranks(spec.finetune.ranks)
         needs_loras, needs_data_mix = stage1_needs(space)
         adapters = (stage1(spec, model_dir, tasks, ranks, needs_data_mix, uri, experiment,

@@ -97,6 +97,7 @@ def _test_trials(spec: StudySpec, context: TrialContext, row: dict) -> list[dict
             if trial["run_id"]:
                 tracking.log_metrics(trial["run_id"], metrics)
                 tracking.log_artifact(trial["run_id"], tmp, GENERATIONS_DIR)
+                tracking.log_generation_tables(trial["run_id"], tmp, GENERATIONS_DIR)
         trial["test"] = metrics[score_key]
         scored.append(metrics)
     if PER_SEED in row:

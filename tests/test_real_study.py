@@ -151,6 +151,14 @@ def test_every_trial_logs_its_generations_and_settings(study, smoke_home):
         math = _artifact_lines(run.info.run_id, "generations/validation/math.jsonl",
                                smoke_home)
         assert len(math) == 12 and all("### Instruction:" in r["prompt"] for r in math)
+        # The same answers as an MLflow table (the UI shows it as one), output and
+        # correctness before the long prompt; its rows are the records, in order.
+        (table,) = _artifact_lines(run.info.run_id,
+                                   "generations/validation/gsm_hard.table.json", smoke_home)
+        assert table["columns"][:3] == ["output", "correct", "parsed"]
+        assert [row[0] for row in table["data"]] == [r["output"] for r in records]
+        assert metrics["validation/gsm_hard/parsed"] == \
+            sum(r["parsed"] for r in records) / len(records)
     best = json.loads((smoke_home / NAME / "leaderboard.json").read_text())[0]
     test = _artifact_lines(best["run_id"], "generations/test/gsm_hard.jsonl", smoke_home)
     assert len(test) == 18

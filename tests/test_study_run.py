@@ -160,6 +160,17 @@ def test_every_fine_tune_and_trial_is_one_finished_mlflow_run(smoke, home):
     assert moe.data.metrics["cat_trainable_parameters"] == 2 * 4 * (4 * 192 + 512)
     parent_artifacts = [a.path for a in _client(home).list_artifacts(parent)]
     assert {"study.yaml", "paper.yaml", "leaderboard.json"} <= set(parent_artifacts)
+    # Each task's data as MLflow datasets of the parent run, by role; the experiment opens
+    # on its runs (model development), and each trial is named by its candidate.
+    inputs = _client(home).get_run(parent).inputs.dataset_inputs
+    used = {(d.dataset.name, d.tags[0].value) for d in inputs}
+    assert {("math", "train"), ("code", "train"), ("math_code", "validation"),
+            ("math_code", "test")} <= used
+    assert all(d.dataset.source_type == "local" for d in inputs)
+    experiment = _client(home).get_experiment_by_name("smoke")
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
+    names = {r.info.run_name for r in trials}
+    assert len(names) == 17 and {"linear r8", "base"} <= names
 
 
 def test_best_adapter_is_exported_and_registered_as_champion(smoke, home, tmp_path):

@@ -154,6 +154,53 @@ def log_artifact(run_id: str, path: str | Path, artifact_path: str | None = None
         client.log_artifact(run_id, str(path), artifact_path)
 
 
+# A generations table's first columns: what the model wrote and whether it was right come
+# before the (long) prompt, so the MLflow artifact view shows them without scrolling.
+TABLE_COLUMNS = ("output", "correct", "parsed", "extracted", "reference", "error", "prompt")
+
+
+def log_generation_tables(run_id: str, folder: str | Path, artifact_dir: str) -> None:
+    """Each `<split>/<task>.jsonl` of scored answers under `folder` as an MLflow table
+    (`<artifact_dir>/<split>/<task>.table.json`), which the MLflow UI shows as a table, output
+    and correctness first; values that are not text or numbers as JSON text."""
+    import pandas as pd
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient()
+    for path in sorted(Path(folder).glob("*/*.jsonl")):
+        records = [json.loads(line) for line in path.read_text().splitlines() if line]
+        if not records:
+            continue
+        table = pd.DataFrame(records)
+        first = [c for c in TABLE_COLUMNS if c in table.columns]
+        table = table[first + [c for c in table.columns if c not in first]]
+        for column in table.columns:
+            if table[column].map(lambda v: isinstance(v, (list, dict))).any():
+                table[column] = table[column].map(lambda v: json.dumps(v, default=str))
+        client.log_table(run_id, data=table,
+                         artifact_file=f"{artifact_dir}/{path.parent.name}/{path.stem}.table.json")
+
+
+def log_dataset(run_id: str, name: str, rows: list[dict], source: str, context: str) -> None:
+    """A task's rows of one role as an MLflow dataset input of the run (the UI's Datasets
+    column and panel: name, digest, source, schema, row count), tagged with the role as its
+    context (train / validation / test). `source`: a local file or folder, else a hub id."""
+    import mlflow.data
+    import pandas as pd
+    from mlflow.data.huggingface_dataset_source import HuggingFaceDatasetSource
+    from mlflow.entities import DatasetInput, InputTag
+    from mlflow.tracking import MlflowClient
+
+    columns = [c for c in ("prompt", "completion", "expected", "key", "text")
+               if rows and c in rows[0]]
+    frame = pd.DataFrame([{c: str(row[c]) for c in columns} for row in rows])
+    origin = (str(Path(source).resolve()) if Path(source).exists()
+              else HuggingFaceDatasetSource(path=source, split=context))
+    dataset = mlflow.data.from_pandas(frame, source=origin, name=name)
+    MlflowClient().log_inputs(run_id, datasets=[DatasetInput(
+        dataset._to_mlflow_entity(), tags=[InputTag(key="mlflow.data.context", value=context)])])
+
+
 def set_tags(run_id: str, tags: Mapping[str, str]) -> None:
     from mlflow.tracking import MlflowClient
 

@@ -31,6 +31,7 @@ from trainables import tracking
 from trainables.candidates import candidate_kind
 from trainables.merge_trial import (
     ADAPTER_DIR,
+    GENERATIONS_DIR,
     TRIAL_FILE,
     TrialContext,
     trial_seed,
@@ -85,6 +86,8 @@ class TrialRun:
         tracking.log_metrics(self.run_id, metrics)
         for name, path in artifacts.items():  # a folder keeps its name in the run
             tracking.log_artifact(self.run_id, path, name if Path(path).is_dir() else None)
+            if name == GENERATIONS_DIR and Path(path).is_dir():
+                tracking.log_generation_tables(self.run_id, path, GENERATIONS_DIR)
         keep = self.work_dir / "checkpoint"
         keep.mkdir()
         if adapter is not None:
