@@ -15,6 +15,7 @@ from matplotlib.figure import Figure
 
 from analysis import summaries
 from soups.names import CAT_EVAL_LOSS, OBJECTIVE
+from study.methods import method_notes
 
 # Figures are built without pyplot: no global figure state to leak or close, safe in threads,
 # and a notebook shows the returned Figure once.
@@ -96,10 +97,12 @@ def method_comparison(trials: pd.DataFrame, target: str):
                            label="test accuracy (selected trial)")
                 plotted.append(test)
     ax.set_ylim(0, 1.25 * _top(plotted))  # room for the legend above the bars
-    ax.set_xticks(range(len(methods)), methods, rotation=30, ha="right")
-    ax.set_xlabel("method (ordered by best validation accuracy)")
+    families = method_notes(methods)  # merges beside learned ones, baselines and controls
+    ticks = [f"{m} [{families[m]['kind']}]" if m in families else m for m in methods]
+    ax.set_xticks(range(len(methods)), ticks, rotation=30, ha="right")
+    ax.set_xlabel("candidate [family] (ordered by best validation accuracy)")
     ax.set_ylabel(f"{target} accuracy (fraction correct)")
-    ax.set_title(f"Merge methods on the target task {target} (validation split)")
+    ax.set_title(f"Every candidate on the target task {target} (validation split)")
     handles, labels = ax.get_legend_handles_labels()
     unique = dict(zip(labels, handles, strict=True))
     ax.legend(unique.values(), unique.keys(), fontsize=8, loc="upper right")
@@ -174,12 +177,14 @@ def cat_settings(trials: pd.DataFrame, target: str):
         return _no_data("no finished learned-CAT (cat_learned) trials in this study")
     has_loss = CAT_EVAL_LOSS in cat and cat[CAT_EVAL_LOSS].notna().any()
     rows = 2 if has_loss else 1
-    fig, axes = _subplots(rows, 3, figsize=(11, 3.2 * rows))
+    # Only what the search varied: a panel of one value compares nothing.
+    settings = summaries.varied_cat_settings(trials) or list(summaries.CAT_SETTINGS)
+    fig, axes = _subplots(rows, len(settings), figsize=(3.7 * len(settings), 3.2 * rows))
     metrics = [(OBJECTIVE, f"{target} accuracy (validation)")]
     if has_loss:
         metrics.append((CAT_EVAL_LOSS, "final held-out loss (CAT training)"))
     for r, (column, ylabel) in enumerate(metrics):
-        for c, setting in enumerate(summaries.CAT_SETTINGS):
+        for c, setting in enumerate(settings):
             ax = axes[r][c]
             values = sorted(cat[setting].unique())
             ticks = []

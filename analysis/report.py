@@ -22,11 +22,11 @@ from analysis.runs import (
 )
 from soups.errors import SoupsError
 from soups.names import BUILD_SECONDS, OBJECTIVE, TEST, WALL_SECONDS
+from study import mlflow_links
 from study.methods import method_notes
 
-LOCAL_UI = "http://127.0.0.1:5000"  # where `mlflow ui` serves by default
 # Section ids, in report order (tests check that each is present).
-SECTIONS = ("summary", "leaderboard", "methods", "retention", "rank-method", "cat-settings",
+SECTIONS = ("summary", "methods", "retention", "leaderboard", "rank-method", "cat-settings",
             "cat-weights", "progress", "finetunes", "configuration")
 STYLE = """
 body { font-family: system-ui, sans-serif; margin: 2em auto; max-width: 1150px; color: #222; }
@@ -43,15 +43,11 @@ pre { background: #f7f7f7; padding: 0.8em; overflow-x: auto; }
 
 def ui_base(study: StudyRuns, mlflow_ui: str | None) -> str:
     """The MLflow UI serving this store: given, the tracking server itself, or local."""
-    if mlflow_ui:
-        return mlflow_ui.rstrip("/")
-    if study.tracking_uri.startswith(("http://", "https://")):
-        return study.tracking_uri.rstrip("/")
-    return LOCAL_UI
+    return mlflow_links.ui_base(study.tracking_uri, mlflow_ui)
 
 
 def _run_link(study: StudyRuns, run_id: str, ui: str, text: str = "run") -> str:
-    url = f"{ui}/#/experiments/{study.experiment_id}/runs/{run_id}"
+    url = mlflow_links.run_url(ui, study.experiment_id, run_id)
     return f'<a href="{html.escape(url)}">{html.escape(text)}</a>'
 
 
@@ -102,19 +98,26 @@ def _summary(study: StudyRuns, ui: str) -> str:
         f"<b>{html.escape(', '.join(study.skills))}</b>",
         "trials: " + (", ".join(f"{n} {html.escape(s)}" for s, n in counts.items()) or "none"),
         f"fine-tunes: {len(study.finetunes)}",
-        f"MLflow: {html.escape(study.tracking_uri)}, experiment {study.experiment_id}"
+        f"MLflow: {html.escape(study.tracking_uri)}, experiment {study.experiment_id}: "
+        f'<a href="{html.escape(mlflow_links.runs_table_url(ui, study.experiment_id))}">'
+        "the trials in the MLflow UI, best first</a>"
         + (f" ({_run_link(study, study.parent['run_id'], ui, 'parent run')})"
            if study.parent else ""),
     ]
     if len(best):
         row = best.iloc[0]
         tested = row.get(test) if test else None
+        parsed = row.get(summaries.parsed_column(target)) if target else None
         items.append(
             f"best by validation: <b>{html.escape(row['label'])}</b>, {target} accuracy "
             f"{row[OBJECTIVE]:.3f} (validation)"
             + (f", <b>{tested:.3f}</b> on the test split (scored once, after selection)"
                if tested is not None and not pd.isna(tested) else "")
+            + (f"; {parsed:.0%} of its answers could be scored"
+               if parsed is not None and not pd.isna(parsed) else "")
             + f" ({_run_link(study, row['run_id'], ui)})")
+        items.append(_winner_family(row["group"]))
+    items.append(_spread_note(trials))
     start, end = study.parent.get("start_time"), study.parent.get("end_time")
     if not pd.isna(start) and not pd.isna(end):
         items.append(f"study run time {(end - start).total_seconds() / 60:.1f} min "
@@ -127,6 +130,35 @@ def _summary(study: StudyRuns, ui: str) -> str:
         f"<li>{i}</li>" for i in items) + "</ul>"
 
 
+# What the winner's family says about the study's question (is composing by merging better?).
+FAMILY_VERDICT = {
+    "merge": "a merge of the skill LoRAs (no training after stage 1)",
+    "learned": "a learned composition of the skill LoRAs (weights or a router trained on a "
+               "small skill mix)",
+    "stage-1": "a baseline, not a composition: one LoRA trained in stage 1 (a skill LoRA "
+               "alone, or DATA-MIX on all the skills' data)",
+    "reference": "the base model without any adapter: no candidate improved on it",
+    "control": "a control (a random LoRA, or one trained on CAT's rows): the composition "
+               "claim does not hold on this study",
+}
+
+
+def _winner_family(group: str) -> str:
+    family = method_notes([group]).get(group, {}).get("kind")
+    verdict = FAMILY_VERDICT.get(family, "of a kind this version does not know")
+    return f"the winner is {html.escape(verdict)}"
+
+
+def _spread_note(trials: pd.DataFrame) -> str:
+    if summaries.several_seeds(trials):
+        seeds = int(trials["seed"].nunique())
+        return (f"{seeds} seeds per candidate: the leaderboard gives each candidate's mean ± "
+                "standard error over them")
+    return ("<b>one seed</b>: every score is a single run, with no spread; differences of a "
+            "few rows may be noise (<code>search.seeds: [0, 1, 2]</code> gives mean ± "
+            "standard error)")
+
+
 def _leaderboard(studies: list[StudyRuns], ui: str) -> str:
     parts = []
     for study in studies:
@@ -136,6 +168,7 @@ def _leaderboard(studies: list[StudyRuns], ui: str) -> str:
             "#": range(1, len(trials) + 1), "trial": trials["label"],
             "status": trials["status"],
             f"{target} (val)": trials[OBJECTIVE],
+            "parsed": trials.get(summaries.parsed_column(target)),
             f"{target} (test)": trials.get(summaries.accuracy_column(target, TEST)),
             **{f"{s} (val)": trials.get(summaries.accuracy_column(s)) for s in skills},
             "build s": trials.get(BUILD_SECONDS), "trial s": trials["duration_s"],
@@ -150,9 +183,14 @@ def _leaderboard(studies: list[StudyRuns], ui: str) -> str:
         title = f"<h3>{html.escape(study.name)}</h3>" if len(studies) > 1 else ""
         parts.append(title + _over_seeds(study)
                      + _table(frame, raw={"MLflow"}, row_class=row_class,
-                              formats={"build s": "{:.1f}", "trial s": "{:.1f}"}))
+                              formats={"build s": "{:.1f}", "trial s": "{:.1f}",
+                                       "parsed": "{:.0%}"}))
     return "".join(parts) + ('<p class="note">Sorted by the objective (validation accuracy '
-                             "on the target); unfinished trials last and shaded. Test "
+                             "on the target); unfinished trials last and shaded. "
+                             "<i>parsed</i>: the share of target answers the scorer could "
+                             "read at all (a program that parses, a number): a score of 0 "
+                             "with parsed 0% means the candidate never wrote an answer in "
+                             "the expected form, not that it answered wrongly. Test "
                              "accuracy exists only for the trial each study selected (for "
                              "each seed of the selected candidate, with several seeds).</p>")
 
@@ -214,11 +252,24 @@ def _retention(study: StudyRuns) -> str:
 
 
 def _rank_method(study: StudyRuns) -> str:
+    ranks = summaries.finished(study.trials)["rank"].dropna().unique()
+    if len(ranks) < 2:  # one column would compare nothing
+        shown = f"r{int(ranks[0])}" if len(ranks) else "none"
+        return (f'<p class="note">One LoRA rank in this study ({shown}): nothing to compare '
+                "across ranks (a search space with <code>rank: {grid: [8, 16]}</code> "
+                "varies it).</p>")
     return _figure(figures.rank_method_heatmap(study.trials, study.target), "rank x method")
 
 
 def _cat_settings(study: StudyRuns) -> str:
+    if summaries.cat_trials(study.trials).empty:
+        return '<p class="note">No finished learned-CAT trial.</p>'
+    varied = summaries.varied_cat_settings(study.trials)
+    if not varied:
+        return ('<p class="note">The search did not vary the learned CAT\'s initialisation, '
+                "granularity or normalisation: nothing to compare.</p>")
     table = summaries.cat_setting_summary(study.trials)
+    table = table[table["setting"].isin(varied)]
     return _figure(figures.cat_settings(study.trials, study.target), "CAT settings") + \
         _table(table)
 
@@ -269,9 +320,9 @@ def render(studies: list[StudyRuns], mlflow_ui: str | None = None) -> str:
     names = ", ".join(s.name for s in studies)
     sections = {
         "summary": ("Summary", "".join(_summary(s, ui) for s in studies)),
-        "leaderboard": ("Leaderboard", _leaderboard(studies, ui)),
-        "methods": ("Method comparison on the target", _methods(studies)),
+        "methods": ("Every candidate on the target", _methods(studies)),
         "retention": ("Per-skill retention", _per_study(studies, _retention)),
+        "leaderboard": ("Leaderboard", _leaderboard(studies, ui)),
         "rank-method": ("Rank x method", _per_study(studies, _rank_method)),
         "cat-settings": ("CAT initialisation, granularity, normalisation",
                          _per_study(studies, _cat_settings)),
@@ -292,7 +343,7 @@ def render(studies: list[StudyRuns], mlflow_ui: str | None = None) -> str:
             f'<p class="note">Written {created} from MLflow. Accuracies are fractions of '
             "examples scored correct; the objective is the validation accuracy on the target "
             f"task. Run links open the MLflow UI at {html.escape(ui)} (start it with "
-            f"<code>mlflow ui --backend-store-uri {html.escape(studies[0].tracking_uri)}"
+            f"<code>{html.escape(mlflow_links.ui_command(studies[0].tracking_uri))}"
             f"</code>).</p>{body}</body></html>")
 
 

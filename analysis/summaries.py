@@ -9,7 +9,7 @@ from __future__ import annotations
 import pandas as pd
 
 from soups.cat.settings import CatSettings
-from soups.names import CAT_EVAL_LOSS, OBJECTIVE, TEST, VALIDATION, task_metric
+from soups.names import CAT_EVAL_LOSS, OBJECTIVE, PARSED, TEST, VALIDATION, task_metric
 from study.seeds import mean_stderr
 
 CAT_SETTINGS = ("init", "granularity", "normalisation")
@@ -21,6 +21,18 @@ def finished(trials: pd.DataFrame) -> pd.DataFrame:
 
 def accuracy_column(task: str, split: str = VALIDATION) -> str:
     return task_metric(split, task)
+
+
+def parsed_column(task: str, split: str = VALIDATION) -> str:
+    """The share of a task's answers its scorer could read (`parsed`)."""
+    return task_metric(split, task, PARSED)
+
+
+def varied_cat_settings(trials: pd.DataFrame) -> list[str]:
+    """The CAT settings that took more than one value among the finished learned-CAT
+    trials: the only ones a comparison can show."""
+    cat = cat_trials(trials)
+    return [name for name in CAT_SETTINGS if cat[name].nunique() > 1] if len(cat) else []
 
 
 def method_summary(trials: pd.DataFrame, target: str) -> pd.DataFrame:

@@ -173,4 +173,18 @@ def run_study(spec: StudySpec, resume: bool = False, log=print) -> list[dict]:
     log(f"\nstudy {spec.name}: {counted} in {time.time() - started:.0f} s; best "
         f"{best['candidate']} (validation {shown(best, OBJECTIVE)}, test "
         f"{shown(best, 'test')}); adapter in {root / BEST_DIR}")
+    log(next_steps(spec.name, uri, experiment))
     return rows
+
+
+def next_steps(name: str, uri: str, experiment: str) -> str:
+    """What a user does with a finished study: the last lines `soups run` prints."""
+    from study import mlflow_links
+
+    ui = mlflow_links.ui_base(uri)
+    serve = ("" if uri.startswith(("http://", "https://"))
+             else f"\n  (serve it first: {mlflow_links.ui_command(uri)})")
+    return (f"\nnext:\n  soups report {name}                   an HTML report of every "
+            f"candidate\n  soups export {name} --out DIR        the best adapter as a PEFT "
+            f"folder\n  MLflow UI, the trials best first: "
+            f"{mlflow_links.runs_table_url(ui, experiment)}{serve}")
