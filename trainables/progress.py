@@ -23,17 +23,37 @@ def _trial(config: dict) -> str:
                            variant.get("seed"))
 
 
+def duration(seconds: float) -> str:
+    """`42s`, `7m05s`, `1h12m`: an ETA as a person reads it."""
+    seconds = max(0, int(seconds))
+    if seconds < 60:
+        return f"{seconds}s"
+    if seconds < 3600:
+        return f"{seconds // 60}m{seconds % 60:02d}s"
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+
+
 class StudyProgress(Callback):
-    def __init__(self, print_fn=print):
+    """`total`: the trials the search will run (None where the searcher decides)."""
+
+    def __init__(self, print_fn=print, total: int | None = None):
         self._print = print_fn
         self._start = time.time()
         self._best: tuple[float, str] | None = None
+        self._total = total
+        self._ended_here = 0  # trials that ended in this process: the pace of the ETA
 
     def _counts(self, trials) -> str:
         states = [t.status for t in trials]
-        done = sum(s == "TERMINATED" for s in states)
-        return (f"{done} done, {states.count('RUNNING')} running, "
-                f"{states.count('ERROR')} failed, {states.count('PENDING')} pending")
+        done, failed = states.count("TERMINATED"), states.count("ERROR")
+        total = self._total or len(states)
+        text = (f"{done}/{total} done, {states.count('RUNNING')} running, {failed} failed"
+                + (f", {states.count('PENDING')} pending" if "PENDING" in states else ""))
+        left = total - done - failed
+        if self._ended_here and left > 0:
+            pace = (time.time() - self._start) / self._ended_here
+            text += f", ETA {duration(pace * left)}"
+        return text
 
     def _line(self, trials, event: str) -> None:
         best = (f"best {self._best[0]:.3f} {self._best[1]}" if self._best
@@ -51,11 +71,13 @@ class StudyProgress(Callback):
                 self._best = (score, _trial(trial.config))
 
     def on_trial_complete(self, iteration, trials, trial, **info):
+        self._ended_here += 1
         score = (trial.last_result or {}).get(OBJECTIVE)
         shown = f"{score:.3f}" if score is not None else "stopped early"
         self._line(trials, f"finished {_trial(trial.config)}: {shown}")
 
     def on_trial_error(self, iteration, trials, trial, **info):
+        self._ended_here += 1
         where = f" (traceback: {trial.error_file})" if trial.error_file else ""
         self._line(trials, f"FAILED {_trial(trial.config)}: {_last_line(trial)}{where}")
 

@@ -92,10 +92,18 @@ def build_tuner(search, cat, cluster, space, ranks: list[int], context: TrialCon
     run_config = tune.RunConfig(
         name=path.name, storage_path=str(path.parent),
         failure_config=tune.FailureConfig(max_failures=search.max_failures),
-        callbacks=[StudyProgress(progress)], verbose=0,
+        callbacks=[StudyProgress(progress, _total_trials(params, num_samples))], verbose=0,
     )
     return tune.Tuner(trainable(search, cluster, context), param_space=params,
                       tune_config=tune_config, run_config=run_config)
+
+
+def _total_trials(params: dict, num_samples: int) -> int:
+    """How many trials the search runs: each grid point num_samples times, or num_samples
+    draws (random, Optuna)."""
+    grid = params.get("variant")
+    points = len(grid["grid_search"]) if isinstance(grid, dict) and "grid_search" in grid else 1
+    return points * num_samples
 
 
 @contextlib.contextmanager
