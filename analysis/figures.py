@@ -107,6 +107,7 @@ def method_comparison(trials: pd.DataFrame, target: str):
     unique = dict(zip(labels, handles, strict=True))
     ax.legend(unique.values(), unique.keys(), fontsize=8, loc="upper right")
     ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()  # the rotated candidate names stay inside the image
     return fig
 
 

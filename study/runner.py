@@ -89,6 +89,7 @@ def run_study(spec: StudySpec, resume: bool = False, log=print) -> list[dict]:
     from study.cluster import preflight
     from study.console import say
     from study.export import export_best, record_prompt_format
+    from study.mlflow_links import trials_view
     from study.registry import check_study, register_study
     from study.resolve import data_report, resolve_base_model, resolve_tasks, stage1_needs
     from study.selection import (
@@ -106,6 +107,7 @@ def run_study(spec: StudySpec, resume: bool = False, log=print) -> list[dict]:
     spec = register_study(spec, resume)
     tracking.configure(uri)
     experiment = tracking.experiment_id(spec.tracking.experiment or spec.name)
+    tracking.set_experiment_tags(experiment, dict([trials_view(spec.target_name)]))
     started = time.time()
     with tracking.tracked_run(experiment, f"{spec.name}:parent", spec.name, ROLE_PARENT,
                               spec.name, tags=tracking.environment_tags()) as parent:

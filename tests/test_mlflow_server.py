@@ -59,14 +59,14 @@ def server(smoke_study, smoke_home):
         log.close()
 
 
-def _get(url: str, path: str, **query) -> dict:
-    with urllib.request.urlopen(f"{url}{path}?{urllib.parse.urlencode(query)}",
+def _get(url: str, endpoint: str, **query) -> dict:
+    with urllib.request.urlopen(f"{url}{endpoint}?{urllib.parse.urlencode(query)}",
                                 timeout=30) as reply:
         return json.loads(reply.read())
 
 
-def _post(url: str, path: str, body: dict) -> dict:
-    request = urllib.request.Request(f"{url}{path}", data=json.dumps(body).encode(),
+def _post(url: str, endpoint: str, body: dict) -> dict:
+    request = urllib.request.Request(f"{url}{endpoint}", data=json.dumps(body).encode(),
                                      headers={"Content-Type": "application/json"})
     with urllib.request.urlopen(request, timeout=30) as reply:
         return json.loads(reply.read())
@@ -104,16 +104,21 @@ def test_the_experiment_opens_on_named_nested_trials(server):
         assert run_tags["mlflow.parentRunId"] == parent["info"]["run_id"]
         assert run_tags["mlflow.source.name"] == "soups" and "mlflow.source.git.commit" in \
             run_tags
-        assert {"method", "rank", "seed"} <= set(params) and len(params) <= 6, params
+        assert {"method", "seed"} <= set(params) and len(params) <= 6, params
+        assert ("rank" in params) == (params["method"] != "base")
         varied = {k: v for k, v in params.items() if k not in ("method", "rank", "seed")}
-        rank = None if params["rank"] == "null" else params["rank"]
-        assert run["info"]["run_name"] == candidate_label(params["method"], rank, varied)
-    # The link `soups run` and the report print: the trials, best objective first.
+        assert run["info"]["run_name"] == candidate_label(params["method"],
+                                                          params.get("rank"), varied)
+    # The link `soups run` and the report print opens the study's shared view (an
+    # experiment tag the UI reads): the trials, best objective first, with its columns.
     link = urllib.parse.urlparse(runs_table_url(server, experiment_id))
-    state = urllib.parse.parse_qs(link.fragment.split("?", 1)[1])
-    assert state["orderByKey"] == ["metrics.`objective`"] and state["orderByAsc"] == ["false"]
+    (key,) = urllib.parse.parse_qs(link.fragment.split("?", 1)[1])["viewStateShareKey"]
+    state = json.loads(tags[f"mlflow.sharedViewState.{key}"])
+    assert state["orderByKey"] == "metrics.`objective`" and state["orderByAsc"] is False
+    assert {"metrics.`objective`", "params.`method`", "params.`rank`", "params.`seed`",
+            "metrics.`validation/math_code/parsed`"} <= set(state["selectedColumns"])
     searched = _post(server, "/api/2.0/mlflow/runs/search", {
-        "experiment_ids": [experiment_id], "filter": state["searchFilter"][0],
+        "experiment_ids": [experiment_id], "filter": state["searchFilter"],
         "order_by": ["metrics.`objective` DESC"], "max_results": 500})["runs"]
     objectives = [{m["key"]: m["value"] for m in r["data"]["metrics"]}["objective"]
                   for r in searched]

@@ -137,7 +137,7 @@ def test_every_trial_logs_its_generations_and_settings(study, smoke_home):
         params, metrics = run.data.params, run.data.metrics
         assert not any(key.startswith("task.") for key in params), params
         varied = {k: v for k, v in params.items() if k not in ("method", "rank", "seed")}
-        assert run.info.run_name == candidate_label(params["method"], params["rank"], varied)
+        assert run.info.run_name == candidate_label(params["method"], params.get("rank"), varied)
         assert "validation/code/loss" in metrics and "validation/code/accuracy" not in metrics
         assert 0.0 <= metrics["validation/gsm_hard/accuracy"] <= 1.0
         records = _artifact_lines(run.info.run_id, "generations/validation/gsm_hard.jsonl",

@@ -74,6 +74,14 @@ def experiment_id(name: str) -> str:
     return experiment.experiment_id
 
 
+def set_experiment_tags(experiment: str, tags: Mapping[str, str]) -> None:
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient()
+    for key, value in tags.items():
+        client.set_experiment_tag(experiment, key, value)
+
+
 def find_run(experiment: str, run_key: str):
     """The newest run of `experiment` tagged with `run_key`, or None."""
     from mlflow.tracking import MlflowClient

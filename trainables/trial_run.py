@@ -120,7 +120,9 @@ def trial_run(context: TrialContext, variant: dict, tags: Mapping[str, str] | No
               TRIAL_NAME_TAG: trial.get_trial_name(), **(tags or {}),
               **tracking.environment_tags()},
     ) as run_id:
-        tracking.log_params(run_id, {"method": variant["method"], "rank": variant["rank"],
+        # No rank for a candidate without LoRAs (the base model): absent, not "null".
+        rank = {} if variant["rank"] is None else {"rank": variant["rank"]}
+        tracking.log_params(run_id, {"method": variant["method"], **rank,
                                      "seed": trial_seed(context, variant),
                                      **variant["params"]})
         yield TrialRun(run_id, trial.get_trial_name(), Path(tmp), variant)
