@@ -263,8 +263,9 @@ def test_cli_reports_errors_with_exit_status_1(tmp_path):
     assert done.exit_code == 1
     assert "error: " in done.output and "available_node_types.gpu_1x.max_worker: unknown key" \
         in done.output
+    # A file that is not there (or not YAML) is bad input, as for every command: status 2.
     missing = runner.invoke(app, ["validate", str(tmp_path / "none.yaml")])
-    assert missing.exit_code == 1 and "no such file" in missing.output
+    assert missing.exit_code == 2 and "no such file" in missing.output
 
 
 def test_yaml_anchors_keep_node_configs_in_step(config):
