@@ -186,7 +186,9 @@ def next_steps(name: str, uri: str, experiment: str) -> str:
     ui = mlflow_links.ui_base(uri)
     serve = ("" if uri.startswith(("http://", "https://"))
              else f"\n  (serve it first: {mlflow_links.ui_command(uri)})")
-    return (f"\nnext:\n  soups report {name}                   an HTML report of every "
-            f"candidate\n  soups export {name} --out DIR        the best adapter as a PEFT "
-            f"folder\n  MLflow UI, the trials best first: "
+    steps = [(f"soups report {name}", "an HTML report of every candidate"),
+             (f"soups export {name} --out DIR", "the best adapter as a PEFT folder")]
+    width = max(len(command) for command, _ in steps) + 3
+    lines = [f"  {command:<{width}}{what}" for command, what in steps]
+    return ("\nnext:\n" + "\n".join(lines) + "\n  MLflow UI, the trials best first: "
             f"{mlflow_links.runs_table_url(ui, experiment)}{serve}")

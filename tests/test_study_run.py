@@ -65,6 +65,11 @@ def test_smoke_study_prints_a_leaderboard_of_every_paper_method(smoke, home):
         assert row["candidate"].split()[0] in smoke.stdout
     assert "test split of math_code" in smoke.stdout
     assert "trials: " in smoke.stdout  # live progress lines
+    assert "17 done" in smoke.stdout and "/17 done" in smoke.stdout  # out of the total
+    # It ends with the next steps (nothing after them): the report, the export, the UI link.
+    tail = smoke.stdout[smoke.stdout.rindex("\nnext:"):]
+    assert "soups report smoke" in tail and "soups export smoke --out DIR" in tail
+    assert "viewStateShareKey=soups-trials" in tail and tail.rstrip().endswith("mlflow.db)")
 
 
 def _accuracy(rows: list[dict], method: str, task: str, **params) -> float:
