@@ -14,8 +14,10 @@ restores the descriptors) before Python or the command line prints it.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import functools
+import json
 import os
 import sys
 import threading
@@ -40,6 +42,7 @@ class StudyConsole:
         self._shown: set[str] = set()  # progress lines already shown (Ray may send twice)
         self._ray = None
         self._closed = False  # the terminal's reader went away (a closed pipe)
+        self._bars = _BarUpdates()
 
     def __enter__(self) -> StudyConsole:
         global _active
@@ -114,7 +117,7 @@ class StudyConsole:
                 lines = list(ray_worker.filter_autoscaler_events(lines))
             for line in lines:
                 if tqdm_ray.RAY_TQDM_MAGIC in line:
-                    if bars:
+                    if bars and self._bars.fresh(line):
                         ray_worker.process_tqdm(line)
                 elif PROGRESS_PREFIX in line or PACE_PREFIX in line:
                     pace = PACE_PREFIX in line
@@ -145,6 +148,30 @@ class StudyConsole:
         if isinstance(tqdm_ray.real_tqdm, _BarsOn):
             tqdm_ray.real_tqdm = tqdm_ray.real_tqdm.module
         self._ray = None
+
+
+class _BarUpdates:
+    """Which of Ray's step-bar updates to draw. Ray delivers a worker's line more than once
+    (three times each, measured under a terminal): drawn again, an update that arrives after
+    its bar closed re-creates the bar, and finished bars pile up above the next ones and
+    after the study's summary. Each update is drawn once, and nothing of a closed bar."""
+
+    def __init__(self, remembered: int = 512):
+        self._recent: collections.deque[str] = collections.deque(maxlen=remembered)
+        self._closed: set[str] = set()
+
+    def fresh(self, line: str) -> bool:
+        try:
+            state = json.loads(line)
+        except ValueError:
+            return True  # not ours to judge: Ray reports a corrupt line itself
+        bar = str(state.get("uuid"))
+        if bar in self._closed or line in self._recent:
+            return False
+        self._recent.append(line)
+        if state.get("closed"):
+            self._closed.add(bar)
+        return True
 
 
 class _BarsOn:
