@@ -84,6 +84,7 @@ def _register() -> None:
     _command("validate", cmd_validate.validate)
     _command("prepare", cmd_prepare.prepare)
     app.add_typer(cmd_data.data_app, name="data")
+    _command("studies", cmd_run.studies)
     _command("run", cmd_run.run)
     _command("status", cmd_run.status)
     _command("resume", cmd_run.resume)

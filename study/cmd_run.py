@@ -31,7 +31,8 @@ def _run_in_console(spec, resume: bool = False) -> None:
 
 
 def run(
-    study: Path = typer.Argument(None, help="Study YAML (default: the embedded study)."),
+    study: Path = typer.Argument(None, help="Study YAML, or a shipped study's name (`soups "
+                                 "studies`; default: the embedded study)."),
     name: str = typer.Option(None, help="Study name (default: the spec's name; "
                              "state in $SOUPS_HOME/NAME)."),
     smoke: bool = typer.Option(False, help="A minutes-long version: few fine-tune and CAT "
@@ -42,8 +43,10 @@ def run(
 ) -> None:
     """Run a study end to end: fine-tune skill LoRAs, search merges with Ray Tune, evaluate
     the best on the test split once, export and register it."""
+    from study.shipped import study_file
     from study.spec import StudySpec, assignments, overlay, parse_model, study_data, with_overrides
 
+    study = study_file(study) if study is not None else None
     label = str(study or "default study")
     data = with_overrides(study_data(study), assignments(set_), label)
     if smoke:
@@ -51,6 +54,18 @@ def run(
     if name:
         data["name"] = name
     _run_in_console(parse_model(StudySpec, data, label))
+
+
+def studies() -> None:
+    """List the study files the project ships; run or validate one by its name (`soups run
+    real_composition`), or copy it as a start for your own."""
+    from study.shipped import shipped_studies, studies_dir, summary
+
+    found = shipped_studies()
+    typer.echo(f"shipped studies ({studies_dir() or 'none installed'}):")
+    width = max((len(name) for name in found), default=0) + 2
+    for name, path in found.items():
+        typer.echo(f"  {name:<{width}}{summary(path)}")
 
 
 def resume(name: str = typer.Argument(..., help="Name of an interrupted study.")) -> None:

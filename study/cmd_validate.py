@@ -33,6 +33,9 @@ def validate(
     (head resources and MLflow server, worker types, shared storage, project
     install, token authentication, no open ports). Exit status 1 on errors.
     """
+    from study.spec import study_path
+
+    file = study_path(file)
     if is_cluster_file(file):
         validate_cluster(file, study)
     elif study is not None:

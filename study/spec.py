@@ -382,15 +382,33 @@ def assignments(items: list[str] | None) -> dict:
 
 
 def study_data(path: str | Path | None) -> dict:
-    """The mapping in a study file (None: the embedded default, `{}`), not yet validated."""
+    """The mapping in a study file (None: the embedded default, `{}`; a shipped study's bare
+    name: its file, `study.shipped`), not yet validated."""
+    if path is not None:
+        path = study_path(path)
     data = load_yaml(path) if path is not None else {}
     if not isinstance(data, dict):
         raise SpecError(f"{path}: a study is a mapping of keys, got {type(data).__name__}")
     return data
 
 
+def study_path(given: str | Path) -> Path:
+    """`study.shipped.study_file`, with the shipped names suggested for a file not found."""
+    from study.shipped import shipped_studies, study_file
+
+    path = study_file(given)
+    if not path.exists() and not path.suffix and len(path.parts) == 1:
+        names = sorted(shipped_studies())
+        raise SpecError(f"{given}: no such file, nor a shipped study (soups studies: "
+                        f"{', '.join(names) or 'none'})" + did_you_mean(given, names))
+    return path
+
+
 def load_spec(path: str | Path | None = None, overrides: dict | None = None) -> StudySpec:
-    """The study in `path` (None: the embedded default), with `overrides` put over it."""
+    """The study in `path` (None: the embedded default; a shipped study's name: its file),
+    with `overrides` put over it."""
+    if path is not None:
+        path = study_path(path)
     label = str(path or "default study")
     return parse_model(StudySpec, with_overrides(study_data(path), overrides, label), label)
 
