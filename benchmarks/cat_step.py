@@ -14,6 +14,7 @@ backward (activations, excluding model weights and buffers) plus trainable state
     nice -n 10 .venv/bin/python -m benchmarks.cat_step [--steps 6] [--rank 16]
         [--models tiny,larger] [--ks 2,4]
     .venv/bin/python -m benchmarks.cat_step --models smollm2 --ks 2 --steps 3   # real model
+    .venv/bin/python -m benchmarks.cat_step --quick   # seconds: a 2-layer model, k = 2
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ MODELS = {
     "larger": (768, 6, 12, 2048, 4, 128),
     # the real-model tier's base itself (docs/real_model.md), fetched and dequantized once
     "smollm2": (576, 30, 9, 1536, 4, 128),
+    "quick": (32, 2, 4, 64, 2, 16),  # seconds: the tests run it
 }
 REAL = {"smollm2": "smollm2-135m-instruct"}
 
@@ -200,14 +202,19 @@ def run_model(name: str, ks: list[int], rank: int, steps: int, device: torch.dev
     return rows
 
 
-def main() -> None:
+def main(argv=None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=6, help="timed steps per side")
     parser.add_argument("--rank", type=int, default=16, help="rank of each skill LoRA")
     parser.add_argument("--models", default="tiny,larger")
     parser.add_argument("--ks", default="2,4")
     parser.add_argument("--device", default=None)
-    args = parser.parse_args()
+    parser.add_argument("--quick", action="store_true",
+                        help="seconds: the `quick` model, k = 2, rank 4, 2 steps")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.models, args.ks, args.rank, args.steps = "quick", "2", 4, 2
+    results = []
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     ks = [int(k) for k in args.ks.split(",")]
@@ -218,6 +225,7 @@ def main() -> None:
         print(f"\n{name}: hidden {hidden}, {layers} layers, intermediate {intermediate}, "
               f"batch {batch_size} x {length} tokens")
         rows = run_model(name, ks, args.rank, args.steps, device, dtype)
+        results += rows
         peak = "  peak MB" if device.type == "cuda" else ""
         print(f"{'k':>2} {'side':<30} {'best ms':>8} {'median':>8} {'vs (a)':>7} {'vs (b)':>7} "
               f"{'trainable':>10} {'saved MB':>9} {'state MB':>9}{peak}")
@@ -230,6 +238,7 @@ def main() -> None:
                       f"{r['ms'] / a_ms:6.2f}x "
                       f"{r['ms'] / b_ms:6.2f}x {r['trainable']:>10,} {r['saved_mb']:9.1f} "
                       f"{r['state_mb']:9.2f}{extra}")
+    return results
 
 
 if __name__ == "__main__":

@@ -18,6 +18,7 @@ loop on the embedded base model and data, then measures, on the validation split
 
     .venv/bin/python -m benchmarks.composition [--limit 200] [--scales 0.25,0.5,0.75,1,1.25]
         [--out FILE.json] [--seed 0] [--reuse]
+    .venv/bin/python -m benchmarks.composition --quick   # seconds: a few steps and rows
 """
 
 from __future__ import annotations
@@ -141,7 +142,14 @@ def _cat(model_dir: Path, adapters: list[Path], rows: list[list[dict]], out: Pat
     return out
 
 
-def main() -> None:
+# --quick: every stage on a few rows and steps (the tests run it; it measures nothing).
+QUICK_SETS = ["finetune.max_steps=3", "finetune.held_out=0", "finetune.warmup_steps=1",
+              "cat.max_steps=2", "cat.eval_every=1", "cat.held_out=4",
+              "generated.sizes={math: {train: 24, validation: 4, test: 4}, code: {train: 24, "
+              "validation: 4, test: 4}, math_code: {train: 8, validation: 4, test: 4}}"]
+
+
+def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--limit", type=int, default=200, help="validation rows per task")
     parser.add_argument("--scales", default="0.25,0.5,0.75,1,1.25")
@@ -155,7 +163,12 @@ def main() -> None:
                         "run --set), e.g. finetune.learning_rate=5e-4")
     parser.add_argument("--reuse", action="store_true",
                         help="keep the skill LoRAs of an earlier run in --work")
-    args = parser.parse_args()
+    parser.add_argument("--quick", action="store_true",
+                        help="seconds: 3 fine-tune and 2 CAT steps, 4 rows a task, one scale")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.overrides = QUICK_SETS + args.overrides
+        args.limit, args.scales, args.oracle_steps = 4, "1", 2
     spec = parse_model(StudySpec, assignments(args.overrides), "--set")
     t0 = time.perf_counter()
     model_dir = Path(resolve_base_model(spec))
@@ -242,6 +255,7 @@ def main() -> None:
         args.out.write_text(json.dumps(report, indent=2, default=str))
     if not all(math.isfinite(v) for row in losses.values() for v in row.values()):
         raise SystemExit("a token loss is not finite")
+    return report
 
 
 if __name__ == "__main__":

@@ -30,6 +30,7 @@ any Llama-style model folder.
 
     python -m benchmarks.eval_candidates [--model DIR | --embedded] [--n 16]
         [--max-new-tokens 32] [--batch-size 16] [--candidates 8] [--modes merged,...]
+    python -m benchmarks.eval_candidates --quick   # seconds: a 2-layer random model
 """
 
 from __future__ import annotations
@@ -50,6 +51,8 @@ TARGETS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "mlp.up_p
 RANK = 8
 REAL_SHAPES = {"hidden_size": 768, "num_hidden_layers": 12, "num_attention_heads": 12,
                "num_key_value_heads": 12, "intermediate_size": 2048, "vocab_size": 32000}
+QUICK_SHAPES = {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
+                "num_key_value_heads": 4, "intermediate_size": 128, "vocab_size": 2048}
 NAMES = ["Tom", "Ana", "Li", "Sam", "Maya", "Omar", "Eva", "Raj"]
 
 
@@ -63,7 +66,7 @@ def tokenizer_corpus() -> list[str]:
             for name in NAMES for a in range(3, 60, 7) for b in range(2, 40, 9)]
 
 
-def build_random_llama(out_dir: Path) -> str:
+def build_random_llama(out_dir: Path, shapes: dict = REAL_SHAPES) -> str:
     """A random Llama with REAL_SHAPES (see the module docstring) and a small tokenizer."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -71,7 +74,7 @@ def build_random_llama(out_dir: Path) -> str:
     from soups.tokenizer import train_tokenizer
 
     tokenizer = train_tokenizer(tokenizer_corpus(), vocab_size=2048, max_number=499)
-    config = LlamaConfig(**REAL_SHAPES, max_position_embeddings=2048,
+    config = LlamaConfig(**shapes, max_position_embeddings=2048,
                          tie_word_embeddings=False, bos_token_id=tokenizer.bos_token_id,
                          eos_token_id=tokenizer.eos_token_id,
                          pad_token_id=tokenizer.pad_token_id)
@@ -221,7 +224,7 @@ def _model_dir(args, work: Path) -> str:
         from soups.home import cache_dir
 
         return str(build_base_model(cache_dir("base_models"), BaseModelSettings()))
-    return build_random_llama(work / "model")
+    return build_random_llama(work / "model", QUICK_SHAPES if args.quick else REAL_SHAPES)
 
 
 def main(argv=None) -> list[dict]:
@@ -236,6 +239,8 @@ def main(argv=None) -> list[dict]:
     parser.add_argument("--modes", default=",".join(MODES))
     parser.add_argument("--device", default="auto")
     parser.add_argument("--dtype", default="auto")
+    parser.add_argument("--quick", action="store_true", help="seconds: a 2-layer random "
+                        "model, 4 candidates, 4 prompts, 4 tokens, merged/resident/side4")
     parser.add_argument("--mode", choices=list(MODES), help=argparse.SUPPRESS)  # a child
     parser.add_argument("--spec", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--out", type=Path, help=argparse.SUPPRESS)
@@ -244,6 +249,9 @@ def main(argv=None) -> list[dict]:
         result = run_mode(args.mode, json.loads(args.spec.read_text()))
         args.out.write_text(json.dumps(result))
         return [result]
+    if args.quick:
+        args.n, args.max_new_tokens, args.batch_size, args.candidates = 4, 4, 4, 4
+        args.modes = "merged,resident,side4"
 
     with tempfile.TemporaryDirectory(prefix="eval_candidates_") as tmp:
         work = Path(tmp)

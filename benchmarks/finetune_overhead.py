@@ -9,6 +9,7 @@ both sides since the data order is the same). Ratio = plain tokens/s / Ray token
     python -m benchmarks.finetune_overhead [--steps 60] [--rank 8] [--out results.json]
     python -m benchmarks.finetune_overhead --base smollm2-135m-instruct --steps 20 \
         --batch-size 8 --lr 1e-3      # the real-model tier (goal: Ray / plain >= 0.9x)
+    python -m benchmarks.finetune_overhead --quick   # under a minute: 4 steps of 4 rows
 
 `--base`: embedded (default), a folder, a .gguf file or smollm2-135m-instruct; its rows go
 through its chat template where it has one, as in a study.
@@ -57,7 +58,7 @@ def ray_train(model_dir, rows, out, lora, train, skip, storage, cpus):
             "steps": result.steps, "final_loss": result.train_loss}
 
 
-def main() -> None:
+def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--steps", type=int, default=60)
     parser.add_argument("--rank", type=int, default=8)
@@ -66,7 +67,14 @@ def main() -> None:
     parser.add_argument("--out", type=Path)
     parser.add_argument("--base", default="embedded")
     parser.add_argument("--lr", type=float, default=2e-3)
-    args = parser.parse_args()
+    parser.add_argument("--quick", action="store_true",
+                        help="under a minute: 4 steps of 4 rows, rank 4 (the tests run it)")
+    args = parser.parse_args(argv)
+    data_settings = DataSettings()
+    if args.quick:
+        args.steps, args.batch_size, args.rank, args.skip = 4, 4, 4, 1
+        data_settings = DataSettings(sizes={t: {"train": 32, "validation": 4, "test": 4}
+                                            for t in ("math", "code", "math_code")})
     import ray
 
     from soups.task_data import TaskData
@@ -74,7 +82,7 @@ def main() -> None:
     from study.resolve import resolve_base
 
     model_dir = resolve_base(args.base, log=print)
-    data = build_task_datasets(cache_dir("datasets"), DataSettings())
+    data = build_task_datasets(cache_dir("datasets"), data_settings)
     rows = TaskData("math", TaskSpec(), str(data / "math"), model_dir=model_dir).rows("train")
     lora = LoraSettings(rank=args.rank, alpha=2.0 * args.rank, dropout=0.0)
     train = TrainSettings(learning_rate=args.lr, max_steps=args.steps,
@@ -100,6 +108,7 @@ def main() -> None:
               f"{r['slowdown_vs_plain']:>9.2f}x{r['wall_s']:>8.1f}{r['final_loss']:>8.3f}")
     if args.out:
         args.out.write_text(json.dumps(rows_out, indent=2))
+    return rows_out
 
 
 if __name__ == "__main__":

@@ -16,6 +16,7 @@ dense SVDs take over a minute per layer on 2 cores, so the layer counts are opti
 (--layers for factor-space methods, --svd-layers for the svd family).
 
     python -m benchmarks.merge_vs_peft [--layers 4] [--svd-layers 1] [--out results.json]
+    python -m benchmarks.merge_vs_peft --quick    # seconds: small modules, two methods
 """
 
 from __future__ import annotations
@@ -31,20 +32,27 @@ from pathlib import Path
 
 import torch
 
-HIDDEN, INTERMEDIATE, RANK = 4096, 11008, 16
-SHAPES = {  # module -> (out_features, in_features), as in Llama-2-7B
-    "self_attn.q_proj": (HIDDEN, HIDDEN), "self_attn.k_proj": (HIDDEN, HIDDEN),
-    "self_attn.v_proj": (HIDDEN, HIDDEN), "self_attn.o_proj": (HIDDEN, HIDDEN),
-    "mlp.gate_proj": (INTERMEDIATE, HIDDEN), "mlp.up_proj": (INTERMEDIATE, HIDDEN),
-    "mlp.down_proj": (HIDDEN, INTERMEDIATE),
-}
+HIDDEN, INTERMEDIATE, RANK = 4096, 11008, 16  # Llama-2-7B
+QUICK = {"hidden": 64, "intermediate": 128, "layers": 1, "svd_layers": 1, "adapters": [2],
+         "methods": ["ties", "svd"]}
+
+
+def shapes(hidden: int = HIDDEN, intermediate: int = INTERMEDIATE) -> dict:
+    """Module -> (out_features, in_features), as in a Llama layer."""
+    return {
+        "self_attn.q_proj": (hidden, hidden), "self_attn.k_proj": (hidden, hidden),
+        "self_attn.v_proj": (hidden, hidden), "self_attn.o_proj": (hidden, hidden),
+        "mlp.gate_proj": (intermediate, hidden), "mlp.up_proj": (intermediate, hidden),
+        "mlp.down_proj": (hidden, intermediate),
+    }
 FACTOR_METHODS = ["linear", "ties", "dare_linear", "dare_ties", "magnitude_prune", "cat"]
 SVD_METHODS = ["svd", "ties_svd", "dare_linear_svd", "dare_ties_svd", "magnitude_prune_svd"]
 DENSITY = 0.5
 BASE_NAME = "llama-2-7b-shaped"
 
 
-def write_adapters(root: Path, layers: int, count: int) -> list[str]:
+def write_adapters(root: Path, layers: int, count: int, hidden: int = HIDDEN,
+                   intermediate: int = INTERMEDIATE) -> list[str]:
     from soups.adapters import LoraModule, save_adapter
 
     paths = []
@@ -54,7 +62,8 @@ def write_adapters(root: Path, layers: int, count: int) -> list[str]:
             f"model.layers.{layer}.{name}": LoraModule(
                 A=torch.randn(RANK, in_f, generator=g) / math.sqrt(in_f),
                 B=torch.randn(out_f, RANK, generator=g) * 0.01, scaling=2.0)
-            for layer in range(layers) for name, (out_f, in_f) in SHAPES.items()}
+            for layer in range(layers)
+            for name, (out_f, in_f) in shapes(hidden, intermediate).items()}
         paths.append(str(save_adapter(root / f"adapter{i}", modules,
                                       {"base_model_name_or_path": BASE_NAME})))
     return paths
@@ -77,12 +86,14 @@ def _ours(adapters: list[str], method: str, out: str) -> float:
     return time.perf_counter() - start
 
 
-def _peft(adapters: list[str], method: str, out: str, layers: int) -> float:
+def _peft(adapters: list[str], method: str, out: str, layers: int, hidden: int = HIDDEN,
+          intermediate: int = INTERMEDIATE) -> float:
     from peft import PeftModel
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    config = LlamaConfig(hidden_size=HIDDEN, intermediate_size=INTERMEDIATE,
-                         num_hidden_layers=layers, num_attention_heads=32, vocab_size=256)
+    config = LlamaConfig(hidden_size=hidden, intermediate_size=intermediate,
+                         num_hidden_layers=layers, num_attention_heads=max(1, hidden // 128),
+                         vocab_size=256)
     base = LlamaForCausalLM(config)
     model = PeftModel.from_pretrained(base, adapters[0], adapter_name="in0")
     names = ["in0"]
@@ -97,11 +108,12 @@ def _peft(adapters: list[str], method: str, out: str, layers: int) -> float:
     return seconds
 
 
-def _case(side: str, adapters: list[str], method: str, out: str, layers: int, queue) -> None:
+def _case(side: str, adapters: list[str], method: str, out: str, layers: int, size: tuple,
+          queue) -> None:
     # Warm up torch's thread pool and allocator on both sides before timing.
     torch.linalg.qr(torch.randn(512, 512) @ torch.randn(512, 512))
     seconds = _ours(adapters, method, out) if side == "ours" else _peft(adapters, method, out,
-                                                                         layers)
+                                                                         layers, *size)
     queue.put((seconds, peak_rss_mb()))
 
 
@@ -114,10 +126,12 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def run_case(side: str, adapters: list[str], method: str, out: str, layers: int):
+def run_case(side: str, adapters: list[str], method: str, out: str, layers: int,
+             size: tuple = (HIDDEN, INTERMEDIATE)):
     context = multiprocessing.get_context("spawn")
     queue = context.Queue()
-    process = context.Process(target=_case, args=(side, adapters, method, out, layers, queue))
+    process = context.Process(target=_case, args=(side, adapters, method, out, layers, size,
+                                                  queue))
     process.start()
     result = queue.get()
     process.join()
@@ -137,14 +151,22 @@ def max_relative_error(ours: str, peft: str) -> float:
     return worst
 
 
-def main() -> None:
+def main(argv=None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--svd-layers", type=int, default=1)
     parser.add_argument("--adapters", type=int, nargs="+", default=[2, 4])
     parser.add_argument("--methods", nargs="+", default=FACTOR_METHODS + SVD_METHODS)
+    parser.add_argument("--hidden", type=int, default=HIDDEN)
+    parser.add_argument("--intermediate", type=int, default=INTERMEDIATE)
+    parser.add_argument("--quick", action="store_true", help="seconds: 64-wide modules, one "
+                        "layer, two adapters, ties and svd (the tests run it)")
     parser.add_argument("--out", type=Path)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
+    if args.quick:
+        for key, value in QUICK.items():
+            setattr(args, key, value)
+    size = (args.hidden, args.intermediate)
     rows = []
     print(f"{'method':<20}{'k':>3}{'layers':>7}{'ours s':>9}{'peft s':>9}{'speedup':>9}"
           f"{'ours MB':>9}{'peft MB':>9}{'mem ratio':>10}{'rel err':>10}", flush=True)
@@ -154,11 +176,13 @@ def main() -> None:
                 layers = args.svd_layers if "svd" in method else args.layers
                 root = Path(tmp) / f"k{k}_l{layers}"
                 if not root.exists():
-                    write_adapters(root, layers, k)
+                    write_adapters(root, layers, k, *size)
                 adapters = sorted(str(p) for p in root.glob("adapter*"))
                 ours_dir, peft_dir = Path(tmp) / "ours", Path(tmp) / "peft"
-                ours_s, ours_mb = run_case("ours", adapters, method, str(ours_dir), layers)
-                peft_s, peft_mb = run_case("peft", adapters, method, str(peft_dir), layers)
+                ours_s, ours_mb = run_case("ours", adapters, method, str(ours_dir), layers,
+                                           size)
+                peft_s, peft_mb = run_case("peft", adapters, method, str(peft_dir), layers,
+                                           size)
                 error = (float("nan") if "dare" in method
                          else max_relative_error(str(ours_dir), str(peft_dir)))
                 row = dict(method=method, adapters=k, layers=layers, ours_s=ours_s,
@@ -171,6 +195,7 @@ def main() -> None:
                       f"{row['memory_ratio']:>9.1f}x{error:>10.1e}", flush=True)
     if args.out:
         args.out.write_text(json.dumps(rows, indent=2))
+    return rows
 
 
 if __name__ == "__main__":

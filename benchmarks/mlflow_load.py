@@ -5,6 +5,8 @@ point counted back from the server.
 
     python -m benchmarks.mlflow_load --tracking-uri http://127.0.0.1:5000 \
         [--address auto] [--trials 60] [--steps 10] [--concurrency 12] [--out load.json]
+    python -m benchmarks.mlflow_load --tracking-uri sqlite:////tmp/load.db --quick
+        # under a minute: 4 trials of 2 steps, 2 at a time (the tests run it)
 
 Prints (and writes with --out) one JSON object: expected and counted runs, finished runs,
 metric points, duplicated run keys, wall time and logging throughput. Trials hold one unit of
@@ -93,7 +95,7 @@ def count_runs(uri: str, experiment: str) -> dict:
             "duplicated_keys": len(keys) - len(set(keys)), "metric_points": points}
 
 
-def main() -> None:
+def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--tracking-uri", required=True)
     parser.add_argument("--address", default=None, help="Ray address (default: ray.init())")
@@ -104,7 +106,10 @@ def main() -> None:
     parser.add_argument("--resource", default=None, help="custom resource each trial holds")
     parser.add_argument("--storage", default=None, help="Tune storage (shared on a cluster)")
     parser.add_argument("--out", default=None)
-    args = parser.parse_args()
+    parser.add_argument("--quick", action="store_true", help="4 trials of 2 steps, 2 at once")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.trials, args.steps, args.concurrency = 4, 2, 2
     report = run_load(args.tracking_uri, args.trials, args.steps, args.concurrency, args.study,
                       args.address, args.resource, args.storage)
     text = json.dumps(report, indent=2)
@@ -112,6 +117,7 @@ def main() -> None:
     if args.out:
         with open(args.out, "w") as handle:
             handle.write(text + "\n")
+    return report
 
 
 if __name__ == "__main__":
