@@ -51,7 +51,7 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 
 test: $(STAMP) system lint
-	$(VENV)/bin/pytest
+	$(VENV)/bin/pytest --durations=15
 
 clean:
 	rm -rf $(VENV) soups_home .pytest_cache .ruff_cache

@@ -5,6 +5,7 @@ merges, training loops, evaluation) without the embedded model's pretraining."""
 from __future__ import annotations
 
 import os
+import time
 
 import pytest
 
@@ -116,6 +117,48 @@ def pytest_collection_modifyitems(config, items):
             "each test or class with `@pytest.mark.unit` / `@pytest.mark.integration` and no "
             "module-level mark. unit: fast and pure (no Ray, MLflow server, DeepSpeed or "
             "training); integration: starts Ray, DeepSpeed or MLflow, or trains a model.")
+
+
+# The suite's budget: `make test` within 25 minutes on the reference machine (2 cores). A run
+# of the whole suite (plain `pytest`, no -m/-k) that overruns it by more than the margin
+# fails, so the budget is enforced, not remembered; the margin absorbs machines up to that
+# much slower. $SOUPS_SUITE_BUDGET_S sets another budget (a slower machine).
+SUITE_BUDGET_S = 25 * 60
+SUITE_MARGIN = 1.6
+_SUITE_START = pytest.StashKey[float]()
+
+
+def _whole_suite(config) -> bool:
+    return (config.args_source == pytest.Config.ArgsSource.TESTPATHS
+            and not config.option.markexpr and not config.option.keyword)
+
+
+def pytest_sessionstart(session):
+    session.config.stash[_SUITE_START] = time.monotonic()
+
+
+def _suite_verdict(config) -> tuple[float, float] | None:
+    """(seconds the whole suite took, its limit), or None for a partial run."""
+    start = config.stash.get(_SUITE_START, None)
+    if start is None or not _whole_suite(config):
+        return None
+    budget = float(os.environ.get("SOUPS_SUITE_BUDGET_S", SUITE_BUDGET_S))
+    return time.monotonic() - start, budget * SUITE_MARGIN
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    verdict = _suite_verdict(config)
+    if verdict is not None:
+        took, limit = verdict
+        terminalreporter.write_line(
+            f"suite time {took:.0f} s; budget {limit / SUITE_MARGIN:.0f} s, failing above "
+            f"{limit:.0f} s", red=took > limit)
+
+
+def pytest_sessionfinish(session, exitstatus):
+    verdict = _suite_verdict(session.config)
+    if verdict is not None and verdict[0] > verdict[1] and exitstatus == 0:
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED  # the slowest: --durations
 
 
 @pytest.fixture(scope="session")
