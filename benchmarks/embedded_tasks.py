@@ -18,6 +18,7 @@ import random
 import time
 from pathlib import Path
 
+from benchmarks import quick_data
 from soups.base_model import BUILD_FILE, BaseModelSettings, build_base_model
 from soups.data import DataSettings, build_task_datasets, load_task_dataset
 from soups.evaluate import evaluate_rows, load_model
@@ -41,8 +42,7 @@ def main(argv=None) -> dict:
     data = DataSettings()
     if args.quick:
         args.steps, args.rank, args.limit = 3, 4, 4
-        data = DataSettings(sizes={t: {"train": 16, "validation": 4, "test": 4}
-                                   for t in TASK_NAMES})
+        data = quick_data(train=16)
 
     t0 = time.perf_counter()
     model_dir = build_base_model(cache_dir("base_models"), BaseModelSettings())

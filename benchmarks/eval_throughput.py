@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import time
 
+from benchmarks import quick_data
 from soups.base_model import BaseModelSettings, build_base_model
 from soups.data import DataSettings, build_task_datasets, load_task_dataset
 from soups.evaluate import GenerationSettings, generate, load_model
@@ -36,8 +37,7 @@ def main(argv=None) -> dict:
     data = DataSettings()
     if args.quick:
         args.n, args.batch_size, args.max_new_tokens = 4, 4, 8
-        data = DataSettings(sizes={t: {"train": 4, "validation": 4, "test": 4}
-                                   for t in ("math", "code", "math_code")})
+        data = quick_data(train=4)
 
     model_dir = args.model or build_base_model(cache_dir("base_models"), BaseModelSettings())
     data_dir = build_task_datasets(cache_dir("datasets"), data)

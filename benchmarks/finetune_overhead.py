@@ -25,6 +25,7 @@ from pathlib import Path
 
 import torch
 
+from benchmarks import quick_data
 from soups.data import DataSettings, build_task_datasets
 from soups.home import cache_dir
 from soups.lora_training import train_lora
@@ -73,8 +74,7 @@ def main(argv=None) -> dict:
     data_settings = DataSettings()
     if args.quick:
         args.steps, args.batch_size, args.rank, args.skip = 4, 4, 4, 1
-        data_settings = DataSettings(sizes={t: {"train": 32, "validation": 4, "test": 4}
-                                            for t in ("math", "code", "math_code")})
+        data_settings = quick_data(train=32)
     import ray
 
     from soups.task_data import TaskData
