@@ -43,10 +43,17 @@ def run(
 ) -> None:
     """Run a study end to end: fine-tune skill LoRAs, search merges with Ray Tune, evaluate
     the best on the test split once, export and register it."""
-    from study.shipped import study_file
-    from study.spec import StudySpec, assignments, overlay, parse_model, study_data, with_overrides
+    from study.spec import (
+        StudySpec,
+        assignments,
+        overlay,
+        parse_model,
+        study_data,
+        study_path,
+        with_overrides,
+    )
 
-    study = study_file(study) if study is not None else None
+    study = study_path(study) if study is not None else None
     label = str(study or "default study")
     data = with_overrides(study_data(study), assignments(set_), label)
     if smoke:

@@ -37,8 +37,8 @@ def _column(kind: str, name: str) -> str:
     return f"{kind}.`{name}`"  # the UI's column key (its makeCanonicalSortKey)
 
 
-def trials_view(target: str) -> tuple[str, str]:
-    """The experiment tag (name, JSON value) of the shared view `runs_table_url` opens."""
+def trials_view(target: str) -> dict[str, str]:
+    """The experiment tag ({name: JSON value}) of the shared view `runs_table_url` opens."""
     state = {
         "searchFilter": f"tags.`{ROLE_TAG}` = '{ROLE_TRIAL}'",
         "orderByKey": _column("metrics", OBJECTIVE), "orderByAsc": False,
@@ -48,7 +48,7 @@ def trials_view(target: str) -> tuple[str, str]:
                             _column("params", "seed"), _column("attributes", "Duration")],
         "runsHiddenMode": "SHOW_ALL",
     }
-    return SHARED_VIEW_PREFIX + TRIALS_VIEW, json.dumps(state)
+    return {SHARED_VIEW_PREFIX + TRIALS_VIEW: json.dumps(state)}
 
 
 def runs_table_url(ui: str, experiment_id: str) -> str:

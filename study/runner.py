@@ -107,7 +107,7 @@ def run_study(spec: StudySpec, resume: bool = False, log=print) -> list[dict]:
     spec = register_study(spec, resume)
     tracking.configure(uri)
     experiment = tracking.experiment_id(spec.tracking.experiment or spec.name)
-    tracking.set_experiment_tags(experiment, dict([trials_view(spec.target_name)]))
+    tracking.set_experiment_tags(experiment, trials_view(spec.target_name))
     started = time.time()
     with tracking.tracked_run(experiment, f"{spec.name}:parent", spec.name, ROLE_PARENT,
                               spec.name, tags=tracking.environment_tags()) as parent:

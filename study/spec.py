@@ -382,10 +382,8 @@ def assignments(items: list[str] | None) -> dict:
 
 
 def study_data(path: str | Path | None) -> dict:
-    """The mapping in a study file (None: the embedded default, `{}`; a shipped study's bare
-    name: its file, `study.shipped`), not yet validated."""
-    if path is not None:
-        path = study_path(path)
+    """The mapping in a study file (None: the embedded default, `{}`), not yet validated;
+    `study_path` first turns a shipped study's bare name into its file."""
     data = load_yaml(path) if path is not None else {}
     if not isinstance(data, dict):
         raise SpecError(f"{path}: a study is a mapping of keys, got {type(data).__name__}")

@@ -10,6 +10,7 @@ had instead of creating a duplicate, and every run ends FINISHED or FAILED.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import subprocess
 from collections.abc import Iterator, Mapping
@@ -69,8 +70,7 @@ def experiment_id(name: str) -> str:
         except mlflow.exceptions.MlflowException:  # created meanwhile by another process
             experiment = mlflow.get_experiment_by_name(name)
     if EXPERIMENT_KIND_TAG not in experiment.tags:
-        for key, value in EXPERIMENT_TAGS.items():
-            mlflow.MlflowClient().set_experiment_tag(experiment.experiment_id, key, value)
+        set_experiment_tags(experiment.experiment_id, EXPERIMENT_TAGS)
     return experiment.experiment_id
 
 
@@ -244,7 +244,13 @@ def _git(*args: str) -> str:
 def environment_tags() -> dict[str, str]:
     """MLflow's own source tags (the UI's Source column and the run page's git commit) and
     the package versions, for reproducibility. Runs are created through the client, which
-    sets none of them itself."""
+    sets none of them itself. Read once per process (four git calls): a trial process tags
+    every run it opens."""
+    return dict(_environment())
+
+
+@functools.cache
+def _environment() -> tuple[tuple[str, str], ...]:
     import getpass
     from importlib.metadata import PackageNotFoundError, version
 
@@ -274,7 +280,7 @@ def environment_tags() -> dict[str, str]:
             tags[version_tag(package)] = version(package)
         except PackageNotFoundError:
             continue
-    return {k: v for k, v in tags.items() if v}
+    return tuple((k, v) for k, v in tags.items() if v)
 
 
 CHAMPION_MODEL_CODE = Path(__file__).with_name("champion_model.py")
