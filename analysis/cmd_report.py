@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import typer
+
+from soups.home import soups_home
 
 
 def report(
@@ -22,12 +25,9 @@ def report(
     """Write a self-contained HTML report from a study's MLflow runs: leaderboard, method
     comparison, per-skill retention, rank x method, CAT settings and learned weights, search
     progress, fine-tunes and the configuration."""
-    import os
-
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # quiet downloads
-    from analysis.report import write_report
-    from analysis.runs import load_study
-    from soups.home import soups_home
+    from analysis.report import write_report  # lazy: matplotlib, numpy, pandas
+    from analysis.runs import load_study  # lazy: pandas
 
     studies = []
     for name in dict.fromkeys(names):

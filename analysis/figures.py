@@ -14,6 +14,7 @@ from matplotlib import colormaps
 from matplotlib.figure import Figure
 
 from analysis import summaries
+from soups.compose.cat.plot import cat_weights_figure
 from soups.names import CAT_EVAL_LOSS, OBJECTIVE
 from study.methods import method_notes
 
@@ -240,6 +241,4 @@ def search_progress(trials: pd.DataFrame):
 def learned_cat_weights(record: dict, names: list[str] | None = None):
     """Heat map of learned CAT weights (`analysis.runs.cat_weights` gives the record):
     one panel per LoRA, layers down, module types across."""
-    from soups.cat.plot import cat_weights_figure
-
     return cat_weights_figure(record, names, figure_class=AnalysisFigure)

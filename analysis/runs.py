@@ -11,12 +11,15 @@ else the newest, and the others are listed in `StudyRuns.duplicates`, never sile
 from __future__ import annotations
 
 import json
+import os
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pandas as pd
 
 from soups.errors import SoupsError
+from soups.home import TRACKING_ENV, default_tracking_uri, soups_home
 from soups.names import (
     KEY_TAG,
     METHOD_TAG,
@@ -79,10 +82,6 @@ def resolve_tracking_uri(name: str, tracking_uri: str | None = None) -> str:
     """Where a study's runs are, by the precedence `soups run` used: the given URI, else the
     saved spec's `tracking.uri` (which holds $MLFLOW_TRACKING_URI if that chose the store at
     run time), else $MLFLOW_TRACKING_URI, else the default SQLite store under $SOUPS_HOME."""
-    import os
-
-    from soups.home import TRACKING_ENV, default_tracking_uri, soups_home
-
     return (tracking_uri or _spec_tracking(name).get("uri") or os.environ.get(TRACKING_ENV)
             or default_tracking_uri(soups_home()))
 
@@ -95,8 +94,7 @@ def _experiment_name(name: str) -> str:
 def _spec_tracking(name: str) -> dict:
     """The `tracking` section of the study's saved spec ($SOUPS_HOME/NAME/study.yaml), or {}
     when there is no such file or it is not a readable spec."""
-    from soups.home import soups_home
-    from study.spec import SpecError, load_yaml
+    from study.spec import SpecError, load_yaml  # lazy: pydantic
 
     spec_file = soups_home() / name / "study.yaml"
     try:
@@ -108,7 +106,7 @@ def _spec_tracking(name: str) -> dict:
 
 
 def _client(tracking_uri: str):
-    from mlflow.tracking import MlflowClient
+    from mlflow.tracking import MlflowClient  # lazy: mlflow
 
     if tracking_uri.startswith("sqlite:///"):
         # MLflow would create an empty database at a missing path: a typo must not do that.
@@ -303,8 +301,6 @@ def parent_artifact_text(study: StudyRuns, name: str) -> str | None:
 
 def _artifact_text(study: StudyRuns, run_id: str, name: str) -> str | None:
     """A run's top-level text artifact, or None when the run did not log it."""
-    import tempfile
-
     client = _client(study.tracking_uri)
     if name not in {a.path for a in client.list_artifacts(run_id)}:
         return None

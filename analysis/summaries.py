@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pandas as pd
 
-from soups.cat.settings import CatSettings
+from soups.compose.cat.settings import CatSettings
 from soups.names import CAT_EVAL_LOSS, OBJECTIVE, PARSED, TEST, VALIDATION, task_metric
 from study.seeds import mean_stderr
 

@@ -29,9 +29,9 @@ from pathlib import Path
 import torch
 
 from soups.adapters import LoraModule, save_adapter
-from soups.base_model import BaseModelSettings
-from soups.cat import CatModel, CatSettings
-from soups.train_settings import PAPER_TARGETS
+from soups.compose.cat import CatModel, CatSettings
+from soups.training.base_model import BaseModelSettings
+from soups.training.train_settings import PAPER_TARGETS
 
 # name: (hidden, layers, heads, intermediate, batch, length). `tiny` is the embedded base
 # model's architecture; `larger` a CPU-sized model (~45M parameters in the blocks).

@@ -34,15 +34,15 @@ from pathlib import Path
 import torch
 
 from soups.adapters import LoraAdapter, LoraModule, save_adapter
-from soups.base_model import BUILD_FILE
-from soups.cat import CatSettings, learn_cat
-from soups.data import build_task_datasets, load_task_dataset
-from soups.evaluate import evaluate_rows, load_model
+from soups.compose.cat import CatSettings, learn_cat
+from soups.compose.merge import merge_adapters
+from soups.data.datasets import build_task_datasets, load_task_dataset
+from soups.data.generated import SKILL_NAMES, TASK_NAMES
+from soups.evaluation.evaluate import evaluate_rows, load_model
 from soups.home import cache_dir
-from soups.lora_training import train_lora
-from soups.merge import merge_adapters
-from soups.tasks import SKILL_NAMES, TASK_NAMES
-from soups.text_batches import encode_example
+from soups.training.base_model import BUILD_FILE
+from soups.training.lora_training import train_lora
+from soups.training.text_batches import encode_example
 from study.resolve import resolve_base_model
 from study.spec import StudySpec, assignments, parse_model
 
@@ -125,7 +125,7 @@ def _cat(model_dir: Path, adapters: list[Path], rows: list[list[dict]], out: Pat
     uniform mixture (softmax) or from the plain sum (free scalars, init 1)."""
     from dataclasses import replace
 
-    from soups.cat import PAPER_CAT_TRAIN
+    from soups.compose.cat import PAPER_CAT_TRAIN
 
     cat = spec.cat
     train = replace(PAPER_CAT_TRAIN, seed=seed, learning_rate=lr or cat.learning_rate,

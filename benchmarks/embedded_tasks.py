@@ -1,7 +1,7 @@
 """Does the embedded benchmark discriminate? Base model vs quick single-skill LoRAs.
 
 Builds (or reuses) the embedded base model and data, trains one quick LoRA per skill with the
-plain PEFT loop (`soups.lora_training.train_lora`), and scores base, each skill LoRA (and a
+plain PEFT loop (`soups.training.lora_training.train_lora`), and scores base, each skill LoRA (and a
 quick DATA-MIX LoRA) on every task's validation split, with partial credit. Wanted: each skill
 LoRA clearly beats the base on its own skill; neither base nor a single skill solves the
 target.
@@ -19,13 +19,13 @@ import time
 from pathlib import Path
 
 from benchmarks import quick_data
-from soups.base_model import BUILD_FILE, BaseModelSettings, build_base_model
-from soups.data import DataSettings, build_task_datasets, load_task_dataset
-from soups.evaluate import evaluate_rows, load_model
+from soups.data.datasets import DataSettings, build_task_datasets, load_task_dataset
+from soups.data.generated import TASK_NAMES
+from soups.evaluation.evaluate import evaluate_rows, load_model
 from soups.home import cache_dir
-from soups.lora_training import train_lora
-from soups.tasks import TASK_NAMES
-from soups.train_settings import LoraSettings, TrainSettings
+from soups.training.base_model import BUILD_FILE, BaseModelSettings, build_base_model
+from soups.training.lora_training import train_lora
+from soups.training.train_settings import LoraSettings, TrainSettings
 
 
 def main(argv=None) -> dict:

@@ -1,5 +1,5 @@
 """Candidates per minute: LoRA candidates evaluated on a resident base model, one at a time
-and side by side (soups.resident), against today's per-candidate path.
+and side by side (soups.evaluation.resident), against today's per-candidate path.
 
 Modes, each in its own fresh process so that peak memory (max RSS) is that mode's alone:
 - merged: today's trial path, per candidate: `load_model` with the adapter merged, evaluate,
@@ -21,7 +21,7 @@ peak allocated on CUDA).
 
 The default model is a random Llama with real module shapes (hidden 768, 12 layers, 12
 heads, intermediate 2048, vocabulary 32000, untied head: 134M parameters) built in a temp
-folder. Its tokenizer (soups.tokenizer.train_tokenizer) has fewer tokens than 32000: the
+folder. Its tokenizer (soups.training.tokenizer.train_tokenizer) has fewer tokens than 32000: the
 embedding and head keep 32000 rows, so the compute is the real one, and the head rows past
 the tokenizer are zero, so their logit 0 never wins a greedy argmax against the random
 logits of the real tokens (nothing undecodable is generated). `--embedded` uses the
@@ -71,7 +71,7 @@ def build_random_llama(out_dir: Path, shapes: dict = REAL_SHAPES) -> str:
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from soups.tokenizer import train_tokenizer
+    from soups.training.tokenizer import train_tokenizer
 
     tokenizer = train_tokenizer(tokenizer_corpus(), vocab_size=2048, max_number=499)
     config = LlamaConfig(**shapes, max_position_embeddings=2048,
@@ -130,8 +130,8 @@ def _rows(prompts: list[str]) -> list[dict]:
 
 def run_mode(mode: str, spec: dict) -> dict:
     """Time `mode` on the spec's model, candidates and prompts; answers per candidate."""
-    from soups.evaluate import GenerationSettings, evaluate_rows, load_model
-    from soups.resident import ResidentModel, evaluate_side_by_side
+    from soups.evaluation.evaluate import GenerationSettings, evaluate_rows, load_model
+    from soups.evaluation.resident import ResidentModel, evaluate_side_by_side
 
     settings = GenerationSettings(max_new_tokens=spec["max_new_tokens"],
                                   batch_size=spec["batch_size"])
@@ -220,8 +220,8 @@ def _model_dir(args, work: Path) -> str:
 
         return resolve_base(args.model, log=print)
     if args.embedded:
-        from soups.base_model import BaseModelSettings, build_base_model
         from soups.home import cache_dir
+        from soups.training.base_model import BaseModelSettings, build_base_model
 
         return str(build_base_model(cache_dir("base_models"), BaseModelSettings()))
     return build_random_llama(work / "model", QUICK_SHAPES if args.quick else REAL_SHAPES)

@@ -1,4 +1,4 @@
-"""Evaluation throughput: batched greedy generation (soups.evaluate.generate) against
+"""Evaluation throughput: batched greedy generation (soups.evaluation.evaluate.generate) against
 one-example-at-a-time `generate` on the same model, prompts and token budget.
 
 Both sides produce the same answers (checked); the ratio is examples/s batched over
@@ -14,10 +14,10 @@ import argparse
 import time
 
 from benchmarks import quick_data
-from soups.base_model import BaseModelSettings, build_base_model
-from soups.data import DataSettings, build_task_datasets, load_task_dataset
-from soups.evaluate import GenerationSettings, generate, load_model
+from soups.data.datasets import DataSettings, build_task_datasets, load_task_dataset
+from soups.evaluation.evaluate import GenerationSettings, generate, load_model
 from soups.home import cache_dir
+from soups.training.base_model import BaseModelSettings, build_base_model
 
 
 def _settings(max_new_tokens: int, batch_size: int) -> GenerationSettings:

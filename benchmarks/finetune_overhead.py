@@ -1,5 +1,5 @@
 """Ray Train + DeepSpeed fine-tune (1 worker, ZeRO 0) against the plain single-process PEFT
-loop (`soups.lora_training.train_lora`) on the same model, data, settings and steps.
+loop (`soups.training.lora_training.train_lora`) on the same model, data, settings and steps.
 
 Reported separately: start-up (call -> end of the first optimizer step: Ray workers, process
 group, DeepSpeed engine, model load) and steady-state throughput (tokens per second of
@@ -26,10 +26,10 @@ from pathlib import Path
 import torch
 
 from benchmarks import quick_data
-from soups.data import DataSettings, build_task_datasets
+from soups.data.datasets import DataSettings, build_task_datasets
 from soups.home import cache_dir
-from soups.lora_training import train_lora
-from soups.train_settings import LoraSettings, TrainSettings
+from soups.training.lora_training import train_lora
+from soups.training.train_settings import LoraSettings, TrainSettings
 
 
 def plain(model_dir, rows, out, lora, train, skip):
@@ -77,8 +77,8 @@ def main(argv=None) -> dict:
         data_settings = quick_data(train=32)
     import ray
 
-    from soups.task_data import TaskData
-    from soups.task_spec import TaskSpec
+    from soups.tasks.task_data import TaskData
+    from soups.tasks.task_spec import TaskSpec
     from study.resolve import resolve_base
 
     model_dir = resolve_base(args.base, log=print)

@@ -79,7 +79,7 @@ def _weights(count: int) -> list[float]:
 
 
 def _ours(adapters: list[str], method: str, out: str) -> float:
-    from soups.merge import merge_adapters
+    from soups.compose.merge import merge_adapters
 
     start = time.perf_counter()
     merge_adapters(adapters, method, out, weights=_weights(len(adapters)), **_params(method))

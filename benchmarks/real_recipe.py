@@ -1,7 +1,7 @@
 """The fine-tune recipe for the real-model tier, chosen by measurement: held-out loss of a
 skill LoRA on SmolLM2-135M-Instruct (chat-templated generated rows) after the same number of
 steps, over learning rates (and ranks), with the plain single-process loop the study's
-trainable is checked against (`soups.lora_training.train_lora`).
+trainable is checked against (`soups.training.lora_training.train_lora`).
 
     .venv/bin/python -m benchmarks.real_recipe [--skill math] [--steps 40] \
         [--lr 1e-4 3e-4 1e-3 3e-3] [--rank 8]
@@ -18,14 +18,14 @@ import tempfile
 import time
 from dataclasses import replace
 
-from soups.train_settings import LoraSettings, TrainSettings
+from soups.training.train_settings import LoraSettings, TrainSettings
 
 
 def _rows(base: str, skill: str, train: int, held: int, model_dir: str):
-    from soups.data import DataSettings, build_task_datasets
+    from soups.data.datasets import DataSettings, build_task_datasets
     from soups.home import cache_dir
-    from soups.task_data import TaskData
-    from soups.task_spec import TaskSpec
+    from soups.tasks.task_data import TaskData
+    from soups.tasks.task_spec import TaskSpec
 
     sizes = {"math": {"train": 2000, "validation": 200, "test": 200},
              "code": {"train": 2000, "validation": 200, "test": 200},
@@ -56,9 +56,9 @@ def main(argv=None) -> list[dict]:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from soups.lora_training import train_lora
-    from soups.text_batches import encode_dataset, pad_token_id
-    from soups.training_loop import held_out_loss
+    from soups.training.lora_training import train_lora
+    from soups.training.text_batches import encode_dataset, pad_token_id
+    from soups.training.training_loop import held_out_loss
     from study.resolve import resolve_base
 
     model_dir = resolve_base(args.base)

@@ -3,8 +3,8 @@ of a baseline commit (by default the last one before the allow list, per-sandbox
 cgroups and extraction inside the sandbox) and against no isolation (`unsafe_subprocess`).
 
 Each side scores the same embedded target answers (worked line, then the `solution()`
-program) with its own `soups.scoring.score_programs`, as a trial does, in a process of its
-own with its own source tree on `sys.path`, the same number of workers, best of
+program) with its own `soups.evaluation.scoring.score_programs`, as a trial does, in a process of
+its own with its own source tree on `sys.path`, the same number of workers, best of
 `--repeats`. Every side must score every answer correct (checked); the figure that matters
 is this tree / baseline (goal: at least 0.8x).
 
@@ -28,10 +28,10 @@ ROOT = Path(__file__).resolve().parents[1]
 # The last commit with the deny-list sandbox (extraction in the evaluator, no cgroups).
 BASELINE_COMMIT = "049f221d7348195df69d581377164465bfc041c0"
 
-# Runs in each side's process: argv = rows file, workers, repeats, sandbox.
+# Runs in each side's process: argv = rows file, workers, repeats, sandbox, scoring module.
 SIDE = """
-import json, sys, time
-from soups.scoring import score_programs
+import importlib, json, sys, time
+score_programs = importlib.import_module(sys.argv[5]).score_programs
 rows = json.load(open(sys.argv[1]))
 workers, repeats, sandbox = int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
 answers = [r["completion"] for r in rows]
@@ -48,8 +48,8 @@ print(json.dumps({"rate": best, "correct": correct}))
 
 def target_rows(n: int, seed: int = 0) -> list[dict]:
     """`n` rows of the embedded target, whose completions are the answers scored."""
-    from soups.data import DataSettings
-    from soups.tasks import math_code_example
+    from soups.data.datasets import DataSettings
+    from soups.data.generated import math_code_example
 
     rng, settings = random.Random(seed), DataSettings()
     return [math_code_example(rng, settings) for _ in range(n)]
@@ -69,11 +69,18 @@ def baseline_tree(commit: str, into: Path) -> Path | None:
     return into / "baseline"
 
 
+def scoring_module(tree: Path) -> str:
+    """Where a tree keeps `score_programs` (`soups/scoring.py` before the core was laid out
+    by stage)."""
+    staged = (tree / "soups" / "evaluation" / "scoring.py").is_file()
+    return "soups.evaluation.scoring" if staged else "soups.scoring"
+
+
 def run_side(tree: Path, rows_file: Path, workers: int, repeats: int, sandbox: str) -> dict:
     env = {**os.environ, "PYTHONPATH": str(tree)}
     done = subprocess.run([sys.executable, "-c", SIDE, str(rows_file), str(workers),
-                           str(repeats), sandbox], cwd=tree, env=env, capture_output=True,
-                          text=True, check=False)
+                           str(repeats), sandbox, scoring_module(tree)], cwd=tree, env=env,
+                          capture_output=True, text=True, check=False)
     if done.returncode != 0:
         raise SystemExit(f"side {tree} ({sandbox}) failed:\n{done.stderr[-3000:]}")
     return json.loads(done.stdout.strip().splitlines()[-1])

@@ -32,7 +32,7 @@ torch = lazy("torch")  # imported on first use (soups/lazy.py)
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
 PROVENANCE_FILE = "soups_provenance.json"  # beside the adapter: how it was made
-# The marker of a mixture of LoRA experts folder (`soups.moe`): not a PEFT adapter, refused
+# The marker of a mixture of LoRA experts folder (`soups.compose.moe`): not a PEFT adapter, refused
 # here by name rather than read as one.
 MOE_CONFIG_FILE = "moe.json"
 KEY_PREFIX = "base_model.model."
@@ -137,7 +137,7 @@ def read_config(path: Path) -> dict:
         raise AdapterError(
             f"adapter {path}: a mixture of LoRA experts ({MOE_CONFIG_FILE}: a router and "
             "several LoRAs), not a PEFT adapter: PEFT cannot load it and it cannot be merged "
-            "as one LoRA; load it with soups.moe.load_moe(folder, model_dir)")
+            "as one LoRA; load it with soups.compose.moe.load_moe(folder, model_dir)")
     config_file, weights_file = path / CONFIG_FILE, path / WEIGHTS_FILE
     if not config_file.is_file():
         raise AdapterError(f"adapter {path}: missing {CONFIG_FILE} (not a PEFT adapter folder)")
@@ -315,7 +315,7 @@ def save_adapter(
     files = {WEIGHTS_FILE: None, CONFIG_FILE: json.dumps(config, indent=2, sort_keys=True)}
     if provenance is not None:
         files[PROVENANCE_FILE] = json.dumps(provenance, indent=2, sort_keys=True, default=str)
-    from safetensors.torch import save_file
+    from safetensors.torch import save_file  # lazy: safetensors.torch
 
     for name, text in files.items():
         tmp = out / (name + ".tmp")
@@ -338,3 +338,9 @@ def _exact(name: str) -> str:
     """A pattern key for this module alone: PEFT matches `(.*\\.)?(key)$` against the
     module path, and a full escaped path is a suffix of no other module's path."""
     return re.escape(name)
+
+
+def factor_dtype(weight_dtype):
+    """The dtype PEFT keeps LoRA factors in on a base layer of `weight_dtype`: float32 for
+    float16 and bfloat16 (its `autocast_adapter_dtype`), else the weight's own."""
+    return torch.float32 if weight_dtype in (torch.float16, torch.bfloat16) else weight_dtype

@@ -8,6 +8,8 @@ Standard library only: every package may import this module.
 
 from __future__ import annotations
 
+import difflib
+
 
 class SoupsError(ValueError):
     """Bad input or a state the user can fix; the message names the bad value (and how to
@@ -17,7 +19,5 @@ class SoupsError(ValueError):
 def did_you_mean(word, choices) -> str:
     """`; did you mean 'x'?` for the choice closest to a misspelt `word`, else "": appended to
     the message of an unknown key, method, task or study name."""
-    import difflib
-
     close = difflib.get_close_matches(str(word), [str(c) for c in choices], n=1, cutoff=0.6)
     return f"; did you mean {close[0]!r}?" if close else ""

@@ -1,6 +1,7 @@
 """A module imported when first used: cheap commands (`soups merge --list`) import the
 modules that name torch without paying torch's seconds of import. `lazy_exports` does the
-same for a package's public names (`soups.cat`, `soups.lorahub`, `soups.moe`)."""
+same for a package's public names (`soups.compose.cat`, `soups.compose.lorahub`,
+`soups.compose.moe`)."""
 
 from __future__ import annotations
 

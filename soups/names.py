@@ -36,8 +36,8 @@ BEST_TRIAL_TAG `best_trial` and BEST_METHOD_TAG `best_method`, the selected tria
 Trial metrics (`trainables.merge_trial`; logged to the trial run and reported to Tune):
 - `task_metric(split, task, metric)` `<split>/<task>/<metric>`: a task's score on a split
   (VALIDATION for every trial, TEST for the selected one only, `study.selection`); the metric is
-  ACCURACY `accuracy`, a partial score of the task's scorer (`soups.scoring`; every generating
-  scorer gives PARSED `parsed`, the share of answers it could read), or EVAL_SECONDS
+  ACCURACY `accuracy`, a partial score of the task's scorer (`soups.evaluation.scoring`; every
+  generating scorer gives PARSED `parsed`, the share of answers it could read), or EVAL_SECONDS
   `eval_seconds` (time to score it). `split_task_metric(key)` and `accuracy_task(key)` parse
   them back;
 - OBJECTIVE `objective`: the validation accuracy on the target task, which the search
@@ -57,7 +57,7 @@ Trial metrics (`trainables.merge_trial`; logged to the trial run and reported to
   intermediate result, whichever kind reported it;
 - MLFLOW_RUN_ID `mlflow_run_id`: in the final Tune result only, the trial's MLflow run.
 
-Fine-tune metrics (`study.stage1`, from the training history that `soups.lora_training` and
+Fine-tune metrics (`study.stage1`, from the training history that `soups.training.lora_training` and
 `trainables.finetune_worker` record): TRAIN_LOSS `train_loss`, EVAL_LOSS `eval_loss`, EPOCH
 `epoch` per step; WALL_SECONDS `wall_seconds` and TOKENS `tokens` when trained.
 
@@ -104,7 +104,7 @@ BEST_METHOD_TAG = "best_method"
 VALIDATION = "validation"
 TEST = "test"
 ACCURACY = "accuracy"
-PARSED = "parsed"  # share of answers the task's scorer could read (soups.scoring)
+PARSED = "parsed"  # share of answers the task's scorer could read (soups.evaluation.scoring)
 EVAL_SECONDS = "eval_seconds"
 # Trial metrics.
 OBJECTIVE = "objective"

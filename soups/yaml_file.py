@@ -5,11 +5,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import yaml
+
 
 def read_yaml(path: str | Path, error: type[Exception] = ValueError):
     """The YAML document in `path` (None for an empty file); raises `error` naming it."""
-    import yaml
-
     path = Path(path)
     if not path.is_file():
         raise error(f"{path}: no such file")

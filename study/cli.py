@@ -4,10 +4,23 @@ Commands raise a `SoupsError` for bad input and leave printing it to `SoupsGroup
 
 from __future__ import annotations
 
+import sys
+from importlib.metadata import PackageNotFoundError, version
+
 import typer
 from typer.core import TyperGroup
 
+from analysis import cmd_report
 from soups.errors import SoupsError
+from study import (
+    cmd_cat,
+    cmd_data,
+    cmd_merge,
+    cmd_methods,
+    cmd_prepare,
+    cmd_run,
+    cmd_validate,
+)
 
 
 class SoupsGroup(TyperGroup):
@@ -40,8 +53,6 @@ app = typer.Typer(
 
 def _show_version(value: bool) -> None:
     if value:
-        from importlib.metadata import PackageNotFoundError, version
-
         try:
             typer.echo(f"soups {version('lora-soups')}")
         except PackageNotFoundError:  # run from a source tree that was never installed
@@ -68,17 +79,6 @@ def _register() -> None:
     """One line per command; each command module keeps its heavy imports inside functions.
     The CLI is the one place `study` reaches `analysis` (the report command lives there,
     beside the library it drives: analysis reads MLflow, never runs a study)."""
-    from analysis import cmd_report
-    from study import (
-        cmd_cat,
-        cmd_data,
-        cmd_merge,
-        cmd_methods,
-        cmd_prepare,
-        cmd_run,
-        cmd_validate,
-    )
-
     # A study's life: check it, prepare and inspect its inputs, run it, follow it, compare
     # and export; then the building blocks one at a time.
     _command("validate", cmd_validate.validate)
@@ -138,8 +138,6 @@ def expand_list_options(args: list[str]) -> list[str]:
 
 
 def main() -> None:
-    import sys
-
     # A closed pipe (`soups methods | head`) ends the command quietly with status 1: click's
     # own handling of EPIPE. A study's console survives one (study.console).
     app(args=expand_list_options(sys.argv[1:]), prog_name="soups")

@@ -7,15 +7,17 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from soups.evaluation.sandbox import UNSAFE
+from soups.home import soups_home
 from study.spec import SpecError, StudySpec
+from trainables.every_node import check_sandbox_on_nodes
+from trainables.shared_storage import check_shared_storage
 
 
 def storage_folders(spec: StudySpec, root: Path) -> list[Path]:
     """Folders every node reads or writes: the study (Tune, fine-tune checkpoints, trial
     checkpoints), the adapter cache, and `$SOUPS_HOME/cache` (base model, datasets); a local
     base model folder too."""
-    from soups.home import soups_home
-
     folders = [root, root.parent / "adapter_cache" if spec.storage else soups_home() / "cache"]
     if spec.storage:
         folders.append(soups_home() / "cache")
@@ -29,13 +31,11 @@ def preflight(spec: StudySpec, root: Path, log=print) -> None:
     """Before anything is trained: every node can run the program sandbox (when a task is
     scored by running programs), and every node sees the storage folders (on a multi-node
     cluster; one node always sees its own disk)."""
-    import ray
+    import ray  # lazy: ray
 
     check_sandbox(spec, log)
     if not spec.cluster.check_storage or len([n for n in ray.nodes() if n["Alive"]]) < 2:
         return
-    from trainables.shared_storage import check_shared_storage
-
     folders = storage_folders(spec, root)
     for folder in folders:
         folder.mkdir(parents=True, exist_ok=True)
@@ -46,9 +46,6 @@ def preflight(spec: StudySpec, root: Path, log=print) -> None:
 def check_sandbox(spec: StudySpec, log=print) -> None:
     """Every alive node can run generated programs in `evaluation.sandbox` (SpecError
     naming each node that cannot, and how to fix it)."""
-    from soups.sandbox import UNSAFE
-    from trainables.every_node import check_sandbox_on_nodes
-
     if not any(task.scorer == "program" for task in spec.tasks().values()):
         return
     if spec.evaluation.sandbox == UNSAFE:

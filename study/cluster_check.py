@@ -19,14 +19,16 @@ from __future__ import annotations
 import copy
 import importlib.util
 import json
+import logging
 import re
 import shlex
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
+from urllib.parse import urlparse
 
 from soups.yaml_file import read_yaml
-from study.spec import SpecError
+from study.spec import SpecError, load_spec
 
 DRIVER_RESOURCE = "soups_driver"  # cluster.yaml's head resource; study.spec.Cluster's default
 TOKEN_PATH = "~/.ray/auth_token"
@@ -61,8 +63,6 @@ def check_cluster_file(path: str | Path, study: str | Path | None = None) -> lis
         return [Finding("", f"{path}: a cluster file is a mapping of keys")]
     findings = check_cluster(config, path.resolve().parent)
     if study is not None and not any(f.level == "error" for f in findings):
-        from study.spec import load_spec
-
         findings += check_study(load_spec(study), config)
     return findings
 
@@ -89,7 +89,7 @@ def ray_schema() -> dict:
 
 
 def schema_findings(config: dict) -> list[Finding]:
-    import jsonschema
+    import jsonschema  # lazy: jsonschema
 
     validator = jsonschema.Draft7Validator(ray_schema())
     findings = []
@@ -106,9 +106,7 @@ def schema_findings(config: dict) -> list[Finding]:
 
 def ray_findings(config: dict) -> list[Finding]:
     """Ray's own validation of the filled-in config, as `ray up` runs it."""
-    import logging
-
-    from ray.autoscaler._private.util import prepare_config, validate_config
+    from ray.autoscaler._private.util import prepare_config, validate_config  # lazy: ray
 
     logging.getLogger("ray.autoscaler._private.util").setLevel(logging.WARNING)
     try:
@@ -380,8 +378,6 @@ def mlflow_port(config: dict) -> int | None:
 def check_study(spec, config: dict) -> list[Finding]:
     """A study spec (`study.spec.StudySpec`) against a cluster file that passed its checks.
     Keys are prefixed `study.`."""
-    from urllib.parse import urlparse
-
     nodes = config["available_node_types"]
     head = nodes[config["head_node_type"]].get("resources", {})
     workers = [n for name, n in nodes.items() if name != config["head_node_type"]]

@@ -7,7 +7,7 @@ small mix of the skill data, and export one standard PEFT LoRA of rank sum(r_i).
 
 The options of a learned CAT (`CAT_DEFAULTS`) are shared with `soups merge --method
 cat_learned`; their defaults are the paper's recipe and CAT's official shape
-(`soups.cat.settings`), read from there. `run_cat` is the same thing as a plain function.
+(`soups.compose.cat.settings`), read from there. `run_cat` is the same thing as a plain function.
 """
 
 from __future__ import annotations
@@ -18,7 +18,15 @@ from pathlib import Path
 
 import typer
 
-from soups.cat.settings import INITS, PAPER_CAT_TRAIN, PAPER_FRACTION, PAPER_HELD_OUT, CatSettings
+from soups.compose.cat.settings import (
+    INITS,
+    PAPER_CAT_TRAIN,
+    PAPER_FRACTION,
+    PAPER_HELD_OUT,
+    CatSettings,
+)
+from soups.data.datasets import DataSettings, build_task_datasets, load_task_dataset
+from soups.home import cache_dir
 
 _SHAPE = CatSettings()
 # Every option of a learned CAT, with its default and its help.
@@ -93,16 +101,11 @@ def model_and_skills(model: Path | None, data: list[Path] | None, split: str = "
                      ) -> tuple[Path, list]:
     """The base model folder and each skill dataset's `split` rows; default model and data:
     the embedded base model and the generated math and code skills (built once, cached)."""
-    from soups.data import load_task_dataset
-    from soups.home import cache_dir
-
     if model is None:
-        from soups.base_model import BaseModelSettings, build_base_model
+        from soups.training.base_model import BaseModelSettings, build_base_model  # lazy: torch
 
         model = build_base_model(cache_dir("base_models"), BaseModelSettings())
     if not data:
-        from soups.data import DataSettings, build_task_datasets
-
         root = build_task_datasets(cache_dir("datasets"), DataSettings())
         data = [root / "math", root / "code"]
     return model, [load_task_dataset(path, split) for path in data]
@@ -113,7 +116,7 @@ def run_cat(adapters: list[Path], out: Path, model: Path | None = None,
     """Train and export a CAT; `options` are names of `CAT_DEFAULTS` (the paper's recipe
     where not given); default model and data: the embedded base model and the generated
     math and code skills. Returns the `CatTrainResult`."""
-    from soups.cat import learn_cat
+    from soups.compose.cat import learn_cat  # lazy: torch
 
     unknown = sorted(set(options) - set(CAT_DEFAULTS))
     if unknown:

@@ -8,6 +8,8 @@ from pathlib import Path
 
 import typer
 
+from soups.errors import did_you_mean
+
 data_app = typer.Typer(help="Inspect a study's task data (sources, templates, carving).",
                        no_args_is_help=True)
 ROLES = ("train", "validation", "test")
@@ -25,11 +27,10 @@ def preview(
     decontamination), the first evaluation prompts with their reference completions, and
     the training token counts against `finetune.max_length`. Loads the data and the base
     model's tokenizer; trains nothing."""
-    from soups.errors import did_you_mean
-    from soups.task_data import load_tokenizer
-    from soups.text_batches import encode_example
-    from study.resolve import data_report, resolve_base_model, resolve_tasks
-    from study.spec import SpecError, assignments, load_spec
+    from soups.tasks.task_data import load_tokenizer  # lazy: pydantic
+    from soups.training.text_batches import encode_example  # lazy: torch
+    from study.resolve import data_report, resolve_base_model, resolve_tasks  # lazy: pydantic
+    from study.spec import SpecError, assignments, load_spec  # lazy: pydantic
 
     spec = load_spec(study, assignments(set_))
     unknown = sorted(set(task or ()) - set(spec.tasks()))

@@ -6,7 +6,7 @@ composed adapter as one PEFT LoRA.
                 [--budget N] [--examples N] [--bounds LOW HIGH] [--composition lorahub|exact]
                 [--l1 X] [--seed S] [--device D] [--dtype T]
 
-The defaults are LoraHub's (`soups.lorahub.settings`): 40 evaluations, weights in
+The defaults are LoraHub's (`soups.compose.lorahub.settings`): 40 evaluations, weights in
 [-1.5, 1.5] starting at 0, objective loss + 0.05 * mean |w|, factors summed.
 """
 
@@ -16,7 +16,8 @@ from pathlib import Path
 
 import typer
 
-from soups.lorahub.settings import (
+from soups.adapters import LoraAdapter
+from soups.compose.lorahub.settings import (
     BOUNDS,
     BUDGET,
     EXAMPLES,
@@ -24,6 +25,7 @@ from soups.lorahub.settings import (
     LorahubError,
     LorahubSettings,
 )
+from study.cmd_cat import model_and_skills
 
 # Each LoraHub option of `soups merge`: its help (the defaults are the settings').
 HELP = {
@@ -40,8 +42,7 @@ def run_lorahub(adapters: list[Path], out: Path, model: Path | None, data: list[
                 split: str, options: dict, device: str | None = None, dtype: str = "auto"):
     """Search and write a LoraHub composition; `options` are `LorahubSettings` fields given
     on the command line (None: not given, the default). Returns the `LorahubResult`."""
-    from soups.lorahub import lorahub_merge
-    from study.cmd_cat import model_and_skills
+    from soups.compose.lorahub import lorahub_merge  # lazy: numpy, pydantic, torch
 
     given = {name: value for name, value in options.items() if value is not None}
     if "bounds" in given:
@@ -50,8 +51,7 @@ def run_lorahub(adapters: list[Path], out: Path, model: Path | None, data: list[
     if split == "test":
         raise LorahubError("LoraHub draws its examples from the skills' training rows; "
                            "--split test would search on a test split")
-    from soups.adapters import LoraAdapter
-    from soups.lorahub.compose import check_composable
+    from soups.compose.lorahub.compose import check_composable  # lazy: numpy, pydantic
 
     # Folders and ranks are checked before the default model and data are built.
     check_composable([LoraAdapter.open(a) for a in adapters], settings.composition)

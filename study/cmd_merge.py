@@ -13,7 +13,7 @@
 
 `cat_learned` trains CAT weights on a skill mix (the same as `soups cat`); `lorahub` searches
 one weight per LoRA on few-shot rows of the skill mix (study/cmd_lorahub.py); every other
-method is a registered merge of `soups.merge` and needs no base model.
+method is a registered merge of `soups.compose.merge` and needs no base model.
 """
 
 from __future__ import annotations
@@ -22,8 +22,9 @@ from pathlib import Path
 
 import typer
 
-from study.cmd_cat import with_cat_options
+from study.cmd_cat import run_cat, with_cat_options
 from study.cmd_lorahub import HELP as LORAHUB_HELP
+from study.cmd_lorahub import run_lorahub
 
 CAT_LEARNED = "cat_learned"
 LORAHUB = "lorahub"
@@ -34,7 +35,7 @@ def _print_methods() -> None:
     """The kinds of the candidate registry (`trainables/candidates.py`) this command builds:
     every merge method with its flags, then the learned ones (`soups methods` lists every
     kind a study may search, with the names a search space gives)."""
-    from trainables.candidates import CANDIDATES, describe  # neither imports torch
+    from trainables.candidates import CANDIDATES, describe  # lazy: numpy, pydantic
 
     for kind in CANDIDATES.kinds():
         if kind.family == "merge":
@@ -97,8 +98,6 @@ def merge(
                 raise typer.BadParameter(f"--{name} is an option of method {LORAHUB!r}, not "
                                          f"of {method!r}")
     if method == LORAHUB:
-        from study.cmd_lorahub import run_lorahub
-
         for flag, value in (("--weights", weights or None), ("--density", density),
                             ("--rank", rank), ("--majority-sign", majority_sign),
                             ("--merge", row_merge)):
@@ -109,8 +108,6 @@ def merge(
                     device=cat["device"], dtype=cat["dtype"])
         return
     if method == CAT_LEARNED:
-        from study.cmd_cat import run_cat
-
         for flag, value in (("--density", density), ("--rank", rank),
                             ("--majority-sign", majority_sign), ("--merge", row_merge)):
             if value is not None:
@@ -120,7 +117,7 @@ def merge(
                                      "values with --init V1,V2,...")
         run_cat(adapters, out, model, data, split, seed=seed or 0, **cat)
         return
-    from soups.merge import merge_adapters
+    from soups.compose.merge import merge_adapters  # lazy: numpy, pydantic
 
     given = {"weights": weights or None, "density": density, "rank": rank,
              "majority_sign_method": majority_sign, "merge": row_merge, "seed": seed}

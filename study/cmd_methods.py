@@ -16,7 +16,7 @@ def methods(names: list[str] = typer.Argument(None, help="Kinds to show (default
     """List the candidate kinds a search space may name (merge methods, CAT, LoraHub, the
     mixture of LoRA experts, DATA-MIX, single skill LoRAs, the base model) and their
     parameters."""
-    from trainables.candidates import CANDIDATES, describe
+    from trainables.candidates import CANDIDATES, describe  # lazy: numpy, pydantic
 
     for kind in [CANDIDATES.get(n) for n in names] if names else CANDIDATES.kinds():
         typer.echo("\n".join(describe(kind)))

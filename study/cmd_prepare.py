@@ -11,6 +11,19 @@ from pathlib import Path
 
 import typer
 
+from soups.data.datasets import (
+    DatasetError,
+    DataSettings,
+    build_task_datasets,
+    load_task_dataset,
+)
+from soups.data.generated import question_of
+from soups.errors import did_you_mean
+from soups.evaluation.evaluate import TaskScores
+from soups.evaluation.sandbox import SANDBOXES, check_sandbox
+from soups.home import cache_dir
+from soups.training.gguf_base import provenance
+
 
 def prepare(
     seed: int = typer.Option(0, help="Seed of the base model build and the generated data."),
@@ -23,18 +36,15 @@ def prepare(
 ) -> None:
     """Build (once, then cached under $SOUPS_HOME/cache) the base model and the generated
     skill and target datasets; print where they are. The embedded default ships with the
-    project (soups/embedded_model) and is copied, not pretrained; a GGUF base is dequantized
-    into a safetensors folder with its provenance."""
-    from soups.data import DataSettings, build_task_datasets
-    from soups.home import cache_dir
-
+    project (soups/training/embedded_model) and is copied, not pretrained; a GGUF base is
+    dequantized into a safetensors folder with its provenance."""
     if base != "embedded":
-        from study.resolve import resolve_base
+        from study.resolve import resolve_base  # lazy: pydantic
 
         model_dir = resolve_base(base, log=typer.echo)
         typer.echo(f"base model: {model_dir}\n  {_provenance_line(model_dir)}")
     else:
-        from soups.base_model import (
+        from soups.training.base_model import (  # lazy: torch
             BUILD_FILE,
             BaseModelSettings,
             build_base_model,
@@ -57,8 +67,6 @@ def prepare(
 
 
 def _provenance_line(model_dir: str) -> str:
-    from soups.gguf_base import provenance
-
     record = provenance(model_dir) or {}
     return (f"{record.get('parameters', 0) / 1e6:.1f}M parameters, from {record.get('source')} "
             f"({record.get('quantization')}, sha256 {str(record.get('sha256'))[:16]}...), "
@@ -69,7 +77,7 @@ def evaluate(
     model: str = typer.Option(None, help="Base model: a folder, a hub id, a .gguf file or "
                               "smollm2-135m-instruct (default: the embedded one)."),
     adapter: Path = typer.Option(None, help="PEFT LoRA adapter folder to apply, or a mixture "
-                                 "of LoRA experts folder (soups.moe, moe.json)."),
+                                 "of LoRA experts folder (soups.compose.moe, moe.json)."),
     data: Path = typer.Option(None, help="Folder with one saved dataset per task "
                               "(default: the generated ones)."),
     task: list[str] = typer.Option(["math", "code", "math_code"], help="Tasks to score."),
@@ -87,12 +95,8 @@ def evaluate(
     task: accuracy with partial credit (answered / parsed / ran). Shows progress every
     CHUNK rows; with --out, the answers scored so far are written after each chunk, so an
     interrupted run keeps them."""
-    from soups.data import DatasetError, DataSettings, build_task_datasets, load_task_dataset
-    from soups.errors import did_you_mean
-    from soups.home import cache_dir
-    from soups.resident import ResidentModel, evaluate_side_by_side
-    from soups.sandbox import SANDBOXES, check_sandbox
-    from study.resolve import resolve_base
+    from soups.evaluation.resident import ResidentModel, evaluate_side_by_side  # lazy: torch
+    from study.resolve import resolve_base  # lazy: pydantic
 
     if sandbox not in SANDBOXES:
         raise typer.BadParameter(f"{sandbox!r} is not one of {', '.join(SANDBOXES)}",
@@ -152,8 +156,7 @@ def _prompts(rows: list[dict], tokenizer) -> list[str]:
     user's turn of the tokenizer's chat template, as a study renders it."""
     if tokenizer is None:
         return [row["prompt"] for row in rows]
-    from soups.prompts import PromptFormat
-    from soups.tasks import question_of
+    from soups.data.prompts import PromptFormat  # lazy: jinja2
 
     fmt = PromptFormat(chat=True)
     return [fmt.generation_prompt(tokenizer, question_of(row["prompt"])) for row in rows]
@@ -162,8 +165,6 @@ def _prompts(rows: list[dict], tokenizer) -> list[str]:
 def _merged(task: str, parts: list, seconds: float):
     """One TaskScores of consecutive chunks: their records, and means weighted by rows (a
     loss task's token-weighted loss, approximately: its chunks are of equal size)."""
-    from soups.evaluate import TaskScores
-
     n = sum(p.n for p in parts)
 
     def mean(values):

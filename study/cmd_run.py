@@ -7,6 +7,12 @@ from pathlib import Path
 
 import typer
 
+from soups.names import OBJECTIVE
+from study.console import StudyConsole
+from study.layout import LEADERBOARD_FILE, TUNE_DIR, study_dir
+from study.seeds import exported_trial, shown, trial_rows
+from study.shipped import shipped_studies, studies_dir, summary
+
 # --smoke: the same pipeline, minutes instead of tens of minutes. On the shipped base model:
 # 100 fine-tune steps are enough for each skill LoRA to learn its skill, so the smoke study's
 # merges are measured on real skills (tests/test_study_run.py bounds them).
@@ -19,10 +25,8 @@ SMOKE = {
 
 def _run_in_console(spec, resume: bool = False) -> None:
     """The study with its terminal kept for progress; everything else in its log file."""
-    from study.console import StudyConsole
-    from study.layout import study_dir
-    from study.registry import check_study
-    from study.runner import run_study
+    from study.registry import check_study  # lazy: pydantic
+    from study.runner import run_study  # lazy: pydantic
 
     check_study(spec, resume)  # a study that cannot start leaves no folder (nor log) behind
     with StudyConsole(study_dir(spec)) as console:
@@ -43,7 +47,7 @@ def run(
 ) -> None:
     """Run a study end to end: fine-tune skill LoRAs, search merges with Ray Tune, evaluate
     the best on the test split once, export and register it."""
-    from study.spec import (
+    from study.spec import (  # lazy: pydantic
         StudySpec,
         assignments,
         overlay,
@@ -66,8 +70,6 @@ def run(
 def studies() -> None:
     """List the study files the project ships; run or validate one by its name (`soups run
     real_composition`), or copy it as a start for your own."""
-    from study.shipped import shipped_studies, studies_dir, summary
-
     found = shipped_studies()
     typer.echo(f"shipped studies ({studies_dir() or 'none installed'}):")
     width = max((len(name) for name in found), default=0) + 2
@@ -78,7 +80,7 @@ def studies() -> None:
 def resume(name: str = typer.Argument(..., help="Name of an interrupted study.")) -> None:
     """Continue an interrupted study: finished trials are kept, unfinished ones rerun. A
     complete study is left as it is (said, exit status 0)."""
-    from study.registry import StudyComplete, saved_spec
+    from study.registry import StudyComplete, saved_spec  # lazy: pydantic
 
     try:
         _run_in_console(saved_spec(name), resume=True)
@@ -89,11 +91,8 @@ def resume(name: str = typer.Argument(..., help="Name of an interrupted study.")
 def status(name: str = typer.Argument(..., help="Study name.")) -> None:
     """Print a study's progress: trials by state and the best so far (over seeds: mean ±
     standard error and the number of seeds)."""
-    from soups.names import OBJECTIVE
-    from study.layout import LEADERBOARD_FILE, TUNE_DIR, study_dir
-    from study.registry import saved_spec
-    from study.seeds import shown
-    from trainables.tuner import trial_states
+    from study.registry import saved_spec  # lazy: pydantic
+    from trainables.tuner import trial_states  # lazy: pydantic
 
     root = study_dir(saved_spec(name))
     board = root / LEADERBOARD_FILE
@@ -117,12 +116,9 @@ def export(
     force: bool = typer.Option(False, help="Replace OUT when it is not empty."),
 ) -> None:
     """Write the best (or --trial) merged adapter of a finished study as a PEFT folder."""
-    from soups.names import OBJECTIVE
-    from study.export import export_adapter
-    from study.layout import LEADERBOARD_FILE, study_dir
-    from study.registry import saved_spec
-    from study.seeds import exported_trial, trial_rows
-    from study.spec import SpecError
+    from study.export import export_adapter  # lazy: pydantic
+    from study.registry import saved_spec  # lazy: pydantic
+    from study.spec import SpecError  # lazy: pydantic
 
     spec = saved_spec(name)
     board = study_dir(spec) / LEADERBOARD_FILE

@@ -7,7 +7,10 @@ from pathlib import Path
 
 import typer
 
+from soups.data.datasets import DatasetError
+from soups.data.sources import local_path
 from soups.errors import SoupsError
+from soups.yaml_file import read_yaml
 
 # Top-level keys of Ray's autoscaler schema that a study file never has: one of them makes
 # FILE a cluster file, anything else is read as a study.
@@ -33,7 +36,7 @@ def validate(
     (head resources and MLflow server, worker types, shared storage, project
     install, token authentication, no open ports). Exit status 1 on errors.
     """
-    from study.spec import study_path
+    from study.spec import study_path  # lazy: pydantic
 
     file = study_path(file)
     if is_cluster_file(file):
@@ -48,8 +51,6 @@ def validate(
 def is_cluster_file(path: Path) -> bool:
     """Whether `path` is a `ray up` cluster file, by its top-level keys. A missing file or
     one that is not YAML is bad input whatever its kind: one line, exit status 2."""
-    from soups.yaml_file import read_yaml
-
     data = read_yaml(path, SoupsError)
     return isinstance(data, dict) and any(key in data for key in CLUSTER_KEYS)
 
@@ -57,8 +58,8 @@ def is_cluster_file(path: Path) -> bool:
 def validate_study(path: Path, assignments_: list[str] | None = None) -> str:
     """The one-line verdict on a valid study; a bad one raises the SoupsError naming the
     file, key and value."""
-    from study.resolve import load_search_space
-    from study.spec import assignments, load_spec
+    from study.resolve import load_search_space  # lazy: pydantic
+    from study.spec import assignments, load_spec  # lazy: pydantic
 
     spec = load_spec(path, assignments(assignments_))
     _check_local_sources(spec, path)
@@ -72,9 +73,6 @@ def validate_study(path: Path, assignments_: list[str] | None = None) -> str:
 def _check_local_sources(spec, path: Path) -> None:
     """Each task's (and few-shot) source that names a local file or folder exists; hub ids
     are left for the run (offline, nothing is downloaded)."""
-    from soups.data import DatasetError
-    from soups.sources import local_path
-
     for name, task in spec.tasks().items():
         sources = [] if task.generated else [task.source]
         if task.fewshot is not None and task.fewshot.source not in ("preset", "task"):
@@ -87,7 +85,7 @@ def _check_local_sources(spec, path: Path) -> None:
 
 
 def validate_cluster(cluster: Path, study: Path | None) -> None:
-    from study.cluster_check import check_cluster_file
+    from study.cluster_check import check_cluster_file  # lazy: pydantic
 
     findings = check_cluster_file(cluster, study)
     errors = [f for f in findings if f.level == "error"]

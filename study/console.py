@@ -22,6 +22,7 @@ import os
 import sys
 import threading
 import time
+import traceback
 from pathlib import Path
 
 from trainables.finetune_settings import PACE_PREFIX, PROGRESS_PREFIX
@@ -65,8 +66,6 @@ class StudyConsole:
     def __exit__(self, kind, error, trace) -> None:
         global _active
         if error is not None:  # logged here; shown in full by whoever catches it outside
-            import traceback
-
             self._write("".join(traceback.format_exception(kind, error, trace)).rstrip())
         _active = None
         self._release_ray()
@@ -101,8 +100,8 @@ class StudyConsole:
     def route_ray_logs(self) -> None:
         """After `ray.init`: worker and actor lines to the log, progress to the terminal."""
         try:
-            from ray._private import worker as ray_worker
-            from ray.experimental import tqdm_ray
+            from ray._private import worker as ray_worker  # lazy: ray
+            from ray.experimental import tqdm_ray  # lazy: ray
         except ImportError:  # a Ray without these private hooks: its lines stay in the log
             return
         bars = self.err.isatty()  # redrawn bars would only garble a file or a CI log
@@ -192,7 +191,7 @@ def _nothing() -> None:
 
 def _bar_hiding():
     """Functions that hide and show Ray's distributed bars around a printed line."""
-    from ray.experimental import tqdm_ray
+    from ray.experimental import tqdm_ray  # lazy: ray
 
     manager = tqdm_ray.instance()
     return manager.hide_bars, manager.unhide_bars
@@ -202,7 +201,7 @@ def _quiet_transformers() -> None:
     """No weight-loading or shard-writing bars in the log (the workers are quieted through
     their environment)."""
     try:
-        from transformers.utils import logging as hf_logging
+        from transformers.utils import logging as hf_logging  # lazy: transformers
     except ImportError:
         return
     hf_logging.disable_progress_bar()

@@ -10,13 +10,14 @@ from pathlib import Path
 
 import yaml
 
-from soups.moe.folder import is_moe_folder
+from soups.compose.moe.folder import is_moe_folder
 from soups.names import OBJECTIVE, TEST, VALIDATION, candidate_label, task_metric
+from soups.training.gguf_base import public_name
 from study.layout import BEST_DIR, PROMPTS_FILE, study_dir
 from study.selection import checkpoint_adapter
-from study.spec import SpecError, StudySpec
+from study.spec import EMBEDDED, SpecError, StudySpec
 from trainables import tracking
-from trainables.merge_trial import TRIAL_FILE
+from trainables.trial_context import TRIAL_FILE
 
 
 def export_best(spec: StudySpec, best: dict, root: Path, model_dir, log) -> None:
@@ -113,9 +114,7 @@ def _name_the_base(folder: Path, spec: StudySpec) -> None:
 
 
 def base_name(spec: StudySpec) -> str:
-    """The base as the exported adapter names it (`soups.gguf_base.public_name`)."""
-    from soups.gguf_base import public_name
-
+    """The base as the exported adapter names it (`soups.training.gguf_base.public_name`)."""
     return public_name(spec.base_model)
 
 
@@ -127,8 +126,6 @@ def _prompt_format(spec: StudySpec) -> dict | None:
 def card_metadata(spec: StudySpec, row: dict, trial: dict) -> dict:
     """The Hugging Face model card header: base model, library, tags and a `model-index`
     with the target's validation (and, when evaluated, test) accuracy."""
-    from study.spec import EMBEDDED
-
     metrics = [{"type": "accuracy", "name": f"{spec.target_name} validation accuracy",
                 "value": round(float(trial["metrics"][OBJECTIVE]), 4)}] \
         if trial["metrics"].get(OBJECTIVE) is not None else []
@@ -170,15 +167,14 @@ def _prompt_text(spec: StudySpec) -> str:
 def model_card(spec: StudySpec, row: dict, trial: dict) -> str:
     """The exported folder's README.md: the Hugging Face metadata header, what the adapter
     is and how to load it, the prompt format it expects, and its scores."""
-    from study.spec import EMBEDDED
-
     header = yaml.safe_dump(card_metadata(spec, row, trial), sort_keys=False)
     metrics = "\n".join(f"| {k} | {v:.4f} |" for k, v in sorted(trial["metrics"].items())
                         if isinstance(v, float) and k.startswith((VALIDATION, TEST)))
     mixture = is_moe_folder(checkpoint_adapter(row))
     what = "A mixture of LoRA experts (not a PEFT adapter)" if mixture else "A LoRA adapter"
     load = ("PEFT alone cannot load it (a router per layer mixes the LoRAs under `experts/` "
-            "token by token); load it with `soups.moe.load_moe(this_folder, base_model_dir)`"
+            "token by token); load it with "
+            "`soups.compose.moe.load_moe(this_folder, base_model_dir)`"
             if mixture else "Load it with `PeftModel.from_pretrained(base_model, this_folder)`")
     base = (f"`{base_name(spec)}`" if spec.base_model != EMBEDDED else
             "the project's embedded model (`soups prepare --base embedded` builds it)")

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from soups.home import cache_dir, soups_home
+
 SPEC_FILE = "study.yaml"
 TUNE_DIR = "tune"
 LEADERBOARD_FILE = "leaderboard.json"
@@ -15,16 +17,12 @@ PROMPTS_FILE = "prompt_format.json"
 
 
 def study_dir(spec) -> Path:
-    from soups.home import soups_home
-
     return Path(spec.storage).resolve() / spec.name if spec.storage else soups_home() / spec.name
 
 
 def spec_files(spec) -> list[Path]:
     """Where a study's spec is saved: its folder, and $SOUPS_HOME/NAME when that differs
     (so every command finds a study by name wherever its storage is)."""
-    from soups.home import soups_home
-
     files = [study_dir(spec) / SPEC_FILE]
     if spec.storage:
         files.append(soups_home() / spec.name / SPEC_FILE)
@@ -33,6 +31,4 @@ def spec_files(spec) -> list[Path]:
 
 def adapter_cache_dir(spec) -> Path:
     """Stage-1 adapters: beside the study on shared storage, else under $SOUPS_HOME/cache."""
-    from soups.home import cache_dir
-
     return study_dir(spec).parent / "adapter_cache" if spec.storage else cache_dir("adapters")

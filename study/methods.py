@@ -8,7 +8,7 @@ def method_notes(groups) -> dict[str, dict[str, str]]:
     """For each comparison group (`ties`, `skill (math)`): its kind's family (reference,
     stage-1, merge, learned) and one-line summary; a name no kind has (a study run by an
     older version) gets neither."""
-    from trainables.candidates import CANDIDATES
+    from trainables.candidates import CANDIDATES  # lazy: numpy, pydantic
 
     notes = {}
     for group in groups:

@@ -11,6 +11,7 @@ import yaml
 from soups.errors import did_you_mean
 from soups.home import TRACKING_ENV, default_tracking_uri, soups_home
 from study.layout import LEADERBOARD_FILE, SPEC_FILE, spec_files, study_dir
+from study.resolve import load_search_space
 from study.spec import SpecError, StudySpec, Tracking, load_yaml, parse_model
 
 
@@ -48,8 +49,6 @@ def check_study(spec: StudySpec, resume: bool = False):
     """What can fail before anything exists (a new study's name taken, its search space,
     its tracking store): raises SpecError / SearchSpaceError, writes nothing. Returns the
     search space and the tracking URI."""
-    from study.resolve import load_search_space
-
     if not resume:
         _refuse_taken(spec)
     elif (study_dir(spec) / LEADERBOARD_FILE).is_file():

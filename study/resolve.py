@@ -7,7 +7,13 @@ from collections.abc import Collection
 from dataclasses import replace
 from functools import partial
 
-from soups.task_data import TaskData
+from search_spaces import load_space
+from soups.data.datasets import build_task_datasets
+from soups.data.generated import TASK_NAMES
+from soups.errors import did_you_mean
+from soups.home import cache_dir, soups_home
+from soups.tasks.task_data import TaskData
+from soups.training.gguf_base import is_gguf_base, resolve_gguf_base
 from study.spec import EMBEDDED, SpecError, StudySpec
 
 
@@ -15,22 +21,21 @@ def method_parameters(name: str, skills: Collection[str] | None = None):
     """What a candidate kind takes (the search-space check, from the registry of kinds
     `trainables/candidates.py`), or None for an unknown name. `skills`: the study's skills,
     the values `skill` may take (None: any name)."""
-    from trainables.candidates import parameter_checks
+    from trainables.candidates import parameter_checks  # lazy: numpy
 
     return parameter_checks(name, skills)
 
 
 def stage1_needs(space) -> tuple[bool, bool]:
     """Whether the space's candidates need stage 1 at all, and the DATA-MIX LoRA."""
-    from trainables.candidates import DATA_MIX, candidate_kind
+    from trainables.candidates import DATA_MIX, candidate_kind  # lazy: numpy
 
     kinds = [candidate_kind(m) for m in space.methods]
     return any(k.stage1 for k in kinds), any(DATA_MIX in k.needs for k in kinds)
 
 
 def load_search_space(spec: StudySpec):
-    from search_spaces import load_space
-    from trainables.candidates import CANDIDATES
+    from trainables.candidates import CANDIDATES  # lazy: numpy
 
     return load_space(spec.search.space, partial(method_parameters, skills=tuple(spec.skills)),
                       CANDIDATES.names())
@@ -40,15 +45,12 @@ def resolve_base(name: str | None, settings=None, log=print) -> str:
     """The folder (or hub id) every stage loads a base from, as a user names it (a study's
     `base_model`, `--model` of a command): None or `embedded` the embedded model built once
     (`settings`: its BaseModelSettings, default the shipped build's), a .gguf file or a named
-    real base dequantized once (soups.gguf_base), else the folder or hub id as given."""
-    from soups.gguf_base import is_gguf_base, resolve_gguf_base
-    from soups.home import cache_dir, soups_home
-
+    real base dequantized once (soups.training.gguf_base), else the folder or hub id as given."""
     if name is not None and is_gguf_base(name):
         return str(resolve_gguf_base(name, soups_home() / "cache", log=log))
     if name is not None and name != EMBEDDED:
         return name
-    from soups.base_model import BaseModelSettings, build_base_model
+    from soups.training.base_model import BaseModelSettings, build_base_model  # lazy: torch
 
     return str(build_base_model(cache_dir("base_models"), settings or BaseModelSettings(),
                                 log=log))
@@ -57,7 +59,7 @@ def resolve_base(name: str | None, settings=None, log=print) -> str:
 def resolve_base_model(spec: StudySpec, log=print) -> str:
     """The study's base (`resolve_base`), the embedded one built with the study's seed and
     pretraining steps."""
-    from soups.base_model import BaseModelSettings
+    from soups.training.base_model import BaseModelSettings  # lazy: torch
 
     settings = BaseModelSettings(seed=spec.base_model_seed)
     if spec.base_model_steps:
@@ -72,11 +74,6 @@ def resolve_tasks(spec: StudySpec, model_dir: str | None = None) -> dict[str, Ta
     generated = [n for n, t in spec.tasks().items() if t.generated]
     data_dir = None
     if generated:
-        from soups.data import build_task_datasets
-        from soups.errors import did_you_mean
-        from soups.home import cache_dir
-        from soups.tasks import TASK_NAMES
-
         data_dir = build_task_datasets(cache_dir("datasets"), spec.generated.settings())
         for name in generated:
             if not (data_dir / name).exists():

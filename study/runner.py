@@ -29,11 +29,27 @@ from soups.names import (
     WALL_SECONDS,
     data_metric,
 )
+from study import mlflow_links
+from study.cluster import preflight
+from study.console import active, say
+from study.export import export_best, record_prompt_format
 from study.layout import BEST_DIR, LEADERBOARD_FILE, SPEC_FILE, TUNE_DIR, study_dir
+from study.mlflow_links import trials_view
+from study.registry import check_study, register_study
+from study.resolve import data_report, resolve_base_model, resolve_tasks, stage1_needs
 from study.seeds import candidate_rows, exported_trial, shown, stderr_key
+from study.selection import (
+    evaluate_test_split,
+    evaluate_test_split_of_all,
+    leaderboard,
+    print_leaderboard,
+)
 from study.spec import StudySpec
+from study.stage1 import stage1
 from trainables import tracking
-from trainables.merge_trial import TrialContext, generation_params
+from trainables.evaluator import generation_params, start_evaluators, stop_evaluators
+from trainables.trial_context import TrialContext
+from trainables.tuner import fit
 
 # Library warnings and weight-loading bars of every trial process are silenced; worker
 # output still reaches the driver (fine-tune loss lines and step bars).
@@ -42,15 +58,13 @@ QUIET_WORKERS = {"PYTHONWARNINGS": "ignore", "TRANSFORMERS_VERBOSITY": "error",
 
 
 def _start_ray(spec: StudySpec, tracking_uri: str) -> None:
-    import ray
+    import ray  # lazy: ray
 
     if not ray.is_initialized():
         ray.init(address=spec.cluster.address,
                  runtime_env={"env_vars": {TRACKING_ENV: tracking_uri,
                                            **QUIET_WORKERS}},
                  include_dashboard=False, log_to_driver=True)
-    from study.console import active
-
     if active() is not None:  # worker lines to the study's log, step bars to the terminal
         active().route_ray_logs()
 
@@ -86,22 +100,6 @@ def _evaluation(spec: StudySpec) -> dict:
 
 def run_study(spec: StudySpec, resume: bool = False, log=print) -> list[dict]:
     """Run (or resume) a study end to end; returns the leaderboard rows."""
-    from study.cluster import preflight
-    from study.console import say
-    from study.export import export_best, record_prompt_format
-    from study.mlflow_links import trials_view
-    from study.registry import check_study, register_study
-    from study.resolve import data_report, resolve_base_model, resolve_tasks, stage1_needs
-    from study.selection import (
-        evaluate_test_split,
-        evaluate_test_split_of_all,
-        leaderboard,
-        print_leaderboard,
-    )
-    from study.stage1 import stage1
-    from trainables.evaluator import start_evaluators, stop_evaluators
-    from trainables.tuner import fit
-
     root = study_dir(spec)
     space, uri = check_study(spec, resume)
     spec = register_study(spec, resume)
@@ -181,8 +179,6 @@ def run_study(spec: StudySpec, resume: bool = False, log=print) -> list[dict]:
 
 def next_steps(name: str, uri: str, experiment: str) -> str:
     """What a user does with a finished study: the last lines `soups run` prints."""
-    from study import mlflow_links
-
     ui = mlflow_links.ui_base(uri)
     serve = ("" if uri.startswith(("http://", "https://"))
              else f"\n  (serve it first: {mlflow_links.ui_command(uri)})")

@@ -21,13 +21,14 @@ from soups.names import (
 from study.seeds import PER_SEED, add_test, count_key, mean_stderr, shown
 from study.spec import StudySpec
 from trainables import tracking
-from trainables.merge_trial import ADAPTER_DIR, GENERATIONS_DIR, TrialContext
+from trainables.evaluator import evaluate_candidate
+from trainables.trial_context import ADAPTER_DIR, GENERATIONS_DIR, TrialContext
 
 
 def leaderboard(results) -> list[dict]:
     """One row per trial, best objective first; failed and early-stopped trials last. A
     trial on a seed axis has its `seed`."""
-    from trainables.progress import describe
+    from trainables.progress import describe  # lazy: ray
 
     rows = []
     for result in results:
@@ -85,8 +86,6 @@ def checkpoint_adapter(row: dict) -> str | None:
 def _test_trials(spec: StudySpec, context: TrialContext, row: dict) -> list[dict]:
     """The test split of a leaderboard row's finished trials (a trial, or each seed of a
     candidate): each trial's `test` and its run's metrics; the metrics of each."""
-    from trainables.merge_trial import evaluate_candidate
-
     score_key = task_metric(TEST, context.target)
     scored = []
     for trial in [t for t in row.get(PER_SEED, [row]) if t[OBJECTIVE] is not None]:

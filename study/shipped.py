@@ -6,6 +6,7 @@ validate real_check` and `soups studies` use them; a path is always taken as giv
 
 from __future__ import annotations
 
+from importlib.metadata import PackageNotFoundError, distribution
 from pathlib import Path
 
 DISTRIBUTION = "lora-soups"
@@ -17,8 +18,6 @@ def studies_dir() -> Path | None:
     checkout = Path(__file__).resolve().parents[1] / "studies"
     if checkout.is_dir():
         return checkout
-    from importlib.metadata import PackageNotFoundError, distribution
-
     try:
         dist = distribution(DISTRIBUTION)
     except PackageNotFoundError:

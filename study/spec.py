@@ -6,18 +6,22 @@ validation split: the test split is evaluated once, after selection, never searc
 
 from __future__ import annotations
 
+import re
+import typing
 from dataclasses import fields
 from pathlib import Path
 from typing import Annotated, Literal
 
+import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from soups.data import DataSettings
+from soups.data.datasets import DataSettings
 from soups.errors import SoupsError, did_you_mean
-from soups.evaluate import BATCH_SIZE, MAX_NEW_TOKENS
-from soups.task_spec import TaskSpec
-from soups.train_settings import LoraSettings, LossOn, TrainSettings
+from soups.evaluation.evaluate import BATCH_SIZE, MAX_NEW_TOKENS
+from soups.tasks.task_spec import TaskSpec
+from soups.training.train_settings import LoraSettings, LossOn, TrainSettings
 from soups.yaml_file import read_yaml, yaml_problem
+from study.shipped import shipped_studies, study_file
 from trainables.finetune_settings import DeepSpeedSettings, ScalingSettings
 from trainables.learned_settings import CatTraining
 
@@ -36,7 +40,7 @@ class Strict(BaseModel):
 
 
 class GeneratedData(Strict):
-    """The embedded default's generated tasks: `soups.data.DataSettings`, whose defaults
+    """The embedded default's generated tasks: `soups.data.datasets.DataSettings`, whose defaults
     these are."""
 
     seed: int = _DATA.seed
@@ -66,8 +70,8 @@ class Objective(Strict):
 
 class Finetune(Strict):
     """Stage 1: one LoRA per (skill, rank), plus DATA-MIX, through the adapter cache. The
-    LoRA and optimiser keys are `soups.train_settings.LoraSettings` / `TrainSettings` (their
-    defaults are these); the rest say where and how the fine-tunes run
+    LoRA and optimiser keys are `soups.training.train_settings.LoraSettings` / `TrainSettings`
+    (their defaults are these); the rest say where and how the fine-tunes run
     (`trainables/finetune_settings.py`)."""
 
     ranks: list[int] = Field(default_factory=lambda: [_LORA.rank])
@@ -185,8 +189,6 @@ class Evaluation(Strict):
     @field_validator("device")
     @classmethod
     def _known_device(cls, device: str) -> str:
-        import re
-
         if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", device):
             raise ValueError(f"device must be auto, cpu, cuda or cuda:N, got {device!r}")
         return device
@@ -228,13 +230,13 @@ class Cluster(Strict):
 class StudySpec(Strict):
     name: str = "default"
     # `embedded`, a save_pretrained folder, a hub id, a .gguf file or a named real base
-    # (soups.gguf_base.NAMED_BASES: smollm2-135m-instruct)
+    # (soups.training.gguf_base.NAMED_BASES: smollm2-135m-instruct)
     base_model: str = EMBEDDED
     base_model_seed: int = 0
     base_model_steps: int | None = None  # embedded model pretraining steps (None: its default)
     generated: GeneratedData = GeneratedData()
     # Each task's schema (source, carve, templates, few-shot, generation, scorer) lives in
-    # the core library, which carries it into every trial: soups/task_spec.py.
+    # the core library, which carries it into every trial: soups/tasks/task_spec.py.
     skills: dict[str, TaskSpec] = Field(
         default_factory=lambda: {"math": TaskSpec(), "code": TaskSpec(scorer="program")})
     target: dict[str, TaskSpec] = Field(
@@ -291,8 +293,6 @@ class StudySpec(Strict):
 def _fields_at(model: type[BaseModel], loc: tuple) -> list[str]:
     """The keys allowed where `loc`'s last part stands (the fields of the model that holds
     it; through mappings of models such as `skills`), or [] where that cannot be told."""
-    import typing
-
     current, parts = model, list(loc[:-1])
     while parts:
         field = current.model_fields.get(parts.pop(0)) if isinstance(current, type) else None
@@ -359,8 +359,6 @@ def overlay(base: dict, extra: dict, defaults: dict | None = None) -> dict:
 def assignments(items: list[str] | None) -> dict:
     """`--set` options (`finetune.learning_rate=3e-4`, `skills.math.source=/data/m.jsonl`)
     as a nested mapping to `overlay`; each value is read as YAML (numbers, lists, null)."""
-    import yaml
-
     out: dict = {}
     for item in items or ():
         key, sep, value = item.partition("=")
@@ -392,8 +390,6 @@ def study_data(path: str | Path | None) -> dict:
 
 def study_path(given: str | Path) -> Path:
     """`study.shipped.study_file`, with the shipped names suggested for a file not found."""
-    from study.shipped import shipped_studies, study_file
-
     path = study_file(given)
     if not path.exists() and not path.suffix and len(path.parts) == 1:
         names = sorted(shipped_studies())

@@ -11,6 +11,7 @@ import os
 from dataclasses import asdict, replace
 from pathlib import Path
 
+from soups.data.data_mix import mix_datasets
 from soups.home import TRACKING_ENV
 from soups.names import (
     CACHE_KEY_TAG,
@@ -22,10 +23,10 @@ from soups.names import (
     TRAIN_LOSS,
     WALL_SECONDS,
 )
+from soups.tasks.task_data import TaskData
 from study.layout import adapter_cache_dir, study_dir
 from study.spec import StudySpec
 from trainables import tracking
-from trainables.merge_trial import TaskData
 
 DATA_MIX = "data_mix"
 
@@ -34,8 +35,6 @@ def _skill_sets(spec: StudySpec, tasks: dict[str, TaskData], data_mix: bool, see
     """Training and held-out rows per fine-tune: each skill, and their DATA-MIX (mixed with
     `seed`). The first `finetune.held_out` validation rows of each skill; with 0, no
     held-out set (None)."""
-    from soups.data_mix import mix_datasets
-
     rows = spec.finetune.held_out
     train = {s: tasks[s].rows("train") for s in spec.skills}
     # A skill whose source has no validation rows (a training set, a raw text) has none.
@@ -64,6 +63,7 @@ def _one_seed(spec: StudySpec, model_dir: str, tasks: dict[str, TaskData], ranks
               need_data_mix: bool, seed: int, tracking_uri: str, experiment: str,
               parent_run_id: str, log) -> dict[str, dict[str, str]]:
     """The adapters fine-tuned with `seed`: `{str(rank): {skill or "data_mix": folder}}`."""
+    # lazy: torch
     from trainables.finetune import DeepSpeedSettings, ScalingSettings, cached_finetune
 
     ft = spec.finetune

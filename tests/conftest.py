@@ -25,7 +25,7 @@ def build_tiny_llama(out_dir, hidden: int = 32, layers: int = 2, seed: int = 0):
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from soups.tokenizer import train_tokenizer
+    from soups.training.tokenizer import train_tokenizer
 
     tokenizer = train_tokenizer(TINY_CORPUS * 20, vocab_size=600, max_number=200)
     config = LlamaConfig(

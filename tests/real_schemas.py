@@ -8,8 +8,8 @@ import json
 import random
 from pathlib import Path
 
-from soups.tasks.problems import word_problem
-from soups.tasks.programs import code_exercise
+from soups.data.generated.problems import word_problem
+from soups.data.generated.programs import code_exercise
 
 
 def _problems(n: int, seed: int):

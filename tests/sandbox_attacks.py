@@ -1,5 +1,5 @@
 """Hostile programs against the sandbox, scored the way `evaluate_rows` scores them
-(`soups.scoring.score_programs`, four sandboxes at once), beside honest ones.
+(`soups.evaluation.scoring.score_programs`, four sandboxes at once), beside honest ones.
 
 Standard library only: the non-root test runs this file with the system Python as an
 unprivileged user (`python3 sandbox_attacks.py CANARY PORT`, printing the records as JSON).
@@ -224,7 +224,7 @@ def shared_state_attacks() -> dict[str, str]:
 
 def _nr(name: str) -> int:
     """The number of system call `name` here (-1 where this architecture has none)."""
-    from soups.sandbox.seccomp import syscall_number
+    from soups.evaluation.sandbox.seccomp import syscall_number
 
     number = syscall_number(name)
     return -1 if number is None else number
@@ -232,7 +232,7 @@ def _nr(name: str) -> int:
 
 def _masked_paths() -> list[str]:
     """The package folders the sandbox masks (empty, and read-only, inside it)."""
-    from soups.sandbox.bwrap import mount_args
+    from soups.evaluation.sandbox.bwrap import mount_args
 
     args = mount_args()
     return [args[i + 1] for i, arg in enumerate(args) if arg == "--tmpfs"]
@@ -304,7 +304,7 @@ def rows(canary: str, port: int) -> list[dict]:
 def run_battery(canary: str, port: int, workers: int = 4, battery: list[dict] | None = None
                 ) -> list[dict]:
     """Score every row in four sandboxes at once; one record per row, with its name."""
-    from soups.scoring import score_programs
+    from soups.evaluation.scoring import score_programs
 
     battery = rows(canary, port) if battery is None else battery
     records, _ = score_programs(battery, [r["answer"] for r in battery], workers=workers)

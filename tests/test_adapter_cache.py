@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from soups.adapter_cache import ENTRY_FILE, TMP_DIR, AdapterCache, cache_key
 from soups.adapters import LoraAdapter, LoraModule, save_adapter
+from soups.training.adapter_cache import ENTRY_FILE, TMP_DIR, AdapterCache, cache_key
 
 pytestmark = pytest.mark.unit
 
@@ -141,7 +141,7 @@ def _rows(tag: str, n: int) -> list[dict]:
 
 
 def test_data_mix_takes_each_share_seeded_and_shuffled():
-    from soups.data_mix import mix_datasets
+    from soups.data.data_mix import mix_datasets
 
     sources = {"math": _rows("math", 40), "code": _rows("code", 20)}
     mix = mix_datasets(sources, {"math": 0.25, "code": 1.0}, seed=3)
@@ -163,7 +163,7 @@ def test_data_mix_takes_each_share_seeded_and_shuffled():
     ({"math": 0.0, "code": 0.0}, "the mix is empty"),
 ])
 def test_data_mix_refuses_bad_proportions_by_name(proportions, message):
-    from soups.data_mix import mix_datasets
+    from soups.data.data_mix import mix_datasets
 
     with pytest.raises(ValueError, match=message):
         mix_datasets({"math": _rows("math", 4), "code": _rows("code", 4)}, proportions)

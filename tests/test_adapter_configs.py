@@ -19,7 +19,7 @@ import pytest
 import torch
 
 from soups.adapters import CONFIG_FILE, AdapterError, LoraAdapter
-from soups.merge import merge_adapters
+from soups.compose.merge import merge_adapters
 
 pytestmark = pytest.mark.unit
 
@@ -197,7 +197,7 @@ def test_embedding_lora_is_refused_by_name(tmp_path):
 
 
 def test_mixed_fan_in_fan_out_is_refused(tmp_path):
-    from soups.merge import MergeError
+    from soups.compose.merge import MergeError
 
     conv = _peft_adapter("gpt2", dict(target_modules=["c_attn"], fan_in_fan_out=True),
                          tmp_path / "conv", seed=1)

@@ -6,7 +6,7 @@ import json
 import pytest
 import torch
 
-from soups.base_model import BUILD_FILE, BaseModelSettings, build_base_model
+from soups.training.base_model import BUILD_FILE, BaseModelSettings, build_base_model
 
 pytestmark = pytest.mark.integration  # `built` pretrains a tiny model (6 AdamW steps)
 QUICK = BaseModelSettings(hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64,

@@ -6,7 +6,7 @@ from conftest import raises_naming
 from typer.testing import CliRunner
 
 from search_spaces import SearchSpaceError, parse_space
-from soups.merge.methods import REGISTRY as MERGES
+from soups.compose.merge.methods import REGISTRY as MERGES
 from study.cli import app
 from study.resolve import method_parameters, stage1_needs
 from trainables.candidates import (

@@ -169,8 +169,13 @@ def test_every_list_option_takes_several_values_after_one_flag():
 @pytest.mark.unit
 def test_cat_options_of_both_commands_are_the_paper_recipe():
     """`soups cat` and `soups merge --method cat_learned` read their defaults from the
-    preset in soups.cat.settings: editing the preset changes both commands."""
-    from soups.cat.settings import PAPER_CAT_TRAIN, PAPER_FRACTION, PAPER_HELD_OUT, CatSettings
+    preset in soups.compose.cat.settings: editing the preset changes both commands."""
+    from soups.compose.cat.settings import (
+        PAPER_CAT_TRAIN,
+        PAPER_FRACTION,
+        PAPER_HELD_OUT,
+        CatSettings,
+    )
     from study.cli import app
 
     group = typer.main.get_command(app)

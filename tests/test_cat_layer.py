@@ -7,10 +7,10 @@ import torch
 from torch import nn
 
 from soups.adapters import LoraModule
-from soups.cat.layer import CatLinear, CatWeights, delta_norm
-from soups.cat.mix import skill_mix
-from soups.cat.model import group_key, initial_logits
-from soups.cat.settings import CatSettings
+from soups.compose.cat.layer import CatLinear, CatWeights, delta_norm
+from soups.compose.cat.mix import skill_mix
+from soups.compose.cat.model import group_key, initial_logits
+from soups.compose.cat.settings import CatSettings
 
 pytestmark = pytest.mark.unit
 

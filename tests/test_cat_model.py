@@ -10,10 +10,10 @@ import torch
 from conftest import build_sharp_llama, sample_sequences, write_random_lora
 
 from soups.adapters import LoraAdapter, LoraModule, read_provenance, save_adapter
-from soups.cat import CatModel, CatSettings, StopTraining, export_cat, train_cat
-from soups.cat.export import WEIGHTS_JSON
-from soups.train_settings import TrainSettings
-from soups.training_loop import held_out_loss
+from soups.compose.cat import CatModel, CatSettings, StopTraining, export_cat, train_cat
+from soups.compose.cat.export import WEIGHTS_JSON
+from soups.training.train_settings import TrainSettings
+from soups.training.training_loop import held_out_loss
 
 # Mixed tiers: forward passes, one backward pass and exports on the tiny model are unit; the
 # tests that run `train_cat` (an optimizer loop) are integration.
@@ -282,8 +282,8 @@ def test_clear_errors_for_bad_adapters(tiny_model_dir, adapters, tmp_path):
 
 @pytest.mark.unit
 def test_training_loop_refuses_no_examples_instead_of_waiting_forever():
-    from soups.train_settings import TrainSettings
-    from soups.training_loop import optimizer_steps
+    from soups.training.train_settings import TrainSettings
+    from soups.training.training_loop import optimizer_steps
 
     with pytest.raises(ValueError, match="no examples"):
         next(optimizer_steps(None, [], [], TrainSettings(), pad_id=0))

@@ -220,7 +220,7 @@ w2 = next(n["NodeID"] for n in ray.nodes() if n["Alive"] and "node_w2" in n["Res
 real = every_node.sandbox_problem
 def problem(sandbox, node):
     if node == w2:
-        from soups.sandbox import bwrap, run
+        from soups.evaluation.sandbox import bwrap, run
         bwrap.find_bwrap = lambda: None
         run._probe_bwrap.cache_clear()
     return real(sandbox, node)
@@ -341,8 +341,8 @@ def test_study_survives_lost_nodes_and_an_mlflow_restart(env):
     assert steps == sorted(set(steps)) and steps[-1] == CAT_STEPS  # each step once
     # Every cached adapter is whole: an entry file and a readable adapter; no half-written
     # folder left behind.
-    from soups.adapter_cache import ENTRY_FILE
     from soups.adapters import LoraAdapter
+    from soups.training.adapter_cache import ENTRY_FILE
 
     entries = list(cache.glob("[!.]*"))
     assert len(entries) == len(cached_before) + 2

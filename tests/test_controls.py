@@ -1,5 +1,5 @@
-"""The controls of a merging claim (soups.controls; kinds random_lora and mix_lora): a random
-stand-in keeps each module's rank, scaling and update norm (against the dense update) and
+"""The controls of a merging claim (soups.compose.controls; kinds random_lora and mix_lora): a
+random stand-in keeps each module's rank, scaling and update norm (against the dense update) and
 loads through PEFT; `all` concatenates one per skill; mix_lora trains on exactly the rows
 CAT learns its weights on."""
 
@@ -10,9 +10,9 @@ import torch
 from conftest import raises_naming, write_random_lora
 
 from soups.adapters import LoraAdapter
-from soups.controls import random_stand_in, update_norm
+from soups.compose.controls import random_stand_in, update_norm
 from trainables.candidates import CANDIDATES, candidate_kind
-from trainables.merge_trial import TrialContext
+from trainables.trial_context import TrialContext
 
 pytestmark = pytest.mark.unit
 
@@ -95,20 +95,20 @@ def test_mix_lora_trains_on_exactly_the_rows_cat_learns_on(loras, tmp_path, tiny
                                                            monkeypatch):
     from conftest import TINY_CORPUS
 
-    import soups.cat.mix
+    import soups.compose.cat.mix
 
     calls = []
-    real = soups.cat.mix.skill_mix
+    real = soups.compose.cat.mix.skill_mix
 
     def recording(skills, *args, **kwargs):
         out = real(skills, *args, **kwargs)
         calls.append(out)
         return out
 
-    monkeypatch.setattr(soups.cat.mix, "skill_mix", recording)
-    import soups.cat.run
+    monkeypatch.setattr(soups.compose.cat.mix, "skill_mix", recording)
+    import soups.compose.cat.run
 
-    monkeypatch.setattr(soups.cat.run, "skill_mix", recording, raising=False)
+    monkeypatch.setattr(soups.compose.cat.run, "skill_mix", recording, raising=False)
 
     class Rows:
         def __init__(self, rows):

@@ -19,19 +19,19 @@ from typer.testing import CliRunner
 from analysis.runs import StudyNotFound
 from search_spaces import SearchSpaceError
 from soups.adapters import AdapterError
-from soups.base_model import ModelError
-from soups.cat.settings import CatError
-from soups.data import DatasetError
+from soups.compose.cat.settings import CatError
+from soups.compose.lorahub import LorahubError
+from soups.compose.merge import MergeError
+from soups.compose.moe import MoeError
+from soups.data.datasets import DatasetError
+from soups.data.prompts import TemplateError
 from soups.errors import SoupsError
-from soups.evaluate import EvaluationError
-from soups.gguf_base import GgufError
-from soups.lorahub import LorahubError
-from soups.merge import MergeError
-from soups.moe import MoeError
-from soups.prompts import TemplateError
-from soups.sandbox import SandboxUnavailable
-from soups.sandbox.seccomp import SeccompUnavailable
-from soups.scoring import ScorerError
+from soups.evaluation.evaluate import EvaluationError
+from soups.evaluation.sandbox import SandboxUnavailable
+from soups.evaluation.sandbox.seccomp import SeccompUnavailable
+from soups.evaluation.scoring import ScorerError
+from soups.training.base_model import ModelError
+from soups.training.gguf_base import GgufError
 from study.cli import app
 from study.spec import SpecError
 from trainables.candidates import CandidateError
@@ -43,7 +43,7 @@ PROJECT_ERRORS = (AdapterError, CandidateError, CatError, DatasetError, Evaluati
                   GgufError, LorahubError, MergeError, ModelError, MoeError, SandboxUnavailable,
                   ScorerError, SeccompUnavailable, SearchSpaceError, SpecError,
                   StorageNotShared, StudyNotFound, TemplateError)
-NOT_ERRORS = {"StopTraining"}  # soups/cat/train.py: a signal that ends training early
+NOT_ERRORS = {"StopTraining"}  # soups/compose/cat/train.py: a signal that ends training early
 
 
 @pytest.mark.parametrize("error", PROJECT_ERRORS, ids=lambda error: error.__name__)
@@ -105,8 +105,8 @@ MAIN = """
 import sys
 import study.cluster_check
 from soups.errors import SoupsError
-from soups.evaluate import EvaluationError
-from soups.lorahub import LorahubError
+from soups.evaluation.evaluate import EvaluationError
+from soups.compose.lorahub import LorahubError
 
 def check(*args):
     raise {error}

@@ -1,4 +1,4 @@
-"""Evaluation (soups.evaluate): the device and dtype, batched generation equal to
+"""Evaluation (soups.evaluation.evaluate): the device and dtype, batched generation equal to
 one-at-a-time and to a manual greedy loop, stop sequences, seeded sampling, the completion
 loss by hand, evaluate_rows with its prompts, scorer and records, and the command's errors.
 Scorers themselves: tests/test_scoring.py."""
@@ -10,7 +10,7 @@ import pytest
 import torch
 from conftest import assert_user_error
 
-from soups.evaluate import (
+from soups.evaluation.evaluate import (
     EvaluationError,
     GenerationSettings,
     TaskScores,
@@ -21,9 +21,9 @@ from soups.evaluate import (
     records_jsonl,
     resolve_device,
 )
+from soups.evaluation.scoring import ScorerSettings
 from soups.names import task_metric
-from soups.scoring import ScorerSettings
-from soups.text_batches import IGNORE_INDEX, encode_example
+from soups.training.text_batches import IGNORE_INDEX, encode_example
 
 pytestmark = pytest.mark.unit
 
@@ -362,7 +362,7 @@ def test_evaluate_command_bad_inputs_are_one_line_errors(tiny_model_dir, tmp_pat
 
 
 def test_a_prompt_longer_than_the_context_loses_its_start_not_its_question(tiny):
-    from soups.evaluate import _fit_context
+    from soups.evaluation.evaluate import _fit_context
 
     model, tokenizer = tiny
     context = model.config.max_position_embeddings
@@ -388,7 +388,7 @@ def test_evaluate_command_shows_progress_and_keeps_what_it_scored(tiny_model_dir
     from datasets import Dataset, DatasetDict
     from typer.testing import CliRunner
 
-    import soups.resident
+    import soups.evaluation.resident
     from study.cli import app
 
     rows = [{"key": f"k{i}", "prompt": f"### Question:\nTom has {i} apples.\n### Answer:\n",
@@ -404,7 +404,7 @@ def test_evaluate_command_shows_progress_and_keeps_what_it_scored(tiny_model_dir
     assert report["n"] == 40 and report["complete"] and len(report["records"]) == 40
     assert [r["prompt"] for r in report["records"]] == [r["prompt"] for r in rows]
 
-    real = soups.resident.evaluate_side_by_side
+    real = soups.evaluation.resident.evaluate_side_by_side
     calls = []
 
     def interrupted(*args, **kwargs):
@@ -413,7 +413,7 @@ def test_evaluate_command_shows_progress_and_keeps_what_it_scored(tiny_model_dir
             raise KeyboardInterrupt
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(soups.resident, "evaluate_side_by_side", interrupted)
+    monkeypatch.setattr(soups.evaluation.resident, "evaluate_side_by_side", interrupted)
     CliRunner().invoke(app, args)
     kept = json.loads(out.read_text())["m"]
     assert kept["n"] == 32 and not kept["complete"] and len(kept["records"]) == 32

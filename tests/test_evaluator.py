@@ -46,8 +46,8 @@ def _adapter(model_dir: str, out, seed: int, targets=("q_proj", "v_proj")) -> st
 
 @pytest.fixture(scope="module")
 def setup(tiny_model_dir, tmp_path_factory):
-    from soups.task_data import TaskData
-    from soups.task_spec import TaskSpec
+    from soups.tasks.task_data import TaskData
+    from soups.tasks.task_spec import TaskSpec
     from study.spec import Evaluation
 
     folder = tmp_path_factory.mktemp("evaluator")
@@ -63,7 +63,7 @@ def setup(tiny_model_dir, tmp_path_factory):
 
 
 def _context(model_dir, tasks, evaluation, evaluators=(), **tracking):
-    from trainables.merge_trial import TrialContext
+    from trainables.trial_context import TrialContext
 
     return TrialContext(study="ev", experiment_id=tracking.get("experiment", "0"),
                         tracking_uri=tracking.get("uri", ""),
@@ -76,8 +76,12 @@ def test_evaluators_score_as_the_in_process_path_side_by_side(ray_instance, tiny
                                                               setup, tmp_path):
     import ray
 
-    from trainables.evaluator import evaluate_remote, start_evaluators, stop_evaluators
-    from trainables.merge_trial import evaluate_candidate
+    from trainables.evaluator import (
+        evaluate_candidate,
+        evaluate_remote,
+        start_evaluators,
+        stop_evaluators,
+    )
 
     tasks, evaluation, adapters = setup
     here = _context(tiny_model_dir, tasks, evaluation)

@@ -1,5 +1,5 @@
 """Ray Train + DeepSpeed fine-tunes of the tiny model on CPU (gloo), 2 workers, checked
-against the plain single-process loop (`soups.lora_training.train_lora`).
+against the plain single-process loop (`soups.training.lora_training.train_lora`).
 
 W workers with accumulation A must compute the plain loop's update with accumulation W*A
 (same data order, same initialisation, dropout 0), so every fit is compared with that
@@ -23,10 +23,10 @@ import pytest
 import torch
 
 from soups.adapters import LoraAdapter
-from soups.lora_training import train_lora
-from soups.text_batches import encode_dataset
-from soups.train_settings import LoraSettings, TrainSettings
-from soups.training_loop import held_out_loss
+from soups.training.lora_training import train_lora
+from soups.training.text_batches import encode_dataset
+from soups.training.train_settings import LoraSettings, TrainSettings
+from soups.training.training_loop import held_out_loss
 
 pytestmark = pytest.mark.integration
 

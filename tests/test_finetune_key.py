@@ -11,8 +11,8 @@ import dataclasses
 
 import pytest
 
-from soups.adapter_cache import cache_key
-from soups.train_settings import LoraSettings, TrainSettings
+from soups.training.adapter_cache import cache_key
+from soups.training.train_settings import LoraSettings, TrainSettings
 from study.spec import SpecError, load_spec
 from trainables.finetune import finetune_key_inputs
 

@@ -1,4 +1,4 @@
-"""GGUF bases without the network (soups.gguf_base): what names resolve here, the pinned
+"""GGUF bases without the network (soups.training.gguf_base): what names resolve here, the pinned
 file refused when its hash differs (nothing cached), clear errors for a missing file or a
 failed download. The real file, dequantized and trained on: tests/test_real_model.py."""
 
@@ -9,8 +9,8 @@ import zipfile
 
 import pytest
 
-from soups import gguf_base
-from soups.gguf_base import (
+from soups.training import gguf_base
+from soups.training.gguf_base import (
     NAMED_BASES,
     GgufError,
     fetch_named,

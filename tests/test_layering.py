@@ -3,8 +3,10 @@
 starts Ray and reads its logs, with ray core only)."""
 
 import ast
+import importlib
 from pathlib import Path
 
+import import_graph
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -125,7 +127,148 @@ def test_train_settings_do_not_import_torch():
     """The fine-tune settings (study files, cache keys) are read without torch."""
     _in_a_fresh_interpreter(
         "import sys\n"
-        "from soups.train_settings import PAPER_TARGETS, LoraSettings, TrainSettings\n"
+        "from soups.training.train_settings import PAPER_TARGETS, LoraSettings, TrainSettings\n"
         "assert TrainSettings().total_steps(10) and LoraSettings().target_modules\n"
         "assert 'torch' not in sys.modules, 'torch was imported'\n"
     )
+
+
+# --- the core by stage, no circles, no private names, local imports with a reason ----------
+
+# soups/: each stage imports only the stages below it; `tasks` and `compose` stand side by
+# side at the top (a task names evaluation's scorer; composition uses training and
+# evaluation), neither imports the other. The foundations at the root import no stage.
+STAGES = {"data": 1, "training": 2, "evaluation": 3, "tasks": 4, "compose": 4}
+# The core's composition root registers compose's adapter kinds with evaluation.
+STAGE_ROOT = "soups"
+
+
+def _stage(module: str) -> str:
+    parts = module.split(".")
+    return parts[1] if len(parts) > 2 and parts[1] in STAGES else "root"
+
+
+def _rank(stage: str) -> int:
+    return STAGES.get(stage, 0)
+
+
+def test_each_stage_of_the_core_imports_only_the_stages_below_it():
+    bad = []
+    for module, targets in import_graph.edges().items():
+        if not module.startswith("soups.") or module == STAGE_ROOT:
+            continue
+        for target in targets:
+            if not target.startswith("soups."):
+                continue
+            mine, theirs = _stage(module), _stage(target)
+            if mine != theirs and _rank(theirs) >= _rank(mine):
+                bad.append(f"{module} ({mine}) imports {target} ({theirs})")
+    assert not bad, "against the stages (docs/extending.md):\n" + "\n".join(bad)
+
+
+def test_every_module_of_the_core_lives_in_a_stage_or_is_a_foundation():
+    foundations = {m for m in import_graph.modules()
+                   if m.startswith("soups.") and _stage(m) == "root"
+                   and m.split(".")[1] not in STAGES}
+    assert foundations == {"soups.adapters", "soups.errors", "soups.home", "soups.lazy",
+                           "soups.names", "soups.yaml_file"}, sorted(foundations)
+
+
+def test_no_import_circle():
+    """From the code's own imports, module level and inside functions alike."""
+    assert import_graph.circles() == []
+
+
+def test_the_circle_finder_finds_a_circle(monkeypatch):
+    graph = {"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}
+    monkeypatch.setattr(import_graph, "edges", lambda local=True: graph)
+    assert import_graph.circles() == [["a", "b", "c"]]
+
+
+def test_no_private_name_is_imported_from_another_module():
+    bad = []
+    for module, path in import_graph.modules().items():
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module and node.level == 0 \
+                    and node.module.split(".")[0] in import_graph.PACKAGES:
+                bad += [f"{module}: from {node.module} import {alias.name}"
+                        for alias in node.names if alias.name.startswith("_")]
+    assert not bad, "\n".join(bad)
+
+
+def test_function_local_imports_keep_a_heavy_library_off_and_say_which():
+    """A function imports a module itself only to keep a heavy library (or an optional
+    dependency) off its module's import, and says which on the line (`# lazy: torch`)."""
+    bad = []
+    for module, path in import_graph.modules().items():
+        lines = path.read_text().splitlines()
+        for imp in import_graph.imports_of(module):
+            if not imp.local:
+                continue
+            kept = import_graph.kept_off(imp)
+            where = f"{path.relative_to(ROOT)}:{imp.line}"
+            if not kept and not imp.optional:
+                bad.append(f"{where}: {imp.target} loads nothing heavy the module lacks: "
+                           "import it at the top")
+                continue
+            said = " ".join(lines[i] for i in (imp.line - 2, imp.line - 1, imp.end_line - 1))
+            names = kept or {imp.target.split(".")[0]}
+            if not any(f"{tag}:" in said and name in said.split(f"{tag}:", 1)[1]
+                       for tag in ("lazy", "optional") for name in names):
+                bad.append(f"{where}: no `# lazy: {', '.join(sorted(names))}` reason")
+    assert not bad, "\n".join(bad)
+
+
+def test_heaviness_is_read_through_lazy_exports_and_packages():
+    """`from soups.compose.cat import learn_cat` loads torch (its `run` module), while the
+    package alone and its settings do not: the checks above see what an import costs."""
+    cat = import_graph.lazy_exports("soups.compose.cat")
+    assert cat["learn_cat"] == "soups.compose.cat.run"
+    assert "torch" in import_graph.heavy_at_import("soups.compose.cat.run")
+    assert "torch" not in import_graph.heavy_at_import("soups.compose.cat.settings")
+    assert "torch" not in import_graph.heavy_at_import("study.cli")
+
+
+# trainables/: the candidate registry and the trial context at the bottom of the room; the
+# drivers (the local and the cluster trial, their shared life cycle, the Tuner) above them.
+TRIAL_DRIVERS = {"trainables.merge_trial", "trainables.cluster_trial", "trainables.trial_run",
+                 "trainables.tuner"}
+
+
+@pytest.mark.parametrize("module", ["trainables.candidates", "trainables.trial_context",
+                                    "trainables.evaluator", "trainables.search"])
+def test_the_registry_and_context_never_import_a_trial_driver(module):
+    graph = import_graph.edges()
+    reached, todo = set(), [module]
+    while todo:
+        current = todo.pop()
+        for target in graph.get(current, ()):
+            if target not in reached:
+                reached.add(target)
+                todo.append(target)
+    assert not reached & TRIAL_DRIVERS, sorted(reached & TRIAL_DRIVERS)
+
+
+def test_importing_the_core_loads_only_the_standard_library():
+    """`import soups` (which registers compose's adapter kinds with evaluation) loads no
+    third-party library: the sandbox runs from a bare interpreter (tests/sandbox_attacks.py)."""
+    _in_a_fresh_interpreter(
+        "import sys\n"
+        "before = set(sys.modules)\n"
+        "import soups, soups.evaluation.sandbox.seccomp\n"
+        "new = {m.split('.')[0] for m in set(sys.modules) - before}\n"
+        "assert new <= set(sys.stdlib_module_names) | {'soups'}, sorted(new)\n"
+    )
+
+
+def test_the_mixture_of_experts_is_an_adapter_kind_registered_at_the_root():
+    from soups.adapters import MOE_CONFIG_FILE
+    from soups.compose.moe import load
+    from soups.evaluation import adapter_kinds
+
+    kind = adapter_kinds.registered()["moe"]
+    assert kind.marker == MOE_CONFIG_FILE
+    for entry, function in ((kind.install_entry, load.install_moe),
+                            (kind.installed_entry, load.installed_moe)):
+        module, _, name = entry.partition(":")
+        assert getattr(importlib.import_module(module), name) is function

@@ -1,4 +1,4 @@
-"""LoraHub (soups/lorahub/): both compositions against their definitions on hand-built
+"""LoraHub (soups/compose/lorahub/): both compositions against their definitions on hand-built
 modules, the objective on the tiny model against a direct dense computation and against
 PEFT loading the written adapter, the search on a toy with a known minimum (seeded, exactly
 `budget` evaluations), settings validation, and `soups merge --method lorahub` end to end."""
@@ -15,9 +15,8 @@ from conftest import assert_user_error, raises_naming, write_random_lora
 from typer.testing import CliRunner
 
 from soups.adapters import LoraAdapter, LoraModule, read_provenance, save_adapter
-from soups.cat.mix import skill_mix
-from soups.evaluate import mean_completion_loss
-from soups.lorahub import (
+from soups.compose.cat.mix import skill_mix
+from soups.compose.lorahub import (
     LorahubError,
     LorahubSettings,
     compose_exact,
@@ -25,9 +24,10 @@ from soups.lorahub import (
     lorahub_merge,
     search_weights,
 )
-from soups.lorahub.compose import COMPOSITIONS, check_composable, compose_all
-from soups.lorahub.run import SUMMARY_JSON, read_factors
-from soups.lorahub.settings import COMPOSITION_NAMES
+from soups.compose.lorahub.compose import COMPOSITIONS, check_composable, compose_all
+from soups.compose.lorahub.run import SUMMARY_JSON, read_factors
+from soups.compose.lorahub.settings import COMPOSITION_NAMES
+from soups.evaluation.evaluate import mean_completion_loss
 
 # Forward passes of the tiny model and a few-evaluation search: no training, so unit.
 pytestmark = pytest.mark.unit
@@ -237,8 +237,8 @@ def _dense_model(model_dir, adapter_dirs, weights, composition):
 
 def test_the_loss_is_the_token_weighted_mean_of_completion_loss(tiny_model_dir):
     """LoraHub scores its examples in one batch: the mean over all completion tokens."""
-    from soups.evaluate import completion_loss
-    from soups.text_batches import IGNORE_INDEX, encode_example
+    from soups.evaluation.evaluate import completion_loss
+    from soups.training.text_batches import IGNORE_INDEX, encode_example
 
     tokenizer, model = _base(tiny_model_dir)
     rows = SKILLS[0][:3] + SKILLS[1][:2]

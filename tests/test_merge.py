@@ -12,9 +12,9 @@ import torch
 from conftest import assert_user_error
 
 from soups.adapters import AdapterError, LoraAdapter, LoraModule, read_provenance, save_adapter
-from soups.merge import MergeError, merge_adapters, method_parameters
-from soups.merge import sparsify as sparsify_module
-from soups.merge.lowrank import (
+from soups.compose.merge import MergeError, merge_adapters, method_parameters
+from soups.compose.merge import sparsify as sparsify_module
+from soups.compose.merge.lowrank import (
     LAPACK_MAX_SIDE,
     _lapack,
     _subspace_iteration,
@@ -135,7 +135,7 @@ def test_dare_parity_with_peft_given_the_same_masks(method, monkeypatch):
     there makes the two computations comparable value by value."""
     from peft.utils import merge_utils
 
-    from soups.merge.methods import REGISTRY
+    from soups.compose.merge.methods import REGISTRY
 
     g = torch.Generator().manual_seed(0)
     tensors = torch.randn(3, 7, 5, generator=g)

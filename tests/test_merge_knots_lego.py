@@ -13,11 +13,11 @@ import torch
 from test_merge import _deltas, mixed_adapters  # noqa: F401 (the fixture `mixed`, shared)
 
 from soups.adapters import LoraAdapter, LoraModule
-from soups.merge import MergeError, merge_adapters, method_parameters
-from soups.merge.engine import _module_generator
-from soups.merge.knots import aligned_rows
-from soups.merge.lora_lego import kmeans, orient, units
-from soups.merge.methods import REGISTRY
+from soups.compose.merge import MergeError, merge_adapters, method_parameters
+from soups.compose.merge.engine import _module_generator
+from soups.compose.merge.knots import aligned_rows
+from soups.compose.merge.lora_lego import kmeans, orient, units
+from soups.compose.merge.methods import REGISTRY
 
 pytestmark = pytest.mark.unit  # merge math on small tensors and tiny adapter folders
 KNOTS = REGISTRY.get("knots").fn

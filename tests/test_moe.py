@@ -1,4 +1,4 @@
-"""soups.moe, the mixture of LoRA experts, against its definition: one expert is that LoRA
+"""soups.compose.moe, the mixture of LoRA experts, against its definition: one expert is that LoRA
 (PEFT's logits) whatever the router; top-1 uses, token by token, the expert its gate picks;
 top-k = k with a zero router is the uniform average of the experts' deltas; export and load
 give the same logits, in a folder PEFT-only paths refuse by name; training moves the routers
@@ -16,8 +16,7 @@ from conftest import assert_user_error, build_sharp_llama, build_tiny_llama, sam
 from test_resident import PROMPTS, _batch, _logits, make_adapter
 
 from soups.adapters import AdapterError, LoraAdapter, check_fits
-from soups.evaluate import GenerationSettings, evaluate_rows, load_model
-from soups.moe import (
+from soups.compose.moe import (
     MoeError,
     MoeLinear,
     MoeModel,
@@ -28,9 +27,10 @@ from soups.moe import (
     top_k_gates,
     train_moe,
 )
-from soups.resident import ResidentModel, evaluate_side_by_side
-from soups.scoring import ScorerSettings
-from soups.train_settings import TrainSettings
+from soups.evaluation.evaluate import GenerationSettings, evaluate_rows, load_model
+from soups.evaluation.resident import ResidentModel, evaluate_side_by_side
+from soups.evaluation.scoring import ScorerSettings
+from soups.training.train_settings import TrainSettings
 
 # Mixed tiers: forward passes, exports and evaluation on the tiny model are unit; the tests
 # that run an optimizer loop (`train_moe`, `learn_moe`) are integration, as CAT's are.
@@ -253,14 +253,14 @@ def test_the_folder_holds_safetensors_json_and_markdown_only(mixture):
     assert config["base_model"]["hidden_size"] == 32 and config["training"]["steps"] == 3
     card = (folder / "README.md").read_text()
     assert "mixture of LoRA experts" in card and "PEFT alone cannot load it" in card
-    assert "soups.moe import load_moe" in card
+    assert "soups.compose.moe import load_moe" in card
 
 
 @pytest.mark.unit
 def test_peft_only_paths_refuse_a_mixture_by_name(tiny_model_dir, mixture, experts, tmp_path):
     from peft import PeftModel
 
-    from soups.merge import merge_adapters
+    from soups.compose.merge import merge_adapters
 
     folder, _ = mixture
     for call in (lambda: LoraAdapter.open(folder),
@@ -348,7 +348,7 @@ def test_a_mixture_block_is_one_at_a_time_and_restores_on_error(tiny_model_dir, 
 
 
 class _Task:
-    """The part of `soups.task_data.TaskData` the evaluators call (a loss task: no
+    """The part of `soups.tasks.task_data.TaskData` the evaluators call (a loss task: no
     generation, the test stays fast)."""
 
     def rows(self, split, limit=None):
@@ -464,7 +464,7 @@ def test_learn_moe_trains_exports_and_reports_each_evaluation(tiny_model_dir, ex
                                                              tmp_path):
     from conftest import TINY_CORPUS
 
-    from soups.moe import learn_moe
+    from soups.compose.moe import learn_moe
 
     skills = [[{"prompt": text.split("### Answer:\n")[0] + "### Answer:\n",
                 "completion": text.split("### Answer:\n")[1]}] * 12 for text in TINY_CORPUS]
@@ -488,7 +488,7 @@ def test_a_study_export_of_a_mixture_keeps_it_and_says_how_to_load_it(mixture, t
     from types import SimpleNamespace
 
     from study.export import export_adapter
-    from trainables.merge_trial import ADAPTER_DIR, TRIAL_FILE
+    from trainables.trial_context import ADAPTER_DIR, TRIAL_FILE
 
     folder, _ = mixture
     checkpoint = tmp_path / "checkpoint"
@@ -502,4 +502,4 @@ def test_a_study_export_of_a_mixture_keeps_it_and_says_how_to_load_it(mixture, t
     assert is_moe_folder(out) and (out / "router.safetensors").is_file()
     card = (out / "README.md").read_text()
     assert "mixture of LoRA experts (not a PEFT adapter)" in card
-    assert "soups.moe.load_moe" in card and "PeftModel.from_pretrained" not in card
+    assert "soups.compose.moe.load_moe" in card and "PeftModel.from_pretrained" not in card

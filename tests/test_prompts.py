@@ -1,5 +1,5 @@
-"""Prompt templates, presets, few-shot demos and chat formats (soups/prompts.py), and the
-offset-masked tokenization of `soups.text_batches` that trains on their text."""
+"""Prompt templates, presets, few-shot demos and chat formats (soups/data/prompts.py), and the
+offset-masked tokenization of `soups.training.text_batches` that trains on their text."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ import re
 import pytest
 from conftest import TINY_CORPUS, raises_naming
 
-from soups.errors import SoupsError
-from soups.prompts import (
+from soups.data.generated import format_prompt
+from soups.data.prompts import (
     PRESETS,
     PromptFormat,
     Template,
@@ -21,15 +21,15 @@ from soups.prompts import (
     render_pairs,
     select_demos,
 )
-from soups.tasks import format_prompt
-from soups.text_batches import (
+from soups.errors import SoupsError
+from soups.training.text_batches import (
     IGNORE_INDEX,
     encode_dataset,
     encode_example,
     pad_token_id,
     prompt_ids,
 )
-from soups.tokenizer import train_tokenizer
+from soups.training.tokenizer import train_tokenizer
 
 pytestmark = pytest.mark.unit
 

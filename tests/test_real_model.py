@@ -60,7 +60,7 @@ def base_dir(study, home) -> Path:
 
 
 def test_the_named_base_is_dequantized_once_with_its_provenance(base_dir):
-    from soups.gguf_base import NAMED_BASES, provenance
+    from soups.training.gguf_base import NAMED_BASES, provenance
 
     record = provenance(base_dir)
     named = NAMED_BASES["smollm2-135m-instruct"]
@@ -75,7 +75,7 @@ def test_the_named_base_is_dequantized_once_with_its_provenance(base_dir):
 def test_the_folder_holds_exactly_the_weights_transformers_reads_from_the_gguf(base_dir):
     from transformers import AutoModelForCausalLM
 
-    from soups.gguf_base import provenance
+    from soups.training.gguf_base import provenance
 
     gguf = Path(provenance(base_dir)["source"])
     direct = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name,

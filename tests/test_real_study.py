@@ -25,7 +25,7 @@ PLANTED = 3  # GSM-Hard questions planted in the math skill's data
 def _planted_in_train(math: Path, gsm: Path) -> int:
     """How many planted rows the math skill's carve puts in its train split (the others are
     in its validation split, which decontamination leaves alone)."""
-    from soups.sources import Carve, carve_rows
+    from soups.data.sources import Carve, carve_rows
 
     rows = [json.loads(line) for line in math.read_text().splitlines()]
     carved = carve_rows(rows, Carve({"validation": 12, "train": "rest"}, 0, "query"), "math")
@@ -121,7 +121,7 @@ def _artifact_lines(run_id: str, path: str, home: Path) -> list[dict]:
 
 
 def test_every_trial_logs_its_generations_and_settings(study, smoke_home):
-    from soups.prompts import PRESETS
+    from soups.data.prompts import PRESETS
 
     trials = _runs(smoke_home, "trial")
     assert len(trials) == 2

@@ -1,4 +1,4 @@
-"""soups.resident: candidates installed on a resident base model and removed bit for bit,
+"""soups.evaluation.resident: candidates installed on a resident base model and removed bit for bit,
 one candidate equal to PEFT's unmerged model, the merged path compared, mixed batches equal
 to one candidate at a time (generation and loss), and refused adapters."""
 
@@ -10,9 +10,9 @@ import torch
 from conftest import build_tiny_llama
 
 from soups.adapters import AdapterError
-from soups.evaluate import GenerationSettings, evaluate_rows, generate, load_model
-from soups.resident import MixedLoraLinear, ResidentModel, evaluate_side_by_side
-from soups.scoring import ScorerSettings
+from soups.evaluation.evaluate import GenerationSettings, evaluate_rows, generate, load_model
+from soups.evaluation.resident import MixedLoraLinear, ResidentModel, evaluate_side_by_side
+from soups.evaluation.scoring import ScorerSettings
 
 pytestmark = pytest.mark.unit
 
@@ -267,11 +267,11 @@ def test_an_unsupported_adapter_is_refused_by_name(resident, adapters, tmp_path)
 
 
 def test_an_adapter_listed_twice_is_read_once(resident, adapters, monkeypatch):
-    import soups.resident
+    import soups.evaluation.resident
 
     opened = []
-    real_open = soups.resident.LoraAdapter.open
-    monkeypatch.setattr(soups.resident.LoraAdapter, "open",
+    real_open = soups.evaluation.resident.LoraAdapter.open
+    monkeypatch.setattr(soups.evaluation.resident.LoraAdapter, "open",
                         lambda path: opened.append(path) or real_open(path))
     with resident.candidates([adapters[0], adapters[0], None]):
         pass
@@ -279,7 +279,7 @@ def test_an_adapter_listed_twice_is_read_once(resident, adapters, monkeypatch):
 
 
 def test_rows_must_be_set_and_valid_with_several_candidates(resident, adapters):
-    from soups.evaluate import EvaluationError
+    from soups.evaluation.evaluate import EvaluationError
 
     ids, mask = _batch(resident.tokenizer)
     with resident.candidates(adapters):
@@ -320,7 +320,7 @@ def test_generate_tells_each_batch_its_prompt_indices_and_answers_the_same(resid
 
 
 def test_completion_loss_tells_each_batch_its_row_indices(resident):
-    from soups.evaluate import completion_loss
+    from soups.evaluation.evaluate import completion_loss
 
     rows = [{"prompt": p, "completion": " 16."} for p in PROMPTS]
     batches = []

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import sandbox_attacks  # tests/ is on sys.path (rootdir conftest)
 
-from soups.sandbox import (
+from soups.evaluation.sandbox import (
     UNSAFE,
     ExecutionResult,
     ProgramJob,
@@ -32,8 +32,8 @@ from soups.sandbox import (
     run_many,
     seccomp,
 )
-from soups.sandbox.result import MAX_RESULT_BYTES, parse_result
-from soups.scoring import values_equal
+from soups.evaluation.sandbox.result import MAX_RESULT_BYTES, parse_result
+from soups.evaluation.scoring import values_equal
 
 pytestmark = pytest.mark.unit
 ROOT = Path(__file__).resolve().parents[1]
@@ -382,7 +382,7 @@ def test_the_allow_list_covers_what_honest_programs_call():
     filter does not allow (a new interpreter or C library would show up here)."""
     if shutil.which("strace") is None:
         pytest.skip("strace is not installed (make system installs it)")
-    from soups.sandbox import trace
+    from soups.evaluation.sandbox import trace
 
     counts, arguments = trace.trace()
     assert {"execve", "openat", "mmap", "wait4"} <= set(counts)

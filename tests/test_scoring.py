@@ -1,4 +1,4 @@
-"""Scoring (soups.scoring), against hand-computed values: number extraction in each mode,
+"""Scoring (soups.evaluation.scoring), against hand-computed values: number extraction in each mode,
 tolerances at their boundary, programs cut out of answers and run in the real sandbox,
 exact text match, settings that name their bad value."""
 
@@ -7,8 +7,8 @@ import re
 
 import pytest
 
-from soups.sandbox import SandboxUnavailable, check_sandbox
-from soups.scoring import (
+from soups.evaluation.sandbox import SandboxUnavailable, check_sandbox
+from soups.evaluation.scoring import (
     SCORERS,
     ScorerError,
     ScorerSettings,

@@ -65,7 +65,7 @@ def _stage1_keys(spec: StudySpec, monkeypatch, tmp_path) -> tuple[dict, list[int
     """Stage 1 with every fine-tune answered by its real cache key (nothing trains)."""
     import study.stage1
     import trainables.finetune
-    from soups.adapter_cache import cache_key
+    from soups.training.adapter_cache import cache_key
     from trainables.finetune import CacheEntry, finetune_key_inputs
 
     seeds = []
@@ -170,7 +170,7 @@ def test_optuna_suggestions_are_repeated_once_per_seed_and_learn_the_mean():
 
 def test_a_trial_takes_its_seeds_adapters_and_its_run_key_names_the_seed():
     from trainables.candidates import candidate_kind
-    from trainables.merge_trial import TrialContext, trial_seed
+    from trainables.trial_context import TrialContext, trial_seed
     from trainables.trial_run import trial_run_key
 
     adapters = {str(s): {"8": {"math": f"/a/math-s{s}"}} for s in (0, 1)}
@@ -285,7 +285,6 @@ def test_leaderboard_trial_rows_carry_their_seed_only_on_a_seed_axis():
 def test_test_all_scores_every_finished_candidate_and_each_of_its_seeds(monkeypatch, tmp_path):
     """`evaluation.test_all`: after selection, the test split of every other finished
     candidate (each finished seed; a failed one is skipped), the best's untouched."""
-    import trainables.merge_trial
     from study import selection
 
     for trial in TRIALS:
@@ -298,7 +297,7 @@ def test_test_all_scores_every_finished_candidate_and_each_of_its_seeds(monkeypa
         evaluated.append(Path(adapter).parent.name if adapter else None)
         return {"test/math/accuracy": 0.1 * len(evaluated)}
 
-    monkeypatch.setattr(trainables.merge_trial, "evaluate_candidate", fake_evaluate)
+    monkeypatch.setattr(selection, "evaluate_candidate", fake_evaluate)
     monkeypatch.setattr(selection, "checkpoint_adapter", lambda t: t["checkpoint"] + "/adapter")
     spec = parse_model(StudySpec, {"evaluation": {"test_all": True}}, "s.yaml")
 

@@ -1,4 +1,4 @@
-"""The shipped default build of the embedded base model (soups/embedded_model): it is the
+"""The shipped default build of the embedded base model (soups/training/embedded_model): it is the
 default recipe, a first run copies it instead of pretraining, and a rebuild is compared with
 it weight by weight."""
 
@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from soups.base_model import BUILD_FILE, BaseModelSettings, build_base_model
+from soups.training.base_model import BUILD_FILE, BaseModelSettings, build_base_model
 
 pytestmark = pytest.mark.unit
 
@@ -14,7 +14,7 @@ pytestmark = pytest.mark.unit
 def test_the_shipped_build_is_the_default_recipe():
     """A change of the recipe (settings, BUILD_VERSION) without re-shipping the model fails
     here, not silently in a first run that would pretrain for minutes."""
-    from soups.base_model import SHIPPED_DIR, shipped_build
+    from soups.training.base_model import SHIPPED_DIR, shipped_build
 
     record = json.loads((SHIPPED_DIR / BUILD_FILE).read_text())
     assert shipped_build(BaseModelSettings()) == SHIPPED_DIR
@@ -26,7 +26,7 @@ def test_the_shipped_build_is_the_default_recipe():
 def test_a_first_run_copies_the_shipped_build_and_rebuild_compares(tmp_path, monkeypatch):
     from transformers import AutoModelForCausalLM
 
-    import soups.base_model as base_model
+    import soups.training.base_model as base_model
 
     logs: list[str] = []
     copied = build_base_model(tmp_path, BaseModelSettings(), log=logs.append)

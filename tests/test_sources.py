@@ -13,8 +13,8 @@ import random
 import pytest
 from conftest import raises_naming
 
-from soups.data import DatasetError
-from soups.sources import (
+from soups.data.datasets import DatasetError
+from soups.data.sources import (
     Carve,
     carve_record,
     carve_rows,
@@ -453,7 +453,7 @@ def test_decontaminate():
 
 @pytest.fixture(scope="module")
 def tokenizer():
-    from soups.tokenizer import train_tokenizer
+    from soups.training.tokenizer import train_tokenizer
 
     corpus = ["Apples cost 3 coins and pears cost 5 coins at the market on Monday. "] * 20
     return train_tokenizer(corpus, vocab_size=400, max_number=50)

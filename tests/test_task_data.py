@@ -10,8 +10,8 @@ import pytest
 import real_schemas
 from conftest import build_tiny_llama
 
-from soups.task_data import TaskData
-from soups.task_spec import TaskSpec
+from soups.tasks.task_data import TaskData
+from soups.tasks.task_spec import TaskSpec
 from study.resolve import data_report, resolve_tasks
 from study.spec import StudySpec, parse_model
 
@@ -56,7 +56,7 @@ def _gsm_hard(tmp_path, **extra) -> TaskData:
 
 
 def test_gsm_hard_is_carved_rendered_in_pal_and_scored_on_its_float_target(tmp_path):
-    from soups.prompts import PRESETS, Template
+    from soups.data.prompts import PRESETS, Template
 
     data = _gsm_hard(tmp_path)
     validation, test = data.rows("validation"), data.rows("test")
@@ -75,7 +75,7 @@ def test_gsm_hard_is_carved_rendered_in_pal_and_scored_on_its_float_target(tmp_p
 
 
 def test_fewshot_demos_come_before_each_evaluation_prompt_only(tmp_path):
-    from soups.prompts import PRESETS
+    from soups.data.prompts import PRESETS
 
     data = _gsm_hard(tmp_path, fewshot={"source": "preset", "n": 8})
     rows = data.rows("validation", 2)
@@ -245,8 +245,8 @@ def test_bad_task_settings_are_named(spec, message):
 def test_the_task_schema_reads_its_defaults_from_the_core_settings():
     from dataclasses import fields
 
-    from soups.evaluate import GenerationSettings
-    from soups.scoring import ScorerSettings
+    from soups.evaluation.evaluate import GenerationSettings
+    from soups.evaluation.scoring import ScorerSettings
 
     assert set(TaskSpec.model_fields["scorer"].annotation.model_fields) == {
         f.name for f in fields(ScorerSettings)}
@@ -254,7 +254,7 @@ def test_the_task_schema_reads_its_defaults_from_the_core_settings():
     default = GenerationSettings()
     assert TaskSpec().generation_settings(default.max_new_tokens,
                                           default.batch_size) == default
-    from soups.prompts import PRESETS
+    from soups.data.prompts import PRESETS
 
     pal = TaskSpec(preset="pal", source="x.jsonl").generation_settings(10, 4)
     assert (pal.stop, pal.max_new_tokens, pal.batch_size) == (PRESETS["pal"].stop, 10, 4)
@@ -263,7 +263,8 @@ def test_the_task_schema_reads_its_defaults_from_the_core_settings():
 def test_a_trial_evaluates_each_task_on_its_settings_and_writes_its_generations(
         tmp_path, model_dir):
     from study.spec import Evaluation
-    from trainables.merge_trial import TrialContext, evaluate_candidate
+    from trainables.evaluator import evaluate_candidate
+    from trainables.trial_context import TrialContext
 
     gsm8k = real_schemas.gsm8k(tmp_path / "gsm8k.parquet", n=12)
     code = real_schemas.codealpaca(tmp_path / "code.json", n=12)
@@ -295,7 +296,7 @@ def test_a_trial_evaluates_each_task_on_its_settings_and_writes_its_generations(
 @pytest.fixture(scope="module")
 def generated(tmp_path_factory):
     """The generated tasks, small."""
-    from soups.data import DataSettings, build_task_datasets
+    from soups.data.datasets import DataSettings, build_task_datasets
 
     sizes = {"math": {"train": 6, "validation": 4, "test": 4},
              "math_code": {"train": 2, "validation": 4, "test": 4}}
@@ -307,7 +308,7 @@ def test_a_generated_task_uses_an_instruct_bases_chat_template_by_default(genera
     """An instruct base (a tokenizer with a chat template) is trained and evaluated in its
     chat format by default, the question alone as the user's turn; the same rows in plain
     form without a template or with chat_template none."""
-    from soups.tasks import format_prompt, question_of
+    from soups.data.generated import format_prompt, question_of
 
     chat = TaskData("math", TaskSpec(), str(generated / "math"), model_dir=model_dir)
     plain = TaskData("math", TaskSpec(chat_template="none"), str(generated / "math"),

@@ -7,16 +7,16 @@ import random
 
 import pytest
 
-from soups.data import (
+from soups.data.datasets import (
     DataSettings,
     build_task_datasets,
     generate_rows,
     load_task_dataset,
 )
-from soups.scoring import extract_program, final_number
-from soups.tasks import TARGET_INSTRUCTION
-from soups.tasks.pretrain import pretraining_example
-from soups.tasks.problems import word_problem
+from soups.data.generated import TARGET_INSTRUCTION
+from soups.data.generated.pretrain import pretraining_example
+from soups.data.generated.problems import word_problem
+from soups.evaluation.scoring import extract_program, final_number
 
 pytestmark = pytest.mark.unit
 SMALL = DataSettings(seed=3, sizes={
@@ -143,9 +143,9 @@ def test_impossible_sizes_raise_clear_error(monkeypatch):
     with pytest.raises(ValueError, match="max_value must be at least 5, got 2"):
         DataSettings(max_value=2)
     # A problem space smaller than the sizes asked for: an error, not an endless loop.
-    import soups.data
+    import soups.data.datasets
 
-    monkeypatch.setitem(soups.data.EXAMPLE_BUILDERS, "math",
+    monkeypatch.setitem(soups.data.datasets.EXAMPLE_BUILDERS, "math",
                         lambda rng, settings: {"key": str(rng.randint(0, 9))})
     with pytest.raises(ValueError, match="cannot draw 20 distinct math/train"):
         generate_rows(DataSettings(sizes={"math": {"train": 20}}))

@@ -88,8 +88,8 @@ def test_the_wheel_holds_every_package_and_data_file_and_nothing_else(installed)
             if "__pycache__" not in init.parts:
                 assert str(init.relative_to(ROOT)) in names, init
     assert {f"search_spaces/{p.name}" for p in (ROOT / "search_spaces").glob("*.yaml")} <= names
-    assert {f"soups/embedded_model/{p.name}" for p in (ROOT / "soups/embedded_model").iterdir()
-            } <= names
+    shipped = ROOT / "soups/training/embedded_model"
+    assert {f"soups/training/embedded_model/{p.name}" for p in shipped.iterdir()} <= names
     data = {n.rsplit("/", 1)[-1] for n in names if "/data/share/lora-soups/studies/" in n}
     assert data == {p.name for p in (ROOT / "studies").glob("*.yaml")}
     assert not any(n.startswith(("benchmarks/", "tests/")) for n in names)

@@ -6,7 +6,7 @@ parameters (names, types and ranges: the search space is checked against them wh
 loaded, before stage 1 trains anything), whether it is built from stage-1 adapters (then its
 variants carry a LoRA rank) and which ones besides the skill LoRAs (`data_mix`), whether it
 trains on the skill mix, its builder and the artifacts it leaves for MLflow. Every merge
-method of `soups.merge` is a kind of its own, read from the merge-method registry.
+method of `soups.compose.merge` is a kind of its own, read from the merge-method registry.
 
 The search space (`study.resolve`), the Tune search (`trainables.search`), the study runner
 (stage 1), both trial drivers (`trainables.trial_run`), `soups methods`, `soups merge
@@ -21,10 +21,11 @@ evaluation).
 
 from __future__ import annotations
 
+import tempfile
 import types
 import typing
 from collections.abc import Callable, Collection, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields, replace
 from functools import partial
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -32,8 +33,16 @@ from typing import Annotated, Any, Literal
 from pydantic import Field
 
 from search_spaces import MethodParameters
+from soups.compose.cat.mix import skill_mix
+from soups.compose.cat.plot import plot_cat_weights
+from soups.compose.cat.settings import PAPER_CAT_TRAIN, CatSettings
+from soups.compose.lorahub import settings as lorahub_settings
+from soups.compose.lorahub.settings import LorahubSettings
+from soups.compose.merge import merge_adapters
+from soups.compose.merge.methods import REGISTRY as MERGES
+from soups.compose.merge.registry import REQUIRED, Parameter, interval
+from soups.compose.moe.settings import PAPER_MOE_TRAIN, MoeSettings, RouterInit
 from soups.errors import SoupsError, did_you_mean
-from soups.merge.registry import REQUIRED, Parameter, interval
 from soups.names import (
     CAT_BEST_EVAL_LOSS,
     CAT_BEST_STEP,
@@ -47,7 +56,7 @@ from soups.names import (
     SEARCH_STEP,
 )
 from trainables.learned_settings import CatTraining
-from trainables.merge_trial import (
+from trainables.trial_context import (
     TrialContext,
     finetune_settings,
     load_rows,
@@ -58,7 +67,7 @@ from trainables.merge_trial import (
 DATA_MIX = "data_mix"
 # What a kind is, for `soups methods` and the report: the model alone, one stage-1 adapter,
 # a data-free merge of the skill LoRAs, a composition learned on the skill mix, or a control
-# of a merging claim (soups.controls).
+# of a merging claim (soups.compose.controls).
 Family = Literal["reference", "stage-1", "merge", "learned", "control"]
 Builder = Callable[[TrialContext, dict, Path, Callable[[dict], None]], "str | None"]
 # (adapter folder, the trial's work folder, the study's skills) -> {artifact name: path}
@@ -158,12 +167,9 @@ def _data_mix(ctx, variant, out_dir, report) -> str:
 # --- merges of the skill LoRAs ---------------------------------------------------------------
 
 def _merge_method(ctx, variant, out_dir, report) -> str:
-    from soups.merge import merge_adapters
-    from soups.merge.methods import REGISTRY
-
     adapters = [stage1_adapter(ctx, variant, s) for s in ctx.skills]
     params = dict(variant["params"])
-    if "seed" in variant and REGISTRY.get(variant["method"]).random:
+    if "seed" in variant and MERGES.get(variant["method"]).random:
         params.setdefault("seed", variant["seed"])  # each seed its own masks
     merge_adapters(adapters, variant["method"], out_dir, **params)
     return str(out_dir)
@@ -200,8 +206,6 @@ def _train_progress(report) -> Callable[[dict], None]:
 def _cat_parameters() -> dict[str, Parameter]:
     """The shape of the weights (`CatSettings` types; the seed is the trial's) and the
     training settings."""
-    from soups.cat.settings import CatSettings
-
     hints = typing.get_type_hints(CatSettings)
     defaults = CatSettings()
     shape = {n: Parameter(n, t, getattr(defaults, n)) for n, t in hints.items() if n != "seed"}
@@ -211,9 +215,7 @@ def _cat_parameters() -> dict[str, Parameter]:
 def _cat_learned(ctx, variant, out_dir, report) -> str:
     """The paper's CAT recipe (`PAPER_CAT_TRAIN`) with the study's `cat` section and the
     trial's parameters over it."""
-    from dataclasses import fields, replace
-
-    from soups.cat import PAPER_CAT_TRAIN, CatSettings, learn_cat
+    from soups.compose.cat import learn_cat  # lazy: torch
 
     params, mix = _skill_mix_split(ctx, variant)
     shape = {f.name: params.pop(f.name) for f in fields(CatSettings) if f.name in params}
@@ -231,35 +233,31 @@ def _cat_learned(ctx, variant, out_dir, report) -> str:
 
 def _cat_artifacts(out_dir: Path, work_dir: Path, skills: tuple[str, ...]) -> dict[str, Path]:
     """A learned CAT's weights file and its heat map."""
-    from soups.cat.export import WEIGHTS_JSON
+    from soups.compose.cat.export import WEIGHTS_JSON  # lazy: torch
 
     weights = out_dir / WEIGHTS_JSON
     if not weights.is_file():
         return {}
-    from soups.cat.plot import plot_cat_weights
-
     plot = plot_cat_weights(weights, work_dir / "cat_weights.png", names=list(skills))
     return {WEIGHTS_JSON: weights, Path(plot).name: Path(plot)}
 
 
 def _lorahub_parameters() -> dict[str, Parameter]:
-    """LoraHub's search settings (`soups.lorahub.LorahubSettings`, its defaults); its seed is
-    the trial's, its starting weights LoraHub's zeros."""
-    from soups.lorahub import settings as lorahub
-
+    """LoraHub's search settings (`soups.compose.lorahub.LorahubSettings`, its defaults); its seed
+    is the trial's, its starting weights LoraHub's zeros."""
     positive = Annotated[int, Field(ge=1)]
     return {
         "budget": Parameter("budget", Annotated[positive, Field(
-            description="objective evaluations of the search")], lorahub.BUDGET),
+            description="objective evaluations of the search")], lorahub_settings.BUDGET),
         "examples": Parameter("examples", Annotated[positive, Field(
-            description="skill-mix rows the objective scores")], lorahub.EXAMPLES),
+            description="skill-mix rows the objective scores")], lorahub_settings.EXAMPLES),
         "bounds": Parameter("bounds", Annotated[tuple[float, float], Field(
-            description="(low, high) of every weight")], lorahub.BOUNDS),
-        "composition": Parameter("composition", Annotated[lorahub.Composition, Field(
+            description="(low, high) of every weight")], lorahub_settings.BOUNDS),
+        "composition": Parameter("composition", Annotated[lorahub_settings.Composition, Field(
             description="lorahub: summed A and B (LoraHub's); exact: sum w_i B_i A_i")],
             "lorahub"),
         "l1": Parameter("l1", Annotated[float, Field(ge=0, description="weight of the mean "
-                                                     "|w| regulariser")], lorahub.L1),
+                                                     "|w| regulariser")], lorahub_settings.L1),
     }
 
 
@@ -273,7 +271,7 @@ def _bounds_problem(bounds, skills) -> str | None:
 def _lorahub(ctx, variant, out_dir, report) -> str:
     """LoraHub's gradient-free weight search on the skill mix (never the target's rows);
     each evaluation is a step of the trial's MLflow run."""
-    from soups.lorahub import LorahubSettings, lorahub_merge
+    from soups.compose.lorahub import lorahub_merge  # lazy: torch
 
     params = dict(variant["params"])
     if "bounds" in params:
@@ -295,17 +293,15 @@ def _lorahub(ctx, variant, out_dir, report) -> str:
 def _lorahub_artifacts(out_dir: Path, work_dir: Path, skills: tuple[str, ...]
                        ) -> dict[str, Path]:
     """The search's weights, objective and history (`lorahub.json`)."""
-    from soups.lorahub.run import SUMMARY_JSON
+    from soups.compose.lorahub.run import SUMMARY_JSON  # lazy: torch
 
     summary = out_dir / SUMMARY_JSON
     return {SUMMARY_JSON: summary} if summary.is_file() else {}
 
 
 def _moe_parameters() -> dict[str, Parameter]:
-    """The mixture's shape (`soups.moe.MoeSettings`, its defaults; the seed is the trial's)
+    """The mixture's shape (`soups.compose.moe.MoeSettings`, its defaults; the seed is the trial's)
     and the training settings of its routers."""
-    from soups.moe.settings import MoeSettings, RouterInit
-
     shape = MoeSettings()
     return {
         "top_k": Parameter("top_k", Annotated[int, Field(ge=2, description=(
@@ -329,10 +325,8 @@ def _top_k_problem(top_k, skills) -> str | None:
 def _lora_moe(ctx, variant, out_dir, report) -> str:
     """A router per module over the frozen skill LoRAs, trained alone on the skill mix with
     CAT's recipe and the study's `cat` section; exported as a mixture folder (not one LoRA:
-    the evaluators and `soups evaluate` load it, `soups.moe.load_moe`)."""
-    from dataclasses import replace
-
-    from soups.moe import PAPER_MOE_TRAIN, MoeSettings, learn_moe
+    the evaluators and `soups evaluate` load it, `soups.compose.moe.load_moe`)."""
+    from soups.compose.moe import learn_moe  # lazy: torch
 
     params, mix = _skill_mix_split(ctx, variant)
     shape = {n: params.pop(n) for n in ("top_k", "router_init", "init_std") if n in params}
@@ -347,7 +341,8 @@ def _lora_moe(ctx, variant, out_dir, report) -> str:
     return str(out_dir)
 
 
-# --- controls of a merging claim (soups.controls) --------------------------------------------
+# --- controls of a merging claim (soups.compose.controls)
+# --------------------------------------------
 
 ALL_SKILLS = "all"
 
@@ -355,10 +350,7 @@ ALL_SKILLS = "all"
 def _random_lora(ctx, variant, out_dir, report) -> str:
     """A random stand-in of one skill LoRA (same modules, ranks, scalings, update norms),
     or with `all` the exact concatenation of a stand-in of each (an equal-weight cat)."""
-    import tempfile
-
-    from soups.controls import random_stand_in
-    from soups.merge import merge_adapters
+    from soups.compose.controls import random_stand_in  # lazy: torch
 
     skill, seed = variant["params"]["skill"], trial_seed(ctx, variant)
     if skill != ALL_SKILLS and skill not in ctx.skills:
@@ -386,9 +378,8 @@ def _mix_parameters() -> dict[str, Parameter]:
 def _mix_lora(ctx, variant, out_dir, report) -> str:
     """One LoRA at the trial's rank, trained as stage 1 trains (the study's `finetune`
     recipe) on exactly the rows CAT learns its weights on: the same skill mix, seed and
-    held-out rows (`soups.cat.mix.skill_mix`)."""
-    from soups.cat.mix import skill_mix
-    from soups.lora_training import train_lora
+    held-out rows (`soups.compose.cat.mix.skill_mix`)."""
+    from soups.training.lora_training import train_lora  # lazy: torch
 
     _, mix = _skill_mix_split(ctx, variant)
     seed = trial_seed(ctx, variant)
@@ -409,8 +400,6 @@ Skill = Annotated[str, Field(description="one of the study's skills")]
 
 
 def _registry() -> CandidateRegistry:
-    from soups.merge.methods import REGISTRY as MERGES
-
     registry = CandidateRegistry()
     registry.register(CandidateKind(
         "base", "reference", "the base model alone, no adapter", _base, stage1=False))

@@ -23,9 +23,9 @@ from mlflow.pyfunc import PythonModel
 
 class ChampionModel(PythonModel):
     def load_context(self, context):
-        import torch
-        from peft import PeftModel
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+        import torch  # lazy: torch
+        from peft import PeftModel  # lazy: peft
+        from transformers import AutoModelForCausalLM, AutoTokenizer  # lazy: transformers
 
         config = context.model_config
         base = config["base_model"]
@@ -38,7 +38,7 @@ class ChampionModel(PythonModel):
         adapter = context.artifacts["adapter"]
         if os.path.isfile(os.path.join(adapter, "moe.json")):
             # A mixture of LoRA experts: PEFT cannot load its routers; this project can.
-            from soups.moe import load_moe
+            from soups.compose.moe import load_moe  # lazy: safetensors.torch
 
             self.model = load_moe(adapter, base, "cpu", "float32")
         else:
@@ -57,7 +57,7 @@ class ChampionModel(PythonModel):
                 ) -> list[str]:
         """Prompts to answers, one string each (the type hints give the model its signature
         in the MLflow UI, and MLflow checks the input against it)."""
-        import torch
+        import torch  # lazy: torch
 
         prompts = [str(p) for p in model_input]
         max_new = int((params or {}).get("max_new_tokens", self.max_new_tokens))

@@ -29,14 +29,15 @@ from pathlib import Path
 
 from soups.names import DRIVER_TAG, LOSS_TAG, NODE_TAG, progress_step
 from trainables import tracking
+from trainables.evaluator import score_validation
 from trainables.file_tree import read_tree, write_tree
-from trainables.merge_trial import ADAPTER_DIR, GENERATIONS_DIR, TrialContext
+from trainables.trial_context import ADAPTER_DIR, GENERATIONS_DIR, TrialContext
 from trainables.trial_run import TrialRun, build_candidate, candidate_artifacts, trial_run
 
 
 def node_loss_errors() -> tuple[type[BaseException], ...]:
     """Ray errors that mean the work's node or process went away, not that the work failed."""
-    from ray import exceptions
+    from ray import exceptions  # lazy: ray
 
     return (exceptions.NodeDiedError, exceptions.WorkerCrashedError,
             exceptions.ObjectLostError, exceptions.OutOfMemoryError)
@@ -46,9 +47,7 @@ def trial_work(context: TrialContext, variant: dict) -> Iterator[dict]:
     """Runs on a worker node (a Ray generator task). Yields `{"node": id}` first, then
     `{"progress": metrics}` per CAT evaluation, then `{"result": {...}}` with the validation
     metrics, the checkpoint files and the artifacts, as bytes keyed by relative path."""
-    import ray
-
-    from trainables.merge_trial import score_validation
+    import ray  # lazy: ray
 
     yield {"node": ray.get_runtime_context().get_node_id()}
     with tempfile.TemporaryDirectory() as tmp:
@@ -88,7 +87,7 @@ def cluster_trial(config: dict, context: TrialContext, work_options: dict,
     """Ray Tune function trainable (the driver): `tune.with_parameters(cluster_trial,
     context=..., work_options=..., node_retries=...)` with the driver resource. `work_options`
     are Ray task options for the work (num_cpus, num_gpus, resources)."""
-    import ray
+    import ray  # lazy: ray
 
     variant = config["variant"]
     work = ray.remote(trial_work).options(scheduling_strategy="SPREAD", max_retries=0,

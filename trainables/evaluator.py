@@ -1,6 +1,6 @@
 """The resident evaluators of a study: long-lived Ray actors, one per evaluation slot, each
-holding the base model and tokenizer once (`soups.resident.ResidentModel`). Trials (and the
-test-split evaluation) send them candidates; candidates that arrive together and ask for the
+holding the base model and tokenizer once (`soups.evaluation.resident.ResidentModel`). Trials (and
+the test-split evaluation) send them candidates; candidates that arrive together and ask for the
 same split are evaluated side by side, rows of one batch using different adapters.
 
 A candidate travels as its adapter's files (bytes), so an evaluator on another node needs no
@@ -16,11 +16,14 @@ import hashlib
 import os
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from soups.names import EVAL_SECONDS, task_metric
+from soups.evaluation.evaluate import records_jsonl
+from soups.names import BUILD_SECONDS, EVAL_SECONDS, OBJECTIVE, VALIDATION, task_metric
 from trainables.file_tree import read_tree, write_tree
+from trainables.placement import on_cluster
+from trainables.trial_context import TrialContext
 
 ACTOR_PREFIX = "soups-evaluator"
 # How long an evaluator waits for more candidates before it starts a batch: trials that
@@ -55,7 +58,7 @@ class Evaluator:
     returns `{"metrics": {...}, "records": {task: jsonl}}` for that candidate."""
 
     def __init__(self, model_dir: str, tasks: dict, evaluation: dict):
-        from soups.resident import ResidentModel
+        from soups.evaluation.resident import ResidentModel  # lazy: torch
 
         self.tasks, self.evaluation = tasks, evaluation
         self.resident = ResidentModel(model_dir, evaluation["device"], evaluation["dtype"])
@@ -112,8 +115,7 @@ def evaluate_together(resident, tasks: dict, evaluation: dict,
                       candidates: list[Candidate]) -> list[dict]:
     """Candidates (same split, tasks and limit) side by side on `resident`, task by task:
     one `{"metrics", "records"}` per candidate."""
-    from soups.evaluate import records_jsonl
-    from soups.resident import evaluate_side_by_side
+    from soups.evaluation.resident import evaluate_side_by_side  # lazy: torch
 
     first = candidates[0]
     out = [{"metrics": {}, "records": {}} for _ in candidates]
@@ -151,9 +153,7 @@ def start_evaluators(study: str, model_dir: str, tasks: dict, evaluation: dict,
                      driver_resource: str = "", log=print) -> tuple[str, ...]:
     """Start the study's evaluators (named actors, alive while this driver is) and wait
     until each holds the base model; returns their names, for the trials."""
-    import ray
-
-    from trainables.tuner import on_cluster
+    import ray  # lazy: ray
 
     names = evaluator_names(study, int(evaluation["evaluators"]))
     cpus = evaluation["evaluator_cpus"]
@@ -175,7 +175,7 @@ def start_evaluators(study: str, model_dir: str, tasks: dict, evaluation: dict,
 
 
 def stop_evaluators(names: tuple[str, ...]) -> None:
-    import ray
+    import ray  # lazy: ray
 
     for name in names:
         handle = _HANDLES.pop(name, None)
@@ -187,9 +187,58 @@ def evaluate_remote(names: tuple[str, ...], key: str, adapter: str | Path | None
                     split: str, tasks, limit: int | None) -> dict:
     """A candidate evaluated by one of the study's evaluators (chosen by `key`, so a
     trial's retries go to the same one)."""
-    import ray
+    import ray  # lazy: ray
 
     index = int(hashlib.sha256(key.encode()).hexdigest(), 16) % len(names)
     handle = ray.get_actor(names[index])
     candidate = Candidate(adapter_files(adapter), split, tuple(tasks), limit)
     return ray.get(handle.evaluate.remote(candidate))
+
+
+# A trial's candidate scored ------------------------------------------------------------
+
+def evaluate_candidate(ctx: TrialContext, adapter: str | None, split: str, tasks,
+                       limit: int | None, records_dir: Path | None = None) -> dict[str, float]:
+    """Scores of base model + adapter on `tasks` (names) at `split`, as flat metrics, by one
+    of the study's resident evaluators (`trainables/evaluator.py`), or in this process when
+    the study has none. Each task's answers go to `records_dir/<split>/<task>.jsonl` when
+    given; a task with no rows at `split` (a skill without validation rows) is left out."""
+    if ctx.evaluators:
+        result = evaluate_remote(ctx.evaluators, f"{split}:{adapter}", adapter, split,
+                                 tasks, limit)
+    else:
+        result = _evaluate_here(ctx, adapter, split, tasks, limit)
+    if records_dir is not None:
+        for task, lines in result["records"].items():
+            out = Path(records_dir) / split / f"{task}.jsonl"
+            out.parent.mkdir(parents=True, exist_ok=True)
+            out.write_text(lines)
+    return result["metrics"]
+
+
+def _evaluate_here(ctx: TrialContext, adapter: str | None, split: str, tasks,
+                   limit: int | None) -> dict:
+    """The evaluators' work for one candidate, in this process (the base loaded here)."""
+    from soups.evaluation.resident import ResidentModel  # lazy: torch
+
+    resident = ResidentModel(ctx.model_dir, ctx.evaluation["device"], ctx.evaluation["dtype"])
+    candidate = Candidate(adapter_files(adapter), split, tuple(tasks), limit)
+    return evaluate_together(resident, ctx.tasks, ctx.evaluation, [candidate])[0]
+
+
+def generation_params(ctx: TrialContext) -> dict:
+    """Every task's generation and scoring settings, for the trial's MLflow parameters."""
+    return {task: {"generation": data.generation(ctx.evaluation).params(),
+                   "scorer": asdict(data.scorer())} for task, data in ctx.tasks.items()}
+
+
+def score_validation(ctx: TrialContext, adapter: str | None, build_seconds: float,
+                     records_dir: Path | None = None) -> dict:
+    """The trial's metrics: validation scores on the target (the objective) and, unless
+    turned off, on every skill (retention), plus the time it took to build the candidate."""
+    tasks = [ctx.target, *(ctx.skills if ctx.evaluation["skills"] else ())]
+    metrics = evaluate_candidate(ctx, adapter, VALIDATION, tasks,
+                                 ctx.evaluation["validation_limit"], records_dir)
+    metrics[OBJECTIVE] = metrics[task_metric(VALIDATION, ctx.target)]
+    metrics[BUILD_SECONDS] = build_seconds
+    return metrics

@@ -4,13 +4,15 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+from soups.evaluation.sandbox import SandboxUnavailable, check_sandbox
+
 
 def on_every_node(function: Callable, *args, timeout_s: float = 120) -> dict[str, object]:
     """`function(*args, node_id)` on each alive node (pinned there, no CPU reserved, no
     retry): node id -> its return value, or the `ray.exceptions.RayError` that stopped it.
     Needs `ray.init()` first."""
-    import ray
-    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+    import ray  # lazy: ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy  # lazy: ray
 
     task = ray.remote(function)
     refs = {node: task.options(num_cpus=0, max_retries=0,
@@ -28,8 +30,6 @@ def on_every_node(function: Callable, *args, timeout_s: float = 120) -> dict[str
 
 def sandbox_problem(sandbox: str, node: str) -> str | None:
     """On one node: why programs cannot run in `sandbox` there, or None."""
-    from soups.sandbox import SandboxUnavailable, check_sandbox
-
     try:
         check_sandbox(sandbox)
     except SandboxUnavailable as err:

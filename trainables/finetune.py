@@ -15,7 +15,7 @@ A run is named `storage_path/name`; reusing a name resumes that run (Ray Train V
 semantics), which `cached_finetune` uses on purpose: a driver that dies and asks again
 continues the same training.
 
-DATA-MIX (the paper's baseline): `finetune_adapter(model_dir, soups.data_mix.mix_datasets(
+DATA-MIX (the paper's baseline): `finetune_adapter(model_dir, soups.data.data_mix.mix_datasets(
 {"math": ..., "code": ...}, {"math": 1.0, "code": 1.0}), ...)`.
 """
 
@@ -30,14 +30,17 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from soups.adapter_cache import (
+from soups.home import soups_home
+from soups.training.adapter_cache import (
     AdapterCache,
     CacheEntry,
     cache_key,
     fingerprint_files,
     fingerprint_rows,
 )
-from soups.train_settings import LoraSettings, TrainSettings
+from soups.training.base_model import model_ref
+from soups.training.text_batches import encode_dataset, pad_token_id
+from soups.training.train_settings import LoraSettings, TrainSettings
 from trainables.finetune_settings import DeepSpeedSettings, ScalingSettings
 from trainables.finetune_worker import (
     ADAPTER_DIR,
@@ -107,14 +110,10 @@ def finetune_adapter(
     every worker after each optimizer step (monitoring, fault-injection tests); it must be
     picklable. Needs Ray: connects to a running instance or starts a local one.
     """
-    import ray
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
-    from transformers import AutoTokenizer
-
-    from soups.base_model import model_ref
-    from soups.home import soups_home
-    from soups.text_batches import encode_dataset, pad_token_id
+    import ray  # lazy: ray
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig  # lazy: ray
+    from ray.train.torch import TorchTrainer  # lazy: ray
+    from transformers import AutoTokenizer  # lazy: transformers
 
     called = time.time()
     model_dir = model_ref(model_dir)
@@ -185,7 +184,7 @@ def finetune_key_inputs(
     scaling: ScalingSettings = ScalingSettings(),
     eval_dataset=None,
 ) -> dict:
-    """What determines a fine-tuned adapter, for `soups.adapter_cache`. Left out on
+    """What determines a fine-tuned adapter, for `soups.training.adapter_cache`. Left out on
     purpose: the ZeRO stage and CPU count (memory and speed, not the result) and, unless
     `keep_best`, the held-out evaluation (`eval_every`, `held_out`, the held-out rows:
     what is reported, not what is trained; `keep_best` itself is left out too when False,

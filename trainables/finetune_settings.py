@@ -1,5 +1,5 @@
-"""Settings of a distributed fine-tune beyond `soups.train_settings` (LoRA + optimiser): how
-DeepSpeed shards and computes, and how many Ray Train workers run it; plus the DeepSpeed
+"""Settings of a distributed fine-tune beyond `soups.training.train_settings` (LoRA + optimiser):
+how DeepSpeed shards and computes, and how many Ray Train workers run it; plus the DeepSpeed
 config built from them. Pure: importing this module loads neither ray nor deepspeed.
 
 DeepSpeed config reference: https://www.deepspeed.ai/docs/config-json/
@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-from soups.train_settings import TrainSettings
+from soups.training.train_settings import TrainSettings
 
 # Marks a fine-tune worker's progress line: the study console shows these lines on the
 # terminal, and sends every other worker line to the study's log.

@@ -3,12 +3,12 @@
 Each Ray Train worker loads the base model, wraps it with PEFT, and hands model, torch
 AdamW and the warm-up schedule to `deepspeed.initialize` (Ray has already set up the
 process group; DeepSpeed reuses it). The data order is the plain loop's
-(`soups.lora_training.train_lora`): one seeded permutation per epoch, cut into
+(`soups.training.lora_training.train_lora`): one seeded permutation per epoch, cut into
 micro-batches, consumed as one stream across epochs; global step s takes micro-batches
 [s*W*A, (s+1)*W*A) of that stream, rank r the ones at offsets j*W + r (j < A). So W
 workers with gradient accumulation A compute exactly the update of the plain loop with
 accumulation W*A, which the tests check. The step loop itself is DeepSpeed's, not the
-plain loop's (`soups.training_loop`): `engine.backward` scales the loss by 1/A and
+plain loop's (`soups.training.training_loop`): `engine.backward` scales the loss by 1/A and
 `engine.step` on every micro-batch steps the optimizer, clipping (`gradient_clipping`, when
 > 0 like the plain loop) and schedule only at the accumulation boundary, after the
 all-reduce of the gradients.
@@ -48,10 +48,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 
-from soups.text_batches import collate
-from soups.train_settings import LoraSettings, TrainSettings
-from soups.training_loop import adamw_with_warmup
+from soups.adapters import WEIGHTS_FILE, LoraAdapter
+from soups.training.text_batches import collate
+from soups.training.train_settings import LoraSettings, TrainSettings
+from soups.training.training_loop import adamw_with_warmup
 from trainables.finetune_settings import (
     PACE_PREFIX,
     PROGRESS_PREFIX,
@@ -147,8 +149,8 @@ def rank_step_chunks(stream: ChunkStream, world: int, accum: int, rank: int,
 
 def train_worker(config: dict) -> None:
     """Ray Train worker entry point: `config["spec"]` is a `WorkerSpec`."""
-    import ray
-    import ray.train
+    import ray  # lazy: ray
+    import ray.train  # lazy: ray
 
     spec: WorkerSpec = config["spec"]
     worker_start = time.time()
@@ -238,9 +240,9 @@ def _improves(state: LoopState, eval_loss: float) -> bool:
 
 
 def _build_engine(spec: WorkerSpec, world: int):
-    import deepspeed
-    from peft import get_peft_model
-    from transformers import AutoModelForCausalLM
+    import deepspeed  # lazy: deepspeed
+    from peft import get_peft_model  # lazy: peft
+    from transformers import AutoModelForCausalLM  # lazy: transformers
 
     on_gpu = spec.scaling.use_gpu and torch.cuda.is_available()
     precision = resolve_precision(spec.deepspeed.precision, on_gpu,
@@ -263,8 +265,6 @@ def _to_device(batch: dict[str, torch.Tensor], device) -> dict[str, torch.Tensor
 
 
 def _all_reduce_sum(values: list[list[float]], device) -> torch.Tensor:
-    import torch.distributed as dist
-
     tensor = torch.tensor(values, dtype=torch.float64, device=device)
     if dist.is_available() and dist.is_initialized():
         dist.all_reduce(tensor)
@@ -299,7 +299,7 @@ def _record(state: LoopState, per_epoch: int, total: int, batches_per_step: int)
 @torch.no_grad()
 def _held_out_loss(engine, held_out: Encoded, micro: int, pad_id: int, rank: int,
                    world: int) -> float:
-    """Token-weighted mean loss over `held_out` (as `soups.training_loop.held_out_loss`),
+    """Token-weighted mean loss over `held_out` (as `soups.training.training_loop.held_out_loss`),
     micro-batches split over ranks. Every rank runs the same number of forward passes (a
     rank out of data repeats batch 0 with weight 0): ZeRO-3 forwards are collectives."""
     engine.eval()
@@ -322,7 +322,7 @@ def _report(engine, state: LoopState, record: dict, rank: int, zero_stage: int,
     """Checkpoint (DeepSpeed state on every rank, loop state on rank 0, the best adapter
     when `keep_best` found one, the result adapter when final) and report it to Ray Train;
     a barrier every rank calls. `best`: rank 0's copy (None on the other ranks)."""
-    import ray.train
+    import ray.train  # lazy: ray
 
     folder = Path(tempfile.mkdtemp(prefix=f"soups-ckpt-r{rank}-"))
     try:
@@ -357,7 +357,7 @@ def gather_adapter(engine, zero_stage: int, rank: int) -> dict[str, torch.Tensor
     Under ZeRO-3 each rank holds a shard of every partitioned parameter; reading them
     outside `GatheredParameters` gives empty tensors. The gather is a collective, so all
     ranks enter it; only rank 0 copies."""
-    import deepspeed
+    import deepspeed  # lazy: deepspeed
 
     named = [(n, p) for n, p in engine.module.named_parameters() if p.requires_grad]
     gather = (deepspeed.zero.GatheredParameters([p for _, p in named], modifier_rank=None)
@@ -376,9 +376,7 @@ def write_adapter(model, out: Path, state: dict[str, torch.Tensor]) -> None:
 
 def read_adapter(model, folder: Path) -> dict[str, torch.Tensor]:
     """The LoRA parameters of a folder `write_adapter` wrote, by `named_parameters` name."""
-    from safetensors.torch import load_file
-
-    from soups.adapters import WEIGHTS_FILE
+    from safetensors.torch import load_file  # lazy: safetensors.torch
 
     if not (folder / WEIGHTS_FILE).is_file():
         raise RuntimeError(f"checkpoint has a best step but no best adapter: {folder}")
@@ -397,9 +395,7 @@ def _saved_key(name: str) -> str:
 
 def _check_saved(out: Path, state: dict[str, torch.Tensor]) -> None:
     """The file must hold exactly the gathered tensors, none of them empty."""
-    from safetensors.torch import load_file
-
-    from soups.adapters import WEIGHTS_FILE, LoraAdapter
+    from safetensors.torch import load_file  # lazy: safetensors.torch
 
     LoraAdapter.open(out)  # the project's reader accepts it (layout, shapes, finiteness)
     saved = load_file(str(out / WEIGHTS_FILE))
@@ -416,7 +412,7 @@ def _check_saved(out: Path, state: dict[str, torch.Tensor]) -> None:
 
 def _progress_bar(name: str, total: int, done: int):
     """A step bar drawn by the driver (Ray's distributed tqdm)."""
-    from ray.experimental.tqdm_ray import tqdm
+    from ray.experimental.tqdm_ray import tqdm  # lazy: ray
 
     bar = tqdm(total=total, desc=f"{name} steps", unit="step")
     bar.update(done)

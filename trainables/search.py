@@ -18,6 +18,7 @@ from __future__ import annotations
 import itertools
 import json
 
+import numpy as np
 from ray import tune
 from ray.tune.search import Repeater
 from ray.tune.search.optuna import OptunaSearch
@@ -79,8 +80,6 @@ def seeded_variants(space: SearchSpace, ranks: list[int], algorithm: str, seeds:
     """Every candidate once per seed: grid search's variants, or `num_samples` variants drawn
     for random search (a candidate drawn twice runs once), their sampled values drawn once
     per candidate, each candidate with every seed in turn. `seed`: the search's own."""
-    import numpy as np
-
     rng = np.random.default_rng(seed)
     options = variants(space, ranks)
     if algorithm == "random":

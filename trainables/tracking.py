@@ -11,9 +11,13 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import getpass
 import json
 import subprocess
+import tempfile
+import time
 from collections.abc import Iterator, Mapping
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 from soups.names import (
@@ -35,7 +39,7 @@ from soups.names import (
 def configure(uri: str) -> None:
     """This process's MLflow store (each trial and the driver call it with the study's URI;
     processes it starts get the URI passed, never through this process's environment)."""
-    import mlflow
+    import mlflow  # lazy: mlflow
 
     mlflow.set_tracking_uri(uri)
 
@@ -59,7 +63,7 @@ EXPERIMENT_TAGS = {EXPERIMENT_KIND_TAG: EXPERIMENT_KIND, PRIMARY_METRIC_TAG: OBJ
 def experiment_id(name: str) -> str:
     """The study's experiment, created (with EXPERIMENT_TAGS) if it does not exist; an
     existing one without a kind (made by an older version, or by hand) gets the tags."""
-    import mlflow
+    import mlflow  # lazy: mlflow
 
     experiment = mlflow.get_experiment_by_name(name)
     if experiment is None:
@@ -75,7 +79,7 @@ def experiment_id(name: str) -> str:
 
 
 def set_experiment_tags(experiment: str, tags: Mapping[str, str]) -> None:
-    from mlflow.tracking import MlflowClient
+    from mlflow.tracking import MlflowClient  # lazy: mlflow
 
     client = MlflowClient()
     for key, value in tags.items():
@@ -84,7 +88,7 @@ def set_experiment_tags(experiment: str, tags: Mapping[str, str]) -> None:
 
 def find_run(experiment: str, run_key: str):
     """The newest run of `experiment` tagged with `run_key`, or None."""
-    from mlflow.tracking import MlflowClient
+    from mlflow.tracking import MlflowClient  # lazy: mlflow
 
     runs = MlflowClient().search_runs(
         [experiment], filter_string=f"tags.`{KEY_TAG}` = '{run_key}'",
@@ -100,7 +104,7 @@ def tracked_run(experiment: str, run_key: str, name: str, role: str, study: str,
     a FINISHED run is yielded as it is and keeps its state. Yields the run id. Runs are
     created through the client so that no active-run state leaks between trials that share
     a worker process."""
-    from mlflow.tracking import MlflowClient
+    from mlflow.tracking import MlflowClient  # lazy: mlflow
 
     client = MlflowClient()
     existing = find_run(experiment, run_key)
@@ -129,8 +133,8 @@ def tracked_run(experiment: str, run_key: str, name: str, role: str, study: str,
 def log_params(run_id: str, params: Mapping[str, object]) -> None:
     """Log flattened params; a value already logged with the same text is skipped (MLflow
     refuses to change a param, and a resumed run logs the same ones again)."""
-    from mlflow.entities import Param
-    from mlflow.tracking import MlflowClient
+    from mlflow.entities import Param  # lazy: mlflow
+    from mlflow.tracking import MlflowClient  # lazy: mlflow
 
     client = MlflowClient()
     existing = client.get_run(run_id).data.params
@@ -141,10 +145,8 @@ def log_params(run_id: str, params: Mapping[str, object]) -> None:
 
 
 def log_metrics(run_id: str, metrics: Mapping[str, float], step: int = 0) -> None:
-    import time
-
-    from mlflow.entities import Metric
-    from mlflow.tracking import MlflowClient
+    from mlflow.entities import Metric  # lazy: mlflow
+    from mlflow.tracking import MlflowClient  # lazy: mlflow
 
     now = int(time.time() * 1000)
     items = [Metric(k, float(v), now, step) for k, v in metrics.items() if v is not None]
@@ -152,7 +154,7 @@ def log_metrics(run_id: str, metrics: Mapping[str, float], step: int = 0) -> Non
 
 
 def log_artifact(run_id: str, path: str | Path, artifact_path: str | None = None) -> None:
-    from mlflow.tracking import MlflowClient
+    from mlflow.tracking import MlflowClient  # lazy: mlflow
 
     path = Path(path)
     client = MlflowClient()
@@ -171,8 +173,8 @@ def log_generation_tables(run_id: str, folder: str | Path, artifact_dir: str) ->
     """Each `<split>/<task>.jsonl` of scored answers under `folder` as an MLflow table
     (`<artifact_dir>/<split>/<task>.table.json`), which the MLflow UI shows as a table, output
     and correctness first; values that are not text or numbers as JSON text."""
-    import pandas as pd
-    from mlflow.tracking import MlflowClient
+    import pandas as pd  # lazy: pandas
+    from mlflow.tracking import MlflowClient  # lazy: mlflow
 
     client = MlflowClient()
     for path in sorted(Path(folder).glob("*/*.jsonl")):
@@ -193,11 +195,11 @@ def log_dataset(run_id: str, name: str, rows: list[dict], source: str, context: 
     """A task's rows of one role as an MLflow dataset input of the run (the UI's Datasets
     column and panel: name, digest, source, schema, row count), tagged with the role as its
     context (train / validation / test). `source`: a local file or folder, else a hub id."""
-    import mlflow.data
-    import pandas as pd
-    from mlflow.data.huggingface_dataset_source import HuggingFaceDatasetSource
-    from mlflow.entities import DatasetInput, InputTag
-    from mlflow.tracking import MlflowClient
+    import mlflow.data  # lazy: mlflow
+    import pandas as pd  # lazy: pandas
+    from mlflow.data.huggingface_dataset_source import HuggingFaceDatasetSource  # lazy: mlflow
+    from mlflow.entities import DatasetInput, InputTag  # lazy: mlflow
+    from mlflow.tracking import MlflowClient  # lazy: mlflow
 
     columns = [c for c in ("prompt", "completion", "expected", "key", "text")
                if rows and c in rows[0]]
@@ -210,7 +212,7 @@ def log_dataset(run_id: str, name: str, rows: list[dict], source: str, context: 
 
 
 def set_tags(run_id: str, tags: Mapping[str, str]) -> None:
-    from mlflow.tracking import MlflowClient
+    from mlflow.tracking import MlflowClient  # lazy: mlflow
 
     client = MlflowClient()
     for key, value in tags.items():
@@ -251,10 +253,7 @@ def environment_tags() -> dict[str, str]:
 
 @functools.cache
 def _environment() -> tuple[tuple[str, str], ...]:
-    import getpass
-    from importlib.metadata import PackageNotFoundError, version
-
-    from mlflow.utils.mlflow_tags import (
+    from mlflow.utils.mlflow_tags import (  # lazy: mlflow
         MLFLOW_GIT_BRANCH,
         MLFLOW_GIT_DIRTY,
         MLFLOW_GIT_REPO_URL,
@@ -293,12 +292,9 @@ def register_champion(run_id: str, adapter_dir: str | Path, model_config: Mappin
     runs (`champion_model.py`, models from code: base model + the PEFT adapter, generating
     answers), with alias `champion`, a description and tags. The model is saved into the
     trial run's artifacts through the client, so the finished run keeps its state."""
-    import tempfile
-    from importlib.metadata import version
-
-    import mlflow
-    from mlflow.exceptions import MlflowException
-    from mlflow.tracking import MlflowClient
+    import mlflow  # lazy: mlflow
+    from mlflow.exceptions import MlflowException  # lazy: mlflow
+    from mlflow.tracking import MlflowClient  # lazy: mlflow
 
     client = MlflowClient()
     with tempfile.TemporaryDirectory() as tmp:

@@ -29,7 +29,7 @@ from soups.names import (
 )
 from trainables import tracking
 from trainables.candidates import candidate_kind
-from trainables.merge_trial import (
+from trainables.trial_context import (
     ADAPTER_DIR,
     GENERATIONS_DIR,
     TRIAL_FILE,
@@ -69,7 +69,7 @@ class TrialRun:
     def progress(self, metrics: Mapping[str, float]) -> None:
         """An intermediate result (CAT's held-out loss, LoraHub's objective, at a step): to
         MLflow and Tune."""
-        import ray.tune
+        import ray.tune  # lazy: ray
 
         tracking.log_metrics(self.run_id, {k: v for k, v in metrics.items()
                                            if k not in STEP_KEYS},
@@ -80,8 +80,8 @@ class TrialRun:
                record: Mapping | None = None) -> None:
         """Log the final metrics and artifacts, and report them to Tune with a checkpoint
         holding the adapter (stage-1 ones are copied) and `trial.json`, for export."""
-        import ray.tune
-        from ray.tune import Checkpoint
+        import ray.tune  # lazy: ray
+        from ray.tune import Checkpoint  # lazy: ray
 
         tracking.log_metrics(self.run_id, metrics)
         for name, path in artifacts.items():  # a folder keeps its name in the run
@@ -104,7 +104,7 @@ def trial_run(context: TrialContext, variant: dict, tags: Mapping[str, str] | No
               ) -> Iterator[TrialRun]:
     """Open (or, on a resumed study, reopen) the trial's MLflow run with its parameters;
     it ends FINISHED, or FAILED when the trial raises."""
-    import ray.tune
+    import ray.tune  # lazy: ray
 
     tracking.configure(context.tracking_uri)
     trial = ray.tune.get_context()

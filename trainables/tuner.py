@@ -15,7 +15,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 from soups.names import CAT_EVAL_LOSS, CAT_STEP, OBJECTIVE
-from trainables.merge_trial import TrialContext
+from trainables.placement import on_cluster
+from trainables.trial_context import TrialContext
 
 # CAT trials report held-out loss per evaluation step (for ASHA) before their final result
 # with `objective`; other trials report once. Tune's strict check would reject the
@@ -23,20 +24,13 @@ from trainables.merge_trial import TrialContext
 STRICT_METRIC_ENV = "TUNE_DISABLE_STRICT_METRIC_CHECKING"
 
 
-def on_cluster(driver_resource: str) -> bool:
-    """True when the connected Ray instance offers the trial-driver resource."""
-    import ray
-
-    return bool(driver_resource) and ray.cluster_resources().get(driver_resource, 0) > 0
-
-
 def trainable(search, cluster, context: TrialContext):
     """The trial trainable with its resources: on a cluster (the driver resource offered) a
     driver holding one unit of it, its work on worker nodes; otherwise the whole trial."""
-    from ray import tune
+    from ray import tune  # lazy: ray
 
-    from trainables.cluster_trial import cluster_trial
-    from trainables.merge_trial import merge_trial
+    from trainables.cluster_trial import cluster_trial  # lazy: numpy
+    from trainables.merge_trial import merge_trial  # lazy: numpy
 
     if on_cluster(cluster.driver_resource):
         work = {"num_cpus": search.cpus_per_trial, "num_gpus": search.gpus_per_trial,
@@ -51,11 +45,11 @@ def trainable(search, cluster, context: TrialContext):
 def build_tuner(search, cat, cluster, space, ranks: list[int], context: TrialContext,
                 path: Path, progress: Callable[[str], None]):
     """A new Tuner over the space's variants; its experiment lives in the folder `path`."""
-    from ray import tune
-    from ray.tune.schedulers import ASHAScheduler
+    from ray import tune  # lazy: ray
+    from ray.tune.schedulers import ASHAScheduler  # lazy: ray
 
-    from trainables.progress import StudyProgress
-    from trainables.search import (
+    from trainables.progress import StudyProgress  # lazy: ray
+    from trainables.search import (  # lazy: numpy, ray
         FinalResultOptuna,
         SeedRepeater,
         optuna_define_by_run,
@@ -124,7 +118,7 @@ def _intermediate_results_allowed():
 def fit(search, cat, cluster, space, ranks: list[int], context: TrialContext, path: Path,
         resume: bool, log: Callable[[str], None], progress: Callable[[str], None]):
     """Run the search (or continue the one saved in `path`); returns Tune's ResultGrid."""
-    from ray import tune
+    from ray import tune  # lazy: ray
 
     if resume and tune.Tuner.can_restore(str(path)):
         log(f"resuming the search in {path}")
@@ -138,7 +132,7 @@ def fit(search, cat, cluster, space, ranks: list[int], context: TrialContext, pa
 
 def trial_states(path: Path) -> dict[str, int]:
     """Trials of the Tune experiment saved in `path` by state (read from disk, no cluster)."""
-    from ray.tune import ExperimentAnalysis
+    from ray.tune import ExperimentAnalysis  # lazy: ray
 
     if not path.is_dir():
         return {}
