@@ -7,6 +7,9 @@ A candidate travels as its adapter's files (bytes), so an evaluator on another n
 shared storage. An evaluator that dies (its node lost, its process killed) is restarted by
 Ray, which loads the base again and reruns the calls it had in hand; the trial logs its
 metrics after the call returns, so nothing is scored twice in MLflow.
+
+A trial scores its candidate through `evaluate_candidate` / `score_validation` (below): by
+these evaluators, or in the trial's own process when the study runs none.
 """
 
 from __future__ import annotations
@@ -200,7 +203,7 @@ def evaluate_remote(names: tuple[str, ...], key: str, adapter: str | Path | None
 def evaluate_candidate(ctx: TrialContext, adapter: str | None, split: str, tasks,
                        limit: int | None, records_dir: Path | None = None) -> dict[str, float]:
     """Scores of base model + adapter on `tasks` (names) at `split`, as flat metrics, by one
-    of the study's resident evaluators (`trainables/evaluator.py`), or in this process when
+    of the study's resident evaluators (above), or in this process when
     the study has none. Each task's answers go to `records_dir/<split>/<task>.jsonl` when
     given; a task with no rows at `split` (a skill without validation rows) is left out."""
     if ctx.evaluators:

@@ -2,6 +2,10 @@
 with `tune.with_parameters`) and the helpers a candidate builder reads it with (its rows, its
 seed, its stage-1 adapters, stage 1's recipe). The bottom of `trainables/`: the candidate
 registry, the evaluators and both trial drivers stand on it; it imports none of them.
+
+On a study with a seed axis (`search.seeds`) the variant carries the trial's seed: its
+stage-1 adapters are those fine-tuned with that seed, and it seeds the CAT training and a
+random merge (DARE) whose seed the search space leaves open.
 """
 
 from __future__ import annotations
