@@ -13,7 +13,6 @@ import time
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 
 from soups.adapters import check_fits
 from soups.errors import SoupsError
@@ -99,7 +98,7 @@ def load_model(model_dir, adapter_dir=None, device: str = "auto", dtype: str = "
         model = PeftModel.from_pretrained(model, str(adapter_dir)).merge_and_unload()
     model = model.to(device=where, dtype=precision)
     if kind is not None:
-        kind.install(model, Path(adapter_dir))  # after the cast, which would cast routers too
+        kind.install(model, adapter_dir)  # after the cast, which would cast the routers too
     model.eval()
     return model, tokenizer
 

@@ -215,7 +215,7 @@ class ResidentModel:
         before = self.weights_digest() if self.check_restored else None
         self._mixture = True
         try:
-            with kind.installed(self.model, Path(folder)):
+            with kind.installed(self.model, folder):
                 yield self
         finally:
             self._mixture = False
@@ -326,13 +326,14 @@ def evaluate_side_by_side(resident: ResidentModel, adapter_dirs: Sequence[str | 
     scorer = scorer or scorer_of(task, rows)
     dirs = list(adapter_dirs)
     results: list[TaskScores | None] = [None] * len(dirs)
-    loras = [i for i, d in enumerate(dirs) if kind_of(d) is None]
+    kinds = [kind_of(d) for d in dirs]  # one look at each folder
+    loras = [i for i, kind in enumerate(kinds) if kind is None]
     if loras:
         scores = _loras_side_by_side(resident, [dirs[i] for i in loras], task, rows, prompts,
                                      generation, scorer, sandbox)
         for i, score in zip(loras, scores, strict=True):
             results[i] = score
-    for i in (i for i, d in enumerate(dirs) if kind_of(d) is not None):
+    for i in (i for i, kind in enumerate(kinds) if kind is not None):
         with resident.mixture(dirs[i]):
             results[i] = evaluate_rows(resident.model, resident.tokenizer, task, rows, prompts,
                                        generation, scorer, sandbox)
