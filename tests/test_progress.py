@@ -38,3 +38,30 @@ def test_trial_lines_count_out_of_the_total_with_an_eta(monkeypatch):
     assert progress.duration(3 * 3600 + 5 * 60) == "3h05m" and progress.duration(9) == "9s"
     assert _total_trials({"variant": {"grid_search": [1, 2, 3]}}, 2) == 6
     assert _total_trials({}, 7) == 7
+
+
+def test_a_resumed_study_paces_its_eta_from_its_own_start(monkeypatch):
+    """Tune unpickles a resumed study's callback as it was first built; `setup` (called as
+    every run starts) restarts its clock, so the ETA is this run's pace, not the first run's
+    elapsed time over this run's trials."""
+    import pickle
+
+    import trainables.progress as progress
+    from study.console import say
+
+    clock = [1000.0]
+    monkeypatch.setattr(progress.time, "time", lambda: clock[0])
+    first = progress.StudyProgress(say, total=4)
+    saved = pickle.dumps(first)  # what Tuner.restore reads back, hours later
+    clock[0] += 7200
+    resumed = pickle.loads(saved)
+    lines: list[str] = []
+    resumed._print = lines.append
+    resumed.setup(total_num_samples=4)
+    clock[0] += 60
+    trials = [_trial("TERMINATED", objective=0.5), _trial("TERMINATED"),
+              _trial("TERMINATED"), _trial("RUNNING")]
+    resumed.on_trial_complete(0, trials, trials[2])
+    assert lines[-1].startswith("[    60s] trials: 3/4 done")
+    assert "ETA 1m00s" in lines[-1]  # one trial in this run's 60 s, one left
+    assert "best 0.500 ties r8" in lines[-1]  # a trial of the first run holds the best
