@@ -170,7 +170,8 @@ def run_study(spec: StudySpec, resume: bool = False, log=print) -> list[dict]:
     print_leaderboard(rows, spec.target_name, log)
     counted = (f"{len(rows)} candidates x {len(spec.stage1_seeds)} seeds"
                if len(spec.stage1_seeds) > 1 else f"{len(rows)} trials")
-    log(f"\nstudy {spec.name}: {counted} in {time.time() - started:.0f} s; best "
+    took = f"{time.time() - started:.0f} s" + (" (this run, which resumed it)" if resume else "")
+    log(f"\nstudy {spec.name}: {counted} in {took}; best "
         f"{best['candidate']} (validation {shown(best, OBJECTIVE)}, test "
         f"{shown(best, 'test')}); adapter in {root / BEST_DIR}")
     log(next_steps(spec.name, uri, experiment))

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -274,8 +275,14 @@ def test_killed_study_resumes_without_repeats_or_duplicates(smoke, home, tmp_pat
     before = {r.data.tags["soups.run_key"]: r.info.run_id for r in finished
               if r.data.tags["soups.run_key"] in saved}
     assert len(before) >= 2
+    resumed_at = time.time()
     done = _soups(home, "resume", "resumed")
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    # The trial lines count from the resume's own start (Tune restores the progress callback
+    # as the first run built it), and the closing line says whose time it gives.
+    clock = [int(t) for t in re.findall(r"^\[ *(\d+)s\] trials:", done.stdout, re.M)]
+    assert clock and max(clock) <= time.time() - resumed_at, done.stdout[-3000:]
+    assert "(this run, which resumed it); best" in done.stdout
     trials = _runs(home, "resumed", "trial")
     assert len(trials) == 6 and all(r.info.status == "FINISHED" for r in trials)
     keys = [r.data.tags["soups.run_key"] for r in trials]
