@@ -32,6 +32,9 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "torch==$(TORCH_VERSION)"
 	$(PY) -m pip install -q -e ".[dev,real]"
+	@# DeepSpeed compiles its CPU communication op on first use (about 40 s on 2 cores, in the
+	@# first fine-tune of the first study); built here once instead. No-op on a GPU machine.
+	$(PY) -c "from deepspeed.comm.torch import build_shm_op; build_shm_op()" >/dev/null
 	touch $(STAMP)
 
 # A new name each time, so `make demo` can be run again (a study name is never reused).
