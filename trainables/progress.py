@@ -39,7 +39,6 @@ class StudyProgress(Callback):
     def __init__(self, print_fn=print, total: int | None = None):
         self._print = print_fn
         self._start = time.time()
-        self._best: tuple[float, str] | None = None
         self._total = total
         self._ended_here = 0  # trials that ended in this process: the pace of the ETA
 
@@ -64,22 +63,17 @@ class StudyProgress(Callback):
         return text
 
     def _line(self, trials, event: str) -> None:
-        for trial in trials:  # a resumed study's trials carry the results of earlier runs
-            self._remember(trial, (trial.last_result or {}).get(OBJECTIVE))
-        best = (f"best {self._best[0]:.3f} {self._best[1]}" if self._best
-                else "best -")
+        # The best is read from the trials' results, not kept: a resumed study's trials carry
+        # the results of its earlier runs.
+        scored = [(t.last_result[OBJECTIVE], _trial(t.config)) for t in trials
+                  if (t.last_result or {}).get(OBJECTIVE) is not None]
+        top = max(scored, key=lambda s: s[0], default=None)
+        best = f"best {top[0]:.3f} {top[1]}" if top else "best -"
         self._print(f"[{time.time() - self._start:6.0f}s] trials: {self._counts(trials)} | "
                     f"{best} | {event}")
 
     def on_trial_start(self, iteration, trials, trial, **info):
         self._line(trials, f"started {_trial(trial.config)}")
-
-    def on_trial_result(self, iteration, trials, trial, result, **info):
-        self._remember(trial, result.get(OBJECTIVE))
-
-    def _remember(self, trial, score: float | None) -> None:
-        if score is not None and (self._best is None or score > self._best[0]):
-            self._best = (score, _trial(trial.config))
 
     def on_trial_complete(self, iteration, trials, trial, **info):
         self._ended_here += 1
